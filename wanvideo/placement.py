@@ -66,6 +66,19 @@ def kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def attention_ready(t: torch.Tensor) -> torch.Tensor:
+    """The guard for fused attention kernels (flash, efficient, cuDNN, sage): they accept strided
+    views such as [B,L,H,D] -> [B,H,L,D] but need a 16-byte aligned pointer, a unit last stride and
+    every other stride a multiple of 16 bytes. Copies only when that fails."""
+    if t.numel() == 0:
+        return t
+    size = t.element_size()
+    if (t.data_ptr() % ALIGNMENT == 0 and t.stride(-1) == 1
+            and all((s * size) % ALIGNMENT == 0 for s in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner, _, leaf = name.rpartition(".")
     return (module.get_submodule(owner) if owner else module), leaf
@@ -110,13 +123,15 @@ def materialize(module: nn.Module, state_dict: Mapping[str, torch.Tensor], devic
                 dtype_for=None, where: str = "state dict") -> None:
     """Fill every parameter/buffer of a (meta-constructed) module from `state_dict`, each in fresh
     storage on `device`. `dtype_for(name, tensor)` picks the stored dtype (None keeps the source's).
-    Buffers absent from the state dict (non-persistent caches) are rebuilt by their owners."""
+    Buffers absent from the state dict (non-persistent caches) move to `device` as they are."""
     persistent = set(module.state_dict(keep_vars=True).keys())
     missing = [n for n, _ in named_tensors(module) if n in persistent and n not in state_dict]
     if missing:
         raise KeyError(f"{where}: missing {len(missing)} key(s), e.g. {missing[:3]}")
     for name, current in list(named_tensors(module)):
         if name not in state_dict:
+            if current.device.type != "meta":
+                set_tensor(module, name, current, device=device)
             continue
         src = state_dict[name]
         if tuple(src.shape) != tuple(current.shape):
@@ -127,11 +142,12 @@ def materialize(module: nn.Module, state_dict: Mapping[str, torch.Tensor], devic
     verify(module, f"materialize from {where}")
 
 
-def move_module(module: nn.Module, device, dtype: torch.dtype | None = None,
-                only_floating: bool = True) -> nn.Module:
-    """Move every parameter and buffer into fresh storage on `device` (optionally casting floats)."""
+def move_module(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move every parameter and buffer into fresh storage on `device`. `dtype` casts floating
+    parameters only: buffers (RoPE tables, scales) keep the precision their owner chose."""
+    params = {n for n, _ in module.named_parameters()}
     for name, t in list(named_tensors(module)):
-        cast = dtype if (dtype is not None and (t.is_floating_point() or not only_floating)) else None
+        cast = dtype if (dtype is not None and name in params and t.is_floating_point()) else None
         set_tensor(module, name, t, device=device, dtype=cast)
     verify(module, f"move to {device}")
     return module
