@@ -1,0 +1,254 @@
+"""Wan2.1 diffusion transformer (T2V and I2V), in the original key layout.
+
+Precision: weights are stored in the base dtype; modulation, time embedding, head and the residual
+stream run in fp32 (as the official code does under autocast), every linear of a block reads its
+input in `compute_dtype`. InfiniteTalk fills the `norm_x` / `audio_cross_attn` / `audio_proj` slots.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import WanConfig
+from .rope import angle_table, apply_rope, cos_sin, grid_angles
+
+
+def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a linear layer in fp32 whatever its storage (quantized layers expose `dequantize`)."""
+    weight = layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
+    bias = getattr(layer, "bias", None)
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+class WanRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, returning the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = "sdpa"
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def forward(self, x, rope, return_qk: bool = False):
+        b, seq, _ = x.shape
+        shape = (b, seq, self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).view(shape), rope)
+        k = apply_rope(self.norm_k(self.k(x)).view(shape), rope)
+        v = self.v(x).view(shape)
+        out = self.o(attention(q, k, v, self.backend).flatten(2))
+        return out, ((q, k) if return_qk else None)
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; I2V adds a second attention over the 257 CLIP tokens."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = "sdpa"
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+        self.with_image = with_image
+        if with_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
+
+    def forward(self, x, context, image_tokens: int):
+        b = x.shape[0]
+        heads = (b, -1, self.num_heads, x.shape[-1] // self.num_heads)
+        text = context[:, image_tokens:]
+        q = self.norm_q(self.q(x)).view(heads)
+        k = self.norm_k(self.k(text)).view(heads)
+        out = attention(q, k, self.v(text).view(heads), self.backend)
+        if self.with_image:
+            img = context[:, :image_tokens]
+            k_img = self.norm_k_img(self.k_img(img)).view(heads)
+            out = out + attention(q, k_img, self.v_img(img).view(heads), self.backend)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps, cfg.has_image_embedding)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        # InfiniteTalk slots, filled by multitalk.inject.
+        self.register_module("norm_x", None)
+        self.register_module("audio_cross_attn", None)
+
+    def forward(self, x, e, grid, rope, context, image_tokens, dtype, audio_ctx=None):
+        """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
+        shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
+        need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
+        y, qk = self.self_attn((self.norm1(x) * (1 + scale0) + shift0).to(dtype), rope, need_qk)
+        x = x + y.float() * gate0
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, image_tokens).float()
+        if audio_ctx is not None and self.audio_cross_attn is not None:
+            x = x + self.audio_cross_attn(self.norm_x(x).to(dtype), audio_ctx, grid, qk=qk).float()
+        y = self.ffn((self.norm2(x) * (1 + scale1) + shift1).to(dtype))
+        return x + y.float() * gate1
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        out = cfg.out_dim * math.prod(cfg.patch_size)
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return linear_fp32(self.head, self.norm(x) * (1 + scale) + shift)
+
+
+class ImageEmbedding(nn.Module):
+    def __init__(self, clip_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(),
+                                  nn.Linear(clip_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, clip_fea):
+        return self.proj(clip_fea)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(pos, freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+class WanModel(nn.Module):
+    def __init__(self, cfg: WanConfig, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.has_image_embedding:
+            self.img_emb = ImageEmbedding(cfg.clip_dim, dim)
+        self.register_module("audio_proj", None)
+        self.register_buffer("rope_angles", angle_table(cfg.head_dim), persistent=False)
+        self.compute_dtype: torch.dtype | None = None
+        self.block_streamer = None
+        self.set_attention(attention_backend)
+
+    def set_attention(self, backend: str) -> None:
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.backend = backend
+        self.attention_backend = backend
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.patch_embedding.weight.dtype
+
+    def embed_time(self, t: torch.Tensor):
+        e = linear_fp32(self.time_embedding[2],
+                        F.silu(linear_fp32(self.time_embedding[0], sinusoidal_embedding(self.config.freq_dim, t))))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def embed_context(self, context, clip_fea):
+        cfg, dtype = self.config, self.dtype
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens; at most {cfg.text_len}")
+        pad = cfg.text_len - context.shape[1]
+        context = F.pad(context.to(dtype), (0, 0, 0, pad))
+        context = self.text_embedding(context)
+        if not cfg.has_image_embedding:
+            return context, 0
+        if clip_fea is None:
+            raise ValueError("this is an I2V model: clip_fea (CLIP vision tokens) is required")
+        image = self.img_emb(clip_fea.to(dtype))
+        return torch.cat([image, context], dim=1), image.shape[1]
+
+    def patchify(self, x, y):
+        cfg = self.config
+        if cfg.has_image_embedding:
+            if y is None:
+                raise ValueError("this is an I2V model: y (mask + reference latents) is required")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != cfg.in_dim:
+            raise ValueError(f"model input has {x.shape[1]} channels; expected {cfg.in_dim}")
+        tokens = self.patch_embedding(x.to(self.dtype))
+        grid = tuple(int(s) for s in tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).float(), grid
+
+    def unpatchify(self, x, grid):
+        cfg = self.config
+        (f, h, w), (pt, ph, pw) = grid, cfg.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, cfg.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], cfg.out_dim, f * pt, h * ph, w * pw)
+
+    def forward(self, x, t, context, clip_fea=None, y=None, audio=None):
+        """x [B,16,F,H,W], t [B] in 0..1000, context [B,L,4096]; see docs/INTERFACES.md."""
+        x, grid = self.patchify(x, y)
+        e, e0 = self.embed_time(t.reshape(-1).to(x.device))
+        context, image_tokens = self.embed_context(context, clip_fea)
+        rope = cos_sin(grid_angles(self.rope_angles, grid, self.config.head_dim), x.device)
+        audio_ctx = None
+        if audio is not None:
+            if self.audio_proj is None:
+                raise ValueError("audio was given but the model has no InfiniteTalk layers")
+            audio_ctx = self.audio_proj.make_context(audio, grid)
+        streamer, ok = self.block_streamer, False
+        if streamer is not None:
+            streamer.begin_forward(self)
+        try:
+            for i, block in enumerate(self.blocks):
+                if streamer is not None:
+                    streamer.before_block(i)
+                x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx)
+                if streamer is not None:
+                    streamer.after_block(i)
+            ok = True
+        finally:
+            if streamer is not None:
+                streamer.end_forward(ok)
+        return self.unpatchify(self.head(x, e), grid)

@@ -1,0 +1,164 @@
+"""Deterministic tiny Wan2.1 checkpoints with the real key layouts, for tests and the demo.
+
+Dims are scaled down (dim 256, 2 heads of 128, 2 blocks) but text (4096), CLIP (1280), latent
+(16 + 20) and head sizes are the real ones, so ComfyUI's own encoders plug in unchanged.
+Weights are rounded to values that float8 e4m3/e5m2, fp16 and bf16 all represent exactly, so every
+layout/dtype variant loads to bit-identical weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from .config import WanConfig
+from .key_layouts import to_diffusers
+from .model import WanModel
+
+TINY_I2V = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16,
+                     has_image_embedding=True)
+TINY_T2V = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16)
+
+
+def exact_in_all_dtypes(t: torch.Tensor) -> torch.Tensor:
+    """Round to values that survive fp8 e5m2 and e4m3fn round trips unchanged (so bf16/fp16 too)."""
+    w = t.float().clamp(-400, 400).to(torch.float8_e5m2).float()
+    w = w.to(torch.float8_e4m3fn).float()
+    ok = w.to(torch.float8_e5m2).float() == w
+    return torch.where(ok, w, torch.zeros_like(w))
+
+
+def random_state_dict(cfg: WanConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the original layout: linears ~ 1/sqrt(fan_in), norms ~ 1."""
+    gen = torch.Generator().manual_seed(seed)
+    model = WanModel(cfg)
+    out = {}
+    for name, p in model.state_dict().items():
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight")) or (
+                p.dim() == 1 and name.endswith("weight")):
+            value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith("modulation"):
+            value = 0.1 * torch.randn(p.shape, generator=gen)
+        elif p.dim() >= 2:
+            fan_in = p[0].numel()
+            value = torch.randn(p.shape, generator=gen) / fan_in ** 0.5
+        else:
+            value = 0.02 * torch.randn(p.shape, generator=gen)
+        out[name] = exact_in_all_dtypes(value)
+    return out
+
+
+def convert_layout(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    if layout == "original":
+        return dict(sd)
+    if layout == "comfy":
+        return {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+    if layout == "diffusers":
+        return {to_diffusers(k): v for k, v in sd.items()}
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def cast_for_storage(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """fp8 files store block matrices in fp8 and the rest in bf16, like real fp8 releases."""
+    fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    out = {}
+    for k, v in sd.items():
+        if fp8 and not (".blocks." in f".{k}" and v.dim() == 2):
+            out[k] = v.to(torch.bfloat16).contiguous()
+        else:
+            out[k] = v.to(dtype).contiguous()
+    return out
+
+
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8",
+             torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None,
+                      data_start_mod16: int = 8) -> None:
+    """A valid safetensors file whose data section starts at `data_start_mod16` (mod 16), tensors
+    back to back in the given order: the misaligned layouts the reference writer produces."""
+    header, offset, blobs = {}, 0, []
+    for key, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    pad = (data_start_mod16 - (8 + len(text))) % 16
+    text += b" " * pad
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for raw in blobs:
+            f.write(raw)
+
+
+def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str, layout: str = "original",
+                     dtype: torch.dtype = torch.bfloat16, shards: int = 1) -> list[str]:
+    tensors = convert_layout(cast_for_storage(sd, dtype), layout)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if shards == 1:
+        save_file(tensors, path)
+        return [path]
+    keys = list(tensors)
+    stem = path[: -len(".safetensors")]
+    files, index = [], {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        save_file(part, name)
+        files.append(name)
+        index.update({k: os.path.basename(name) for k in part})
+    with open(f"{stem}.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": index}, f, indent=1, sort_keys=True)
+    return files
+
+
+VARIANTS = (
+    # (file name, layout, dtype, shards)
+    ("wan21_tiny_i2v.safetensors", "original", torch.bfloat16, 1),
+    ("wan21_tiny_i2v_comfy_fp16.safetensors", "comfy", torch.float16, 1),
+    ("wan21_tiny_i2v_diffusers_fp32.safetensors", "diffusers", torch.float32, 1),
+    ("wan21_tiny_i2v_fp8_e4m3fn.safetensors", "comfy", torch.float8_e4m3fn, 1),
+    ("wan21_tiny_i2v_fp8_e5m2.safetensors", "original", torch.float8_e5m2, 1),
+    ("wan21_tiny_i2v_sharded/diffusion_pytorch_model.safetensors", "original", torch.bfloat16, 2),
+)
+
+
+def write_tiny_models(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """Write every tiny model into a ComfyUI-style models folder; returns name -> path."""
+    written = {}
+    i2v = random_state_dict(TINY_I2V, seed)
+    dm = os.path.join(models_dir, "diffusion_models")
+    for name, layout, dtype, shards in VARIANTS:
+        files = write_checkpoint(i2v, os.path.join(dm, name), layout, dtype, shards)
+        written[name] = files[0]
+    t2v = random_state_dict(TINY_T2V, seed + 1)
+    written["wan21_tiny_t2v.safetensors"] = write_checkpoint(
+        t2v, os.path.join(dm, "wan21_tiny_t2v.safetensors"))[0]
+    written.update(_write_companions(models_dir, seed))
+    return written
+
+
+def _write_companions(models_dir: str, seed: int) -> dict[str, str]:
+    """Files owned by other parts of the pack (VAE, InfiniteTalk, wav2vec2, LoRA), when present."""
+    out = {}
+    try:
+        from .tiny_vae import write_tiny_wan_vae
+    except ImportError:
+        write_tiny_wan_vae = None
+    if write_tiny_wan_vae is not None:
+        path = os.path.join(models_dir, "vae", "wan21_tiny_vae.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_tiny_wan_vae(path, seed=seed)
+        out["wan21_tiny_vae.safetensors"] = path
+    return out
