@@ -1,0 +1,190 @@
+"""QuantLinear: an nn.Linear replacement holding fp8 or NVFP4 weights.
+
+Every quantized tensor (weight, scales) is a registered buffer in fresh aligned storage (made by
+placement.fresh_copy), so BlockSwap, `.to()` and the layout checker see it like any other tensor.
+Buffers, not parameters: placement.move_module casts floating *parameters* to the base dtype,
+which must never happen to an fp8 weight. The bias stays a parameter in the compute dtype.
+
+The compute path is chosen once, when the layer is built for its compute device (`path`):
+- "scaled_mm": fp8 e4m3 weight on CUDA capability >= (8, 9) with K and N multiples of 16.
+  The activation is quantized in one fused pass (Triton kernel, or a torch.compile'd prologue
+  when Triton is missing): per-row scales on capability >= (9, 0), per-tensor on Ada, or the
+  file's calibrated input_scale. `scaled_mm_calls` counts calls (a plain int; tests spy on it).
+- "dequant": fp8 weight cast to the activation dtype once per call, scale applied in place on
+  that temporary, then a normal GEMM (CPU, older GPUs, e5m2, shapes the kernel refuses).
+- "nvfp4_dequant": NVFP4 unpacked to the compute dtype per call (compiled on CUDA), then GEMM.
+- "nvfp4_native": FP4 tensor cores through torch._scaled_mm on sm_100/sm_120. UNTESTED here
+  (no Blackwell GPU was available); only used when explicitly allowed (allow_native_fp4=True).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import placement
+from .quant_formats import (nvfp4_dequantize, nvfp4_quantize, swizzle_block_scales)
+
+FP8_FORMATS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
+NVFP4 = "nvfp4"
+
+
+def _capability(device: torch.device):
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_path(fmt: str, weight_dtype: torch.dtype, out_features: int, in_features: int,
+                device, compute_dtype: torch.dtype, allow_scaled_mm: bool = True,
+                allow_native_fp4: bool = False) -> str:
+    """The one decision of how a layer computes on `device` (never revisited per call)."""
+    cap = _capability(torch.device(device))
+    shapes_ok = in_features % 16 == 0 and out_features % 16 == 0
+    if fmt == NVFP4:
+        if allow_native_fp4 and cap is not None and cap[0] in (10, 12) and shapes_ok \
+                and hasattr(torch, "float4_e2m1fn_x2"):
+            return "nvfp4_native"
+        return "nvfp4_dequant"
+    if (allow_scaled_mm and cap is not None and cap >= (8, 9) and shapes_ok
+            and weight_dtype == torch.float8_e4m3fn
+            and compute_dtype in (torch.bfloat16, torch.float16)):
+        return "scaled_mm"
+    return "dequant"
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str, path: str,
+                 compute_dtype: torch.dtype = torch.bfloat16, input_scaling: str = "none",
+                 quantizer: str = "none"):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.fmt = fmt
+        self.path = path
+        self.compute_dtype = compute_dtype
+        self.input_scaling = input_scaling      # "rowwise" | "tensor" | "static" | "none"
+        self.quantizer = quantizer              # "triton" | "compiled" | "none"
+        self.scaled_mm_calls = 0
+        self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, *, fmt: str, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+              bias: torch.Tensor | None, shape: tuple[int, int], device,
+              compute_dtype: torch.dtype = torch.bfloat16, weight_scale_2: torch.Tensor | None = None,
+              input_scale: torch.Tensor | None = None, allow_scaled_mm: bool = True,
+              allow_native_fp4: bool = False, compute_device=None) -> "QuantLinear":
+        """Assemble a layer from already-quantized tensors (from quantize_weight or a file),
+        stored on `device`, computing on `compute_device` (default: `device`; BlockSwap stores on
+        the CPU and computes on CUDA). For NVFP4 `weight_scale` is the UNSWIZZLED [Np, Kp/16]
+        e4m3 block-scale matrix."""
+        device = torch.device(device)
+        compute_device = device if compute_device is None else torch.device(compute_device)
+        n, k = int(shape[0]), int(shape[1])
+        path = choose_path(fmt, weight.dtype, n, k, compute_device, compute_dtype,
+                           allow_scaled_mm=allow_scaled_mm, allow_native_fp4=allow_native_fp4)
+        scaling, quantizer = "none", "none"
+        if path == "scaled_mm":
+            from . import quant_kernels
+            cap = _capability(compute_device)
+            if input_scale is not None:
+                scaling = "static"
+            elif cap >= (9, 0) and compute_dtype == torch.bfloat16:
+                scaling = "rowwise"   # cuBLAS rowwise scaling: sm_90+ and bf16 output only
+            else:
+                scaling = "tensor"
+            quantizer = "triton" if (quant_kernels.triton_available() and scaling != "tensor") \
+                else "compiled"
+        layer = cls(k, n, fmt, path, compute_dtype, scaling, quantizer)
+        reg = layer.register_buffer
+        reg("weight", placement.fresh_copy(weight, device=device))
+        if weight_scale is None and fmt != NVFP4 and weight.dtype != compute_dtype:
+            weight_scale = torch.ones((), dtype=torch.float32)
+        if weight_scale is not None:
+            ws = weight_scale if fmt == NVFP4 else weight_scale.reshape(()).float()
+            reg("weight_scale", placement.fresh_copy(ws, device=device))
+        else:
+            reg("weight_scale", None)
+        reg("weight_scale_2", None if weight_scale_2 is None else
+            placement.fresh_copy(weight_scale_2.reshape(()).float(), device=device))
+        reg("input_scale", None if input_scale is None else
+            placement.fresh_copy(input_scale.reshape(()).float(), device=device))
+        if scaling == "rowwise":
+            # rowwise _scaled_mm wants scale_b as a contiguous [1, N] fp32 tensor.
+            row = layer.weight_scale.reshape(1, 1).expand(1, n)
+            reg("weight_scale_row", placement.fresh_copy(row, device=device), persistent=False)
+        if path == "nvfp4_native":
+            reg("weight_scale_swizzled",
+                placement.fresh_copy(swizzle_block_scales(weight_scale), device=device),
+                persistent=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(placement.fresh_copy(bias, device=device, dtype=compute_dtype),
+                                      requires_grad=False)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, path={self.path}, "
+                f"input_scaling={self.input_scaling}")
+
+    # ------------------------------------------------------------------ compute
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = self.compute_dtype if dtype is None else dtype
+        if self.fmt == NVFP4:
+            fn = nvfp4_dequantize
+            if self.weight.is_cuda:
+                from .quant_kernels import compiled_nvfp4_dequant
+                fn = compiled_nvfp4_dequant()
+            return fn(self.weight, self.weight_scale, self.weight_scale_2,
+                      (self.out_features, self.in_features), dtype)
+        w = self.weight.to(dtype)
+        if self.weight_scale is not None:
+            w.mul_(self.weight_scale.to(dtype))
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "scaled_mm":
+            return self._forward_scaled_mm(x)
+        if self.path == "nvfp4_native":
+            return self._forward_nvfp4_native(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _quantize_input(self, x2: torch.Tensor):
+        static = self.input_scale if self.input_scaling == "static" else None
+        from . import quant_kernels
+        if self.quantizer == "triton":
+            return quant_kernels.quantize_rows_triton(x2, static)
+        return quant_kernels.compiled_quantizer(self.input_scaling == "rowwise")(x2, static)
+
+    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xq, sx = self._quantize_input(x2)
+        sw = self.weight_scale_row if self.input_scaling == "rowwise" else self.weight_scale
+        self.scaled_mm_calls += 1
+        out = torch._scaled_mm(
+            placement.kernel_ready(xq), placement.kernel_ready(self.weight).t(),
+            scale_a=placement.kernel_ready(sx), scale_b=placement.kernel_ready(sw),
+            bias=self.bias, out_dtype=self.compute_dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def _forward_nvfp4_native(self, x: torch.Tensor) -> torch.Tensor:
+        """UNTESTED (no sm_100/sm_120 GPU here): FP4 x FP4 GEMM with swizzled e4m3 block scales;
+        the two fp32 global scales are applied to the output."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        qa, sa, ga = nvfp4_quantize(x2)
+        self.scaled_mm_calls += 1
+        out = torch._scaled_mm(
+            placement.kernel_ready(qa).view(torch.float4_e2m1fn_x2),
+            placement.kernel_ready(self.weight).view(torch.float4_e2m1fn_x2).t(),
+            scale_a=placement.kernel_ready(swizzle_block_scales(sa)).view(-1),
+            scale_b=placement.kernel_ready(self.weight_scale_swizzled).view(-1),
+            out_dtype=self.compute_dtype)
+        out = out[:x2.shape[0], :self.out_features] * (ga * self.weight_scale_2).to(out.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
