@@ -72,12 +72,14 @@ def _internal_format(comfy_format: str, layer: str) -> str:
 
 
 def detect_quantization(tensors: Mapping[str, torch.Tensor] | Iterable[str],
-                        metadata: Mapping[str, str] | None = None) -> dict:
+                        metadata: Mapping[str, str] | None = None,
+                        dtypes: Mapping[str, torch.dtype] | None = None) -> dict:
     """Describe how a checkpoint is quantized, per layer, without changing anything.
 
-    `tensors`: a mapping key -> tensor (dtypes and `.comfy_quant` contents are read; lazy
-    mappings work if they return tensors on item access) or just the key names (then only the
-    metadata and key suffixes are used). Returns
+    `tensors`: a mapping key -> tensor (`.comfy_quant` and `scaled_fp8` contents are read; a lazy
+    mapping works) or just the key names (then only the metadata and key suffixes are used).
+    `dtypes` (key -> stored dtype, e.g. from the safetensors header) avoids reading weights just
+    to learn their dtype; without it weight dtypes come from `tensors[key].dtype`. Returns
     {"kind": "none"|"fp8"|"scaled_fp8"|"comfy_quant", "layers": {layer: {"format", "full_precision_mm"}},
      "counts": {format: n}, "consumed_keys": [original key names owned by quantized layers],
      "full_precision_mm": bool}. Layer names are in the original layout without prefix.
@@ -115,13 +117,13 @@ def detect_quantization(tensors: Mapping[str, torch.Tensor] | Iterable[str],
             if leaf == "scale_weight" and layer not in layers:
                 layers[layer] = {"format": "fp8_e4m3fn_scaled", "full_precision_mm": full_prec}
 
-    if has_values:
+    if has_values or dtypes is not None:
         # Plain fp8 weights (no marker, no scale) and the dtype truth for legacy scaled files.
         for norm, orig in by_norm.items():
             layer, leaf = _split_layer(norm)
             if leaf != "weight":
                 continue
-            dt = tensors[orig].dtype
+            dt = dtypes[orig] if dtypes is not None else tensors[orig].dtype
             if dt not in (torch.float8_e4m3fn, torch.float8_e5m2):
                 if layer in layers and layers[layer]["format"].startswith("fp8"):
                     # legacy files carry scale_weight on layers kept in high precision too

@@ -142,6 +142,10 @@ class QuantLinear(nn.Module):
             w.mul_(self.weight_scale.to(dtype))
         return w
 
+    def dequantize(self) -> torch.Tensor:
+        """The full weight in the compute dtype (model code that runs a layer in fp32 uses it)."""
+        return self.dequantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "scaled_mm":
             return self._forward_scaled_mm(x)
