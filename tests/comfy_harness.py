@@ -236,8 +236,11 @@ class ComfyClient:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._ws = None
+        self._connected = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
         self._thread.start()
+        # ComfyUI drops messages for a client id with no open socket: connect before queueing.
+        self._connected.wait(15)
 
     # -- plain HTTP
     def _request(self, method: str, path: str, body=None, timeout: float = 30.0):
@@ -297,6 +300,7 @@ class ComfyClient:
             try:
                 self._ws = websocket.create_connection(ws_url, timeout=5)
                 self._ws.settimeout(0.5)
+                self._connected.set()
                 while not self._stop.is_set():
                     try:
                         msg = self._ws.recv()

@@ -74,6 +74,10 @@ def test_loader_info_workflow(comfy, tiny_models):
     report = _info_json(entry)
     assert "model_type" in report and "config" in report
     assert report["device"] == "cpu"
+    kinds = [m["type"] for m in entry["events"]]  # the websocket saw the whole run
+    assert kinds[0] == "execution_start" and "execution_success" in kinds
+    assert any(m["type"] == "executed" and m["data"]["node"] == "2" for m in entry["events"])
+    assert comfy.rss_bytes() > 100 * 2**20
     log = comfy.log_text()
     assert "WanVideo Model Loader" in log and "model_type" in log
 
