@@ -234,7 +234,8 @@ def normalize_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def infer_config(sd: Mapping[str, torch.Tensor], base: Wav2Vec2Config = CHINESE_WAV2VEC2_BASE,
                  where: str = "wav2vec2 weights") -> Wav2Vec2Config:
     """Shapes decide the sizes; what shapes cannot tell (strides, activations, norm placement)
-    comes from `base` (chinese-wav2vec2-base)."""
+    comes from `base` (chinese-wav2vec2-base). Heads: base's when the width matches, else
+    width / 64 (the wav2vec2 convention)."""
     try:
         hidden = sd["feature_projection.projection.weight"].shape[0]
         pos = sd[_POS + "weight"].shape
@@ -247,7 +248,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], base: Wav2Vec2Config = CHINESE_
     stride = base.conv_stride if len(base.conv_stride) == n_conv else (5,) + (2,) * (n_conv - 1)
     norm = "layer" if "feature_extractor.conv_layers.1.layer_norm.weight" in sd else "group"
     return replace(base, hidden_size=hidden, num_hidden_layers=layers,
-                   num_attention_heads=max(1, hidden // 64),
+                   num_attention_heads=(base.num_attention_heads if hidden == base.hidden_size
+                                        else max(1, hidden // 64)),
                    intermediate_size=sd["encoder.layers.0.feed_forward.intermediate_dense.weight"].shape[0],
                    conv_dim=conv_dim, conv_kernel=kernel, conv_stride=stride,
                    conv_bias="feature_extractor.conv_layers.0.conv.bias" in sd, feat_extract_norm=norm,
@@ -261,9 +263,10 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_wav2vec2(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> Wav2Vec2Encoder:
+def load_wav2vec2(path: str, device="cpu", dtype: torch.dtype = torch.float32,
+                  base_config: Wav2Vec2Config = CHINESE_WAV2VEC2_BASE) -> Wav2Vec2Encoder:
     """`path`: a folder with config.json and model.safetensors / pytorch_model.bin, or one
-    .safetensors file (config inferred from shapes, chinese-wav2vec2-base defaults)."""
+    .safetensors file (config inferred from shapes, the rest from `base_config`)."""
     cfg = None
     if os.path.isdir(path):
         weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")
@@ -282,7 +285,7 @@ def load_wav2vec2(path: str, device="cpu", dtype: torch.dtype = torch.float32) -
     where = os.path.basename(file)
     sd = normalize_keys(_read_weights(file))
     if cfg is None:
-        cfg = infer_config(sd, where=where)
+        cfg = infer_config(sd, base_config, where=where)
     with torch.device("meta"):
         model = Wav2Vec2Encoder(cfg)
     wanted = set(model.state_dict().keys())
