@@ -51,11 +51,12 @@ def latent_entries(n_latent: int) -> list[list[tuple[int, int]]]:
 def reflect_pad(features: torch.Tensor, needed: int) -> torch.Tensor:
     """Extend `features` [T, ...] to at least `needed` frames by appending its last frames in
     reverse order, as the official generator does for the final short window (it appends
-    `needed - T + 3` reversed frames so the +2 look-ahead of the last frame is real audio too)."""
+    `needed - T + 3` reversed frames so the +2 look-ahead of the last frame is real audio too; it
+    pads as soon as the window reaches the end, `needed >= T`)."""
     total = features.shape[0]
     if total == 0:
         raise ValueError("cannot pad empty audio features")
-    if needed <= total:
+    if needed < total:
         return features
     out = features
     while out.shape[0] < needed + WINDOW_RADIUS + 1:

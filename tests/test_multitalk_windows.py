@@ -46,8 +46,19 @@ def test_clamp_at_end_and_reflect_padding():
     first, later = _latent_indices(full, 0, 21)
     # video frames 77..80 read rows 75..82 of the mirrored tail: row 50 + j holds frame 49 - j
     assert later[-1] == [24, 23, 22, 21, 20, 19, 18, 17]
-    # a window fully inside the audio is not padded
-    assert aw.reflect_pad(full, 50) is full
+    # a window ending before the last frame is not padded; one ending exactly at it is
+    assert aw.reflect_pad(full, 49) is full
+    assert aw.reflect_pad(full, 50).shape[0] == 53
+
+
+def test_clip_windows_agree_with_long_video_plan():
+    from wanvideo_infinitetalk.multitalk import long_video as lv
+    for n in (50, 81, 82, 200, 300):
+        plan = lv.plan_long_video(n)
+        full = _indexed_features(n)
+        for w in plan.windows:
+            got = aw.clip_windows(full, w.audio_start, w.frames)[:, :, 0, 0].long().tolist()
+            assert got == plan.window_audio_indices(w), (n, w.audio_start)
 
 
 def test_make_context_equals_manual_projection():
