@@ -62,41 +62,94 @@ def base_report(ckpt: Checkpoint, cfg: WanConfig) -> dict:
     }
 
 
+QUANTIZE_CHOICES = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
+
+
 def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", attention: str = "sdpa",
-               patch: str | Sequence[str] | None = None) -> LoadedModel:
+               patch: str | Sequence[str] | None = None, quantization: str = "none",
+               loras: Sequence[tuple[str, float]] = (), compute_device=None) -> LoadedModel:
     """Load a Wan2.1 transformer (T2V or I2V) from any supported layout/dtype.
 
-    `device` is where the weights are materialized (GPU or host RAM); `base_dtype` (bf16/fp16/fp32)
-    is the compute precision; fp8 files are up-cast to it. `patch` is an optional InfiniteTalk file.
+    `device` is where the weights are materialized (GPU or host RAM); `compute_device` is where
+    they will run (it picks the quantized compute path; defaults to `device`). `base_dtype`
+    (bf16/fp16/fp32) is the compute precision. Pre-quantized files (fp8, ComfyUI fp8_scaled /
+    comfy_quant, NVFP4) load as they are; full-precision files may be quantized on load with
+    `quantization`. `patch` is an optional InfiniteTalk file; `loras` are (file, strength) pairs
+    merged into the full-precision weights before any quantization.
     """
     base_dtype = parse_dtype(base_dtype)
+    if quantization not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantization {quantization!r} is not supported; expected one of {QUANTIZE_CHOICES}")
     check_backend(attention)
+    device = torch.device(device)
+    compute_device = device if compute_device is None else torch.device(compute_device)
     ckpt = open_checkpoint(paths)
     try:
         cfg = infer_config(ckpt.shapes, where=ckpt.name)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     model = build_meta_model(cfg, attention)
-    expected = set(model.state_dict().keys())
+    report = base_report(ckpt, cfg)
     try:
-        placement.materialize(model, ckpt.lazy(expected), torch.device(device),
+        consumed = _load_prequantized(model, ckpt, device, compute_device, base_dtype, report)
+        expected = set(model.state_dict().keys())
+        placement.materialize(model, ckpt.lazy(expected), device,
                               dtype_for=storage_dtype_policy(base_dtype), where=ckpt.name)
     except KeyError as exc:
         raise CheckpointError(str(exc.args[0])) from None
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError(f"{ckpt.name}: {exc}" if ckpt.name not in str(exc) else str(exc)) from None
     model.compute_dtype = base_dtype
     model.eval().requires_grad_(False)
-    report = base_report(ckpt, cfg)
-    report["base_dtype"] = str(base_dtype).replace("torch.", "")
-    report["device"] = str(device)
-    report["attention"] = attention
-    extra = sorted(set(ckpt.tensors) - expected)
-    _apply_extensions(model, ckpt, extra, patch, torch.device(device), base_dtype, report)
-    report["parameters"] = sum(p.numel() for p in model.parameters())
+    report.update(base_dtype=str(base_dtype).replace("torch.", ""), device=str(device), attention=attention)
+    extra = sorted(set(ckpt.tensors) - expected - consumed)
+    _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report)
+    if loras:
+        report["loras"] = _merge_loras(model, loras, compute_device)
+    if quantization != "none":
+        if report["quantization"]:
+            raise ValueError(f"{ckpt.name} is already quantized ({report['quantization']['kind']}); "
+                             f"choose quantization 'none' to load it as it is")
+        from ..fp8_optimization import quantize_model
+
+        report["quantization"] = dict(quantize_model(model, quantization, compute_device,
+                                                     storage_device=device, compute_dtype=base_dtype),
+                                      kind=quantization, source="quantized on load")
+    report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
     log.info("WanVideo loader: %s", summarize(report))
     return LoadedModel(model, report)
+
+
+def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report) -> set[str]:
+    """Quantized layers of the file become QuantLinear modules holding the file's own tensors."""
+    from ..fp8_optimization import detect_quantization, load_quantized_state
+
+    dtypes = {k: info.dtype for k, info in ckpt.tensors.items()}
+    detected = detect_quantization(ckpt.lazy(), ckpt.metadata, dtypes=dtypes)
+    if not detected["layers"]:
+        return set()
+    result = load_quantized_state(model, ckpt.lazy(), ckpt.metadata, compute_device,
+                                  storage_device=device, detected=detected, compute_dtype=base_dtype)
+    report["quantization"] = dict(result["report"], kind=detected["kind"], source="file",
+                                  counts=detected["counts"])
+    return set(result["consumed_keys"])
+
+
+def _merge_loras(model, loras, device) -> list[dict]:
+    from .lora import merge_loras
+
+    results = merge_loras(model, list(loras), device=device)
+    return [vars(r) if hasattr(r, "__dict__") else r for r in results]
+
+
+def _quantized_elements(model) -> int:
+    """Weights held in quantized buffers count as parameters in the report (logical elements)."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "dequantize") and hasattr(module, "in_features"):
+            total += module.in_features * module.out_features
+    return total
 
 
 def _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report) -> None:
