@@ -115,7 +115,10 @@ class AudioCrossAttention(nn.Module):
             if qk is None or audio_ctx.masks is None:
                 raise ValueError("two-speaker audio attention needs the self-attention (q, k) "
                                  "and speaker masks")
-            pos = visual_positions(affinity_map(qk[0], qk[1], audio_ctx.masks, s))
+            # In the activation dtype like the official code; fp32 here could push SDPA onto
+            # the math backend, which materialises [H, L, S] probabilities (GBs at 480p).
+            q_map, k_map = qk[0].to(x.dtype), qk[1].to(x.dtype)
+            pos = visual_positions(affinity_map(q_map, k_map, audio_ctx.masks, s))
             q = rope_1d(q, pos)
             k = rope_1d(k, audio_positions(2, n_audio // 2))
         k = k.expand(b, -1, -1, -1, -1).reshape(b * n_lat, n_audio, heads, hd)
