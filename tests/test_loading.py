@@ -163,3 +163,9 @@ def test_bad_files_raise_clear_errors(kind, tmp_path, models_dir):
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and path.name in lines[0] and EXPECTED[kind] in lines[0]
+
+
+def test_prequantized_weights_stay_fp8(models_dir):
+    loaded = load_model(models_dir.written["wan21_tiny_i2v_fp8_e4m3fn.safetensors"], base_dtype="bf16")
+    quantized = [m for m in loaded.model.modules() if hasattr(m, "dequantize") and hasattr(m, "in_features")]
+    assert quantized and all(m.weight.dtype == torch.float8_e4m3fn for m in quantized)

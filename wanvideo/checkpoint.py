@@ -164,9 +164,10 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __init__(self, ckpt: Checkpoint, keys=None):
         self.ckpt = ckpt
         self.keys_ = list(ckpt.tensors) if keys is None else [k for k in keys if k in ckpt.tensors]
+        self.key_set = set(self.keys_)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.ckpt.tensors:
+        if key not in self.key_set:
             raise KeyError(key)
         return self.ckpt.read(key)
 
@@ -177,7 +178,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self.keys_)
 
     def __contains__(self, key) -> bool:
-        return key in self.ckpt.tensors
+        return key in self.key_set
 
 
 def open_checkpoint(paths: str | Sequence[str]) -> Checkpoint:
