@@ -18,7 +18,8 @@ from ..wanvideo import placement
 from ..wanvideo.checkpoint import CheckpointError
 from ..wanvideo.model import WanLayerNorm
 from .audio_attention import AudioCrossAttention
-from .audio_proj import AudioProjModel
+from .audio_proj import WAV2VEC_LAYERS, AudioProjModel
+from .audio_windows import WINDOW
 
 MARKER = "audio_proj.proj1.weight"
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -154,8 +155,11 @@ def inject_infinitetalk(model, state_dict: Mapping[str, torch.Tensor], device,
         attach(block, "norm_x", norm, f"blocks.{i}.norm_x.")
         attach(block, "audio_cross_attn", attn, f"blocks.{i}.audio_cross_attn.")
     intermediate = _shape(state_dict, info["prefix"] + "audio_proj.proj2.weight")[0]
+    # The audio encoder's width follows from proj1 (5 frames x 12 layers x channels): 768 for
+    # chinese-wav2vec2-base, smaller for the tiny test encoder.
+    channels = _shape(state_dict, info["prefix"] + MARKER)[1] // (WINDOW * WAV2VEC_LAYERS)
     with torch.device("meta"):
-        proj = AudioProjModel(intermediate=intermediate)
+        proj = AudioProjModel(intermediate=intermediate, channels=channels)
     attach(model, "audio_proj", proj, "audio_proj.")
     placement.verify(model, f"InfiniteTalk injection from {where}")
     return {

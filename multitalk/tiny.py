@@ -17,7 +17,8 @@ from .audio_proj import AUDIO_TOKEN_DIM, TOKENS_PER_SPEAKER, WAV2VEC_DIM, WAV2VE
 from .audio_windows import LATER_ENTRIES, WINDOW
 
 
-def infinitetalk_shapes(dim: int, num_layers: int, intermediate: int = 512) -> dict[str, tuple]:
+def infinitetalk_shapes(dim: int, num_layers: int, intermediate: int = 512,
+                        channels: int = WAV2VEC_DIM) -> dict[str, tuple]:
     shapes = {}
     for i in range(num_layers):
         p = f"blocks.{i}."
@@ -27,7 +28,7 @@ def infinitetalk_shapes(dim: int, num_layers: int, intermediate: int = 512) -> d
                             ("proj", (dim, dim))):
             shapes[f"{p}audio_cross_attn.{name}.weight"] = shape
             shapes[f"{p}audio_cross_attn.{name}.bias"] = (shape[0],)
-    feat = WAV2VEC_LAYERS * WAV2VEC_DIM
+    feat = WAV2VEC_LAYERS * channels
     for name, shape in (("proj1", (intermediate, WINDOW * feat)),
                         ("proj1_vf", (intermediate, LATER_ENTRIES * feat)),
                         ("proj2", (intermediate, intermediate)),
@@ -39,12 +40,12 @@ def infinitetalk_shapes(dim: int, num_layers: int, intermediate: int = 512) -> d
     return shapes
 
 
-def infinitetalk_state_dict(dim: int, num_layers: int, seed: int = 0,
-                            intermediate: int = 32) -> dict[str, torch.Tensor]:
+def infinitetalk_state_dict(dim: int, num_layers: int, seed: int = 0, intermediate: int = 32,
+                            channels: int = WAV2VEC_DIM) -> dict[str, torch.Tensor]:
     """Random weights (~1/sqrt(fan_in); norms ~1), exactly representable in fp8/fp16/bf16."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for key, shape in infinitetalk_shapes(dim, num_layers, intermediate).items():
+    for key, shape in infinitetalk_shapes(dim, num_layers, intermediate, channels).items():
         if len(shape) == 2:
             v = torch.randn(shape, generator=gen) / shape[1] ** 0.5
         elif key.endswith("norm_x.weight") or key.endswith("norm.weight"):
@@ -58,11 +59,12 @@ def infinitetalk_state_dict(dim: int, num_layers: int, seed: int = 0,
 def write_infinitetalk_patch(path: str, dim: int, num_layers: int, speakers: int = 1,
                              dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                              intermediate: int = 32, prefix: str = "", metadata: dict | None = None,
-                             data_start_mod16: int = 8) -> str:
+                             data_start_mod16: int = 8, channels: int = WAV2VEC_DIM) -> str:
     """A patch file like the single/multi-speaker releases (same keys; metadata tells them apart
     unless `metadata` is given explicitly, pass {} for none). Tensors start at
     `data_start_mod16` mod 16, like the reference writer's output."""
-    sd = infinitetalk_state_dict(dim, num_layers, seed + (1000 if speakers > 1 else 0), intermediate)
+    sd = infinitetalk_state_dict(dim, num_layers, seed + (1000 if speakers > 1 else 0), intermediate,
+                                 channels)
     tensors = {prefix + k: v.to(dtype).contiguous() for k, v in sd.items()}
     if metadata is None:
         metadata = {"speakers": str(speakers)}

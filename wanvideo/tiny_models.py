@@ -149,9 +149,41 @@ def write_tiny_models(models_dir: str, seed: int = 0) -> dict[str, str]:
     return written
 
 
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "ffn.0", "ffn.2")
+
+
+def tiny_lora_state_dict(cfg: WanConfig, rank: int = 4, seed: int = 0,
+                         prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    """A LoRA in the common `lora_down/lora_up/alpha` style for the tiny model."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"ffn.0": (cfg.dim, cfg.ffn_dim), "ffn.2": (cfg.ffn_dim, cfg.dim)}
+    out = {}
+    for i in range(cfg.num_layers):
+        for target in LORA_TARGETS:
+            d_in, d_out = dims.get(target, (cfg.dim, cfg.dim))
+            key = f"{prefix}blocks.{i}.{target}"
+            out[f"{key}.lora_down.weight"] = torch.randn(rank, d_in, generator=gen) / d_in ** 0.5
+            out[f"{key}.lora_up.weight"] = torch.randn(d_out, rank, generator=gen) * 0.01
+            out[f"{key}.alpha"] = torch.tensor(float(rank))
+    return {k: v.to(torch.bfloat16) if v.dim() else v for k, v in out.items()}
+
+
+def _write_loras(models_dir: str, seed: int) -> dict[str, str]:
+    folder = os.path.join(models_dir, "loras")
+    os.makedirs(folder, exist_ok=True)
+    good = os.path.join(folder, "wan21_tiny_lora.safetensors")
+    save_file(tiny_lora_state_dict(TINY_I2V, seed=seed), good)
+    # Same key style, different model: no layer of the tiny Wan model matches.
+    other = {f"lora_unet_down_blocks_0_attentions_0_proj_in.{leaf}": torch.zeros(shape)
+             for leaf, shape in (("lora_down.weight", (4, 32)), ("lora_up.weight", (32, 4)))}
+    wrong = os.path.join(folder, "not_wan_lora.safetensors")
+    save_file(other, wrong)
+    return {"wan21_tiny_lora.safetensors": good, "not_wan_lora.safetensors": wrong}
+
+
 def _write_companions(models_dir: str, seed: int) -> dict[str, str]:
     """Files owned by other parts of the pack (VAE, InfiniteTalk, wav2vec2, LoRA), when present."""
-    out = {}
+    out = _write_loras(models_dir, seed)
     try:
         from .tiny_vae import write_tiny_wan_vae
     except ImportError:
@@ -161,4 +193,28 @@ def _write_companions(models_dir: str, seed: int) -> dict[str, str]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_tiny_wan_vae(path, seed=seed)
         out["wan21_tiny_vae.safetensors"] = path
+    out.update(_write_audio_models(models_dir, seed))
+    return out
+
+
+TINY_WAV2VEC_HIDDEN = 32
+
+
+def _write_audio_models(models_dir: str, seed: int) -> dict[str, str]:
+    """InfiniteTalk patches (single/multi speaker) sized for the tiny model and a tiny wav2vec2
+    folder; the patch's audio projection is sized to that encoder's width."""
+    try:
+        from ..multitalk.tiny import write_infinitetalk_patch, write_tiny_wav2vec2
+    except ImportError:  # top-level `wanvideo` without the rest of the pack
+        return {}
+    out = {}
+    dm = os.path.join(models_dir, "infinitetalk")
+    for speakers, name in ((1, "infinitetalk_tiny_single.safetensors"),
+                           (2, "infinitetalk_tiny_multi.safetensors")):
+        out[name] = write_infinitetalk_patch(os.path.join(dm, name), TINY_I2V.dim, TINY_I2V.num_layers,
+                                             speakers=speakers, seed=seed,
+                                             channels=TINY_WAV2VEC_HIDDEN)
+    folder = os.path.join(models_dir, "wav2vec2", "tiny-wav2vec2")
+    write_tiny_wav2vec2(folder, seed=seed, hidden=TINY_WAV2VEC_HIDDEN)
+    out["tiny-wav2vec2"] = folder
     return out
