@@ -1,7 +1,7 @@
 # Two commands a newcomer needs: `make test` and `make demo`. Both build (or reuse) the isolated
 # environment first: .venv with a real ComfyUI 0.3.75 under .cache/ComfyUI (scripts/setup.sh).
 PY := .venv/bin/python
-PYTEST_ARGS ?= -q -rs
+PYTEST_ARGS ?= -q -rs --durations=15
 # ComfyUI runs on the GPU when there is one, else on the CPU.
 SERVE_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),--gpu,)
 

@@ -104,3 +104,16 @@ def test_bad_checkpoint_fails_cleanly(comfy, tiny_models, problem):
         assert comfy.bad["victim_key"] in msg, msg
     # the server is still healthy: a valid prompt right after succeeds
     comfy.run(loader_info_graph(os.path.basename(comfy.valid_model), "bf16"), timeout=300)
+
+
+def test_every_tiny_layout_loads_through_the_node(comfy, tiny_models):
+    """Each tiny file the generator writes (layouts, dtypes, fp8, shards) loads via the node."""
+    models_dir = os.path.join(comfy.base, "models", "diffusion_models")
+    names = sorted({os.path.relpath(p, models_dir) for p in tiny_models.values()
+                    if os.path.realpath(p).startswith(os.path.realpath(models_dir) + os.sep)})
+    assert len(names) >= 2, names
+    for name in names:
+        entry = comfy.run(loader_info_graph(name), timeout=300)
+        report = _info_json(entry)
+        expect = "t2v" if "t2v" in name else "i2v"
+        assert report["model_type"] == expect, (name, report)
