@@ -414,3 +414,33 @@ def test_cuda_interrupt_and_vram_returns_to_pre_run_level():
     assert abs(torch.cuda.memory_allocated() - before) <= 0.01 * before + 4096
     assert swap._run is None
     swap.detach(model, to="cuda")
+
+
+def test_infinitetalk_layers_stream_with_audio():
+    """Real InfiniteTalk injection (norm_x, audio_cross_attn, audio_proj): with audio, one and two
+    speakers, swapped + offloaded forwards equal resident ones and their bytes move."""
+    inject = pytest.importorskip("wanvideo_infinitetalk.multitalk.inject")
+    from wanvideo_infinitetalk.multitalk import tiny
+    from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput
+
+    model = build(TINY_I2V)
+    inject.inject_infinitetalk(model, tiny.infinitetalk_state_dict(TINY_I2V.dim, TINY_I2V.num_layers),
+                               "cpu", dtype=torch.float32)
+    args = inputs(TINY_I2V, clip_tokens=257, size=(4, 4))
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 5, 5, 12, 768, generator=g)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, :, :4], masks[1, :, 4:] = 1, 1
+    audios = [AudioInput(feats[:1]), AudioInput(feats, masks=masks)]
+    with torch.no_grad():
+        refs = [model(*args, audio=a) for a in audios]
+        watch = LayoutWatch()
+        swap = attach(model, TINY_I2V.num_layers, watch, prefetch=1, offload_non_blocks=True)
+        outs = [model(*args, audio=a) for a in audios]
+    assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+    assert watch.violations == []
+    for i in swap.swapped_blocks:
+        assert swap.master_of(i).tensor_bytes == block_nbytes(model.blocks[i])
+        assert block_nbytes(model.blocks[i].audio_cross_attn) > 0
+    assert any(n.startswith("audio_proj.") for n, _ in placement.named_tensors(model))
+    assert_consistent(model, swap)

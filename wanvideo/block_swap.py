@@ -284,6 +284,13 @@ class BlockSwap:
             self._offload_non_blocks()
         self._nb_device = None
 
+    def set_prefetch(self, prefetch: int) -> None:
+        """Change the prefetch depth between forwards (the slot ring is rebuilt next forward)."""
+        if not (isinstance(prefetch, int) and 1 <= prefetch <= MAX_PREFETCH):
+            raise ValueError(f"prefetch must be 1..{MAX_PREFETCH}, got {prefetch!r}")
+        self.release()
+        self.prefetch = prefetch
+
     # ------------------------------------------------------------------ partition
 
     def set_blocks_to_swap(self, n: int) -> None:
