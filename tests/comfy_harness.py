@@ -94,7 +94,9 @@ def write_models(base: str) -> tuple[dict[str, str], str | None]:
     written = {"wan21_tiny_vae": write_tiny_wan_vae(os.path.join(models, "vae", TINY_VAE_NAME))}
     try:
         from wanvideo_infinitetalk.wanvideo.tiny_models import write_tiny_models
-    except ImportError as e:
+    except ModuleNotFoundError as e:  # only its absence is tolerated; a broken module raises
+        if not (e.name or "").endswith("tiny_models"):
+            raise
         return written, f"wanvideo.tiny_models is not available yet ({e})"
     written.update(write_tiny_models(models))
     return written, None
