@@ -51,8 +51,9 @@ class VideoRequest:
     """Everything one generation needs besides the model and the VAE.
 
     reference: [H, W, 3] 0..1, already resized/cropped to the output size.
-    y: [1, 20, F_lat, h, w] for `clip_frames` frames: 4 mask channels (1 on latent frame 0) + the
-       latents of the reference followed by clip_frames - 1 zero frames.
+    y: [1, 20, F_lat, h, w] for `clip_frames` frames (condition_y of condition_frames): 4 mask
+       channels (1 on latent frame 0) + the latents of the reference and clip_frames - 1 grey
+       frames.
     clip_fea: [1, 257, 1280] CLIP vision tokens of the reference (penultimate layer).
     positive / negative: umT5 contexts [1, L, 4096].
     features: per speaker wav2vec features [T, 12, 768] (1 or 2 speakers, same T; 25 rows/s).
@@ -96,6 +97,51 @@ class VideoResult:
     @property
     def seconds(self) -> float:
         return self.num_frames / self.fps
+
+
+def validate_size(width: int, height: int, clip_frames: int, motion_frames: int) -> None:
+    """The output geometry the model and the VAE accept; raises ValueError with the fix."""
+    for name, v in (("width", width), ("height", height)):
+        if int(v) < 16 or int(v) % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16 (VAE stride 8 x patch 2), "
+                             f"got {v}")
+    if int(clip_frames) < 5 or (int(clip_frames) - 1) % 4:
+        raise ValueError(f"clip length must be 4n+1 frames (5, 9, ..., 81), got {clip_frames}")
+    if not 1 <= int(motion_frames) < int(clip_frames):
+        raise ValueError(f"motion frames must be in 1..{int(clip_frames) - 1}, got {motion_frames}")
+
+
+def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[H, W, 3] (or [1, H, W, C]) 0..1 -> [height, width, 3]: scale to cover, centre-crop."""
+    img = image[0] if image.ndim == 4 else image
+    img = img[..., :3].float()
+    src_h, src_w = int(img.shape[0]), int(img.shape[1])
+    scale = max(width / src_w, height / src_h)
+    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    x = img.permute(2, 0, 1).unsqueeze(0)
+    if (new_h, new_w) != (src_h, src_w):
+        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic",
+                                            align_corners=False, antialias=True)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    return x[0].permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
+
+
+def condition_frames(reference: torch.Tensor, clip_frames: int) -> torch.Tensor:
+    """The pixels the y latents encode: the reference then clip_frames - 1 grey frames (0.5 in
+    0..1, i.e. the zeros of the official [-1, 1] tensor)."""
+    rest = torch.full((int(clip_frames) - 1, *reference.shape), 0.5, dtype=reference.dtype)
+    return torch.cat([reference.unsqueeze(0), rest.to(reference.device)], dim=0)
+
+
+def condition_y(latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [1, 16, F_lat, h, w] of condition_frames -> y [1, 20, F_lat, h, w]."""
+    if latents.ndim != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
+        raise ValueError(f"expected latents [1, 16, F_lat, h, w], got {tuple(latents.shape)}")
+    mask = torch.zeros((1, MASK_CHANNELS, *latents.shape[2:]), dtype=latents.dtype,
+                       device=latents.device)
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, latents], dim=1)
 
 
 def _check(request: VideoRequest) -> None:

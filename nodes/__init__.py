@@ -3,12 +3,19 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .conditioning import InfiniteTalkImageToVideo
 from .model_info import WanVideoModelInfo
 from .model_loader import WanVideoModelLoader
+from .sampler import WanVideoInfiniteTalkSampler
+from .text_embeds import WanVideoLoadTextEmbeds, WanVideoSaveTextEmbeds
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     WanVideoModelLoader,
     WanVideoModelInfo,
+    InfiniteTalkImageToVideo,
+    WanVideoSaveTextEmbeds,
+    WanVideoLoadTextEmbeds,
+    WanVideoInfiniteTalkSampler,
 ]
 
 

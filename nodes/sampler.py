@@ -1,0 +1,222 @@
+"""WanVideo InfiniteTalk Sampler: model + prompts + image condition + audio -> frames and audio.
+
+Only ComfyUI plumbing lives here (devices, VAE, progress bar, previews, interrupt, BlockSwap
+install/release); the window loop is multitalk.pipeline.generate_video.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from comfy_api.latest import io
+
+from .conditioning import vae_encode, wan_latent_format
+from .model_loader import WANVIDEOMODEL
+from .text_embeds import conditioning_tensor
+from .types import BLOCKSWAPARGS, INFINITETALK_AUDIO, INFINITETALK_COND
+
+CATEGORY = "WanVideo InfiniteTalk"
+SCHEDULERS = ["euler", "unipc"]
+FPS = 25
+
+log = logging.getLogger(__name__)
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [1, 16, F_lat, h, w] -> frames [F, H, W, 3] 0..1 on the host."""
+    raw = wan_latent_format().process_out(latents.float().cpu())
+    frames = vae.decode(raw)
+    return frames.reshape(-1, *frames.shape[-3:]).float().cpu()
+
+
+def trim_audio(audio: dict | None, seconds: float) -> dict | None:
+    """The AUDIO cut (or zero-padded) to exactly `seconds`."""
+    if audio is None:
+        return None
+    wave, rate = audio["waveform"], int(audio["sample_rate"])
+    n = int(round(seconds * rate))
+    if wave.shape[-1] >= n:
+        wave = wave[..., :n]
+    else:
+        wave = torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
+    return {"waveform": wave.contiguous(), "sample_rate": rate}
+
+
+def block_swap_kwargs(args) -> dict:
+    """BLOCKSWAPARGS as produced by the BlockSwap settings node: a dict, a dataclass or an
+    object with `kwargs()` -> keyword arguments of wanvideo.block_swap.BlockSwap."""
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return dict(args)
+    if hasattr(args, "kwargs") and callable(args.kwargs):
+        return dict(args.kwargs())
+    if dataclasses.is_dataclass(args):
+        return dataclasses.asdict(args)
+    raise ValueError(f"unsupported BLOCKSWAPARGS value {type(args).__name__}")
+
+
+def prepare_block_swap(model, args, device):
+    """Install (or re-size) BlockSwap on the model when settings are connected; returns the
+    streamer in use (None when the model runs resident)."""
+    streamer = getattr(model, "block_streamer", None)
+    kwargs = block_swap_kwargs(args)
+    if not kwargs:
+        return streamer
+    from ..wanvideo.block_swap import BlockSwap
+
+    kwargs.pop("device", None)
+    if streamer is None:
+        return BlockSwap(device=device, **kwargs).attach(model)
+    n = kwargs.get("blocks_to_swap")
+    if isinstance(n, int) and n != streamer.blocks_to_swap:
+        streamer.set_blocks_to_swap(n)
+    return streamer
+
+
+def free_device_memory(device) -> None:
+    """Ask ComfyUI to unload its models (text encoder, CLIP vision, VAE) before our transformer
+    runs: it lives outside ComfyUI's model management (DESIGN.md, Living inside ComfyUI)."""
+    import comfy.model_management as mm
+
+    if torch.device(device).type != "cpu":
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+def comfy_callbacks(total_steps: int, device):
+    """SamplingCallbacks wired to ComfyUI: one ProgressBar over all windows, latent previews
+    as ComfyUI's preview settings ask, and its interrupt flag."""
+    import comfy.model_management as mm
+    import comfy.utils
+    import latent_preview
+
+    from ..wanvideo.sampling import SamplingCallbacks
+
+    pbar = comfy.utils.ProgressBar(total_steps)
+    previewer = latent_preview.get_previewer(device, wan_latent_format())
+    pending = {}
+
+    def preview(step, x0):
+        if previewer is not None:
+            pending["image"] = previewer.decode_latent_to_preview_image("JPEG", x0.float().cpu())
+
+    def progress(done, total):
+        pbar.update_absolute(done, total, pending.pop("image", None))
+
+    return SamplingCallbacks(progress=progress, preview=preview if previewer else None,
+                             should_stop=mm.processing_interrupted)
+
+
+class WanVideoInfiniteTalkSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WanVideoInfiniteTalkSampler",
+            display_name="WanVideo InfiniteTalk Sampler",
+            category=CATEGORY,
+            description="Generates a talking video of the whole audio in overlapping windows "
+                        "(motion frames carry each window into the next), decodes it with the "
+                        "VAE and returns the frames plus the audio trimmed to their length.",
+            inputs=[
+                WANVIDEOMODEL.Input("model", tooltip="Wan2.1 I2V 14B with InfiniteTalk layers, "
+                                    "from WanVideo Model Loader."),
+                io.Conditioning.Input("positive", tooltip="Positive prompt (umT5 CLIPTextEncode "
+                                      "or WanVideo Load Text Embeds)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (umT5 CLIPTextEncode "
+                                      "or WanVideo Load Text Embeds)."),
+                INFINITETALK_COND.Input("conditioning", tooltip="From InfiniteTalk Image to "
+                                        "Video: the portrait, its VAE condition, CLIP tokens, "
+                                        "clip length and motion frames."),
+                INFINITETALK_AUDIO.Input("audio_embeds", tooltip="From InfiniteTalk Audio "
+                                         "Embeds: wav2vec features per speaker and the audio."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE: decodes each window and encodes "
+                             "its last frames as the next window's motion frames."),
+                io.Int.Input("steps", default=40, min=1, max=200,
+                             tooltip="Denoising steps per window (official 40; 4-8 with "
+                                     "distilled LoRAs such as lightx2v, with both guidances 1)."),
+                io.Float.Input("shift", default=7.0, min=0.1, max=50.0, step=0.1,
+                               tooltip="Flow-matching time shift: 7 for 480p, 11 for 720p."),
+                io.Float.Input("text_guidance", default=5.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Text CFG scale (official 5). 1 skips the negative-prompt "
+                                       "pass."),
+                io.Float.Input("audio_guidance", default=4.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Audio CFG scale (official 4): stronger lip sync. Both "
+                                       "scales 1 = one model pass per step."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default="euler",
+                               tooltip="ODE solver: euler (official InfiniteTalk loop) or unipc "
+                                       "(Wan's multistep solver)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=True,
+                             tooltip="Noise seed; window k uses seed + k. Same seed, same "
+                                     "device -> same video."),
+                io.Float.Input("color_correction", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Strength of the Lab colour matching of every window to "
+                                       "the reference image (0 = off). 0.3-1 counters colour "
+                                       "drift in videos over about a minute."),
+                io.Int.Input("max_frames", default=0, min=0, max=1_000_000,
+                             tooltip="Stop after this many frames (25 per second); 0 = the "
+                                     "whole audio."),
+                BLOCKSWAPARGS.Input("block_swap_args", optional=True,
+                                    tooltip="BlockSwap settings: stream transformer blocks from "
+                                            "host RAM for GPUs smaller than the model."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="The video frames [N, H, W, 3]."),
+                io.Audio.Output(display_name="audio", tooltip="The input audio trimmed to the "
+                                "video's length (N / 25 s), for CreateVideo."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, conditioning, audio_embeds, vae, steps=40,
+                shift=7.0, text_guidance=5.0, audio_guidance=4.0, scheduler="euler", seed=0,
+                color_correction=0.0, max_frames=0, block_swap_args=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from ..multitalk.pipeline import VideoRequest, generate_video
+        from ..wanvideo.sampling import SamplingInterrupted
+
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {scheduler!r} is not one of {SCHEDULERS}")
+        features = list(getattr(audio_embeds, "features", None) or [])
+        if not features:
+            raise ValueError("audio_embeds carries no audio features; connect InfiniteTalk "
+                             "Audio Embeds")
+        wan = model.model
+        if getattr(wan, "audio_proj", None) is None:
+            raise ValueError("this model has no InfiniteTalk layers; load a checkpoint with the "
+                             "InfiniteTalk patch merged or applied")
+        device = mm.get_torch_device()
+        request = VideoRequest(
+            reference=conditioning.reference, y=conditioning.y, clip_fea=conditioning.clip_fea,
+            positive=conditioning_tensor(positive, "positive"),
+            negative=conditioning_tensor(negative, "negative"),
+            features=features, masks=getattr(audio_embeds, "masks", None), steps=int(steps),
+            shift=float(shift), text_scale=float(text_guidance),
+            audio_scale=float(audio_guidance), solver=scheduler, seed=int(seed),
+            color_strength=float(color_correction), clip_frames=conditioning.clip_frames,
+            motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
+            fps=FPS, device=device)
+        from ..multitalk.long_video import plan_long_video
+
+        plan = plan_long_video(int(features[0].shape[0]), conditioning.clip_frames,
+                               conditioning.motion_frames, request.max_frames)
+        free_device_memory(device)
+        streamer = prepare_block_swap(wan, block_swap_args, device)
+        callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
+        try:
+            result = generate_video(wan, request, lambda f: vae_encode(vae, f),
+                                    lambda z: vae_decode(vae, z), callbacks)
+        except SamplingInterrupted:
+            mm.throw_exception_if_processing_interrupted()
+            raise
+        finally:
+            if streamer is not None and hasattr(streamer, "release"):
+                streamer.release()
+        audio = trim_audio(getattr(audio_embeds, "audio", None), result.seconds)
+        if audio is None:
+            audio = {"waveform": torch.zeros(1, 1, int(round(result.seconds * 16000))),
+                     "sample_rate": 16000}
+        return io.NodeOutput(result.frames, audio)

@@ -1,0 +1,223 @@
+"""The InfiniteTalk sampler graph over HTTP in a real ComfyUI (CPU, tiny models).
+
+LoadImage -> VAELoader (tiny Wan VAE) -> InfiniteTalk Image to Video (no CLIP vision: ComfyUI's
+CLIPVisionLoader needs a full ViT-H file, so the optional input stays empty and zero tokens are
+used); WanVideo Load Text Embeds; WanVideo Model Loader (tiny I2V with InfiniteTalk merged);
+LoadAudio -> audio embeds -> WanVideo InfiniteTalk Sampler -> a summary output node.
+
+The audio embeds come from a test-only stub node pack installed in this server's base directory
+(random features of the right length, the loaded AUDIO passed through), because the pack's own
+"InfiniteTalk Audio Embeds" node needs a wav2vec2 model and is tested elsewhere; the stub also
+holds the summary node that reports the IMAGE and AUDIO shapes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import time
+import wave
+
+import pytest
+
+import comfy_harness as h
+
+pytestmark = pytest.mark.comfy
+
+MODEL = "wan21_tiny_i2v_infinitetalk.safetensors"
+EMBEDS = "test_prompt.safetensors"
+
+STUB = r'''
+import json
+import torch
+
+
+class _Audio:
+    def __init__(self, features, audio):
+        self.features, self.masks, self.audio = features, None, audio
+
+
+class TestInfiniteTalkAudioStub:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("INFINITETALK_AUDIO",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"audio": ("AUDIO",)}}
+
+    def run(self, audio):
+        wave = audio["waveform"]
+        frames = int(wave.shape[-1] / audio["sample_rate"] * 25)
+        g = torch.Generator().manual_seed(0)
+        return (_Audio([torch.randn(frames, 12, 768, generator=g)], audio),)
+
+
+class TestVideoSummary:
+    CATEGORY = "testing"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "audio": ("AUDIO",)}}
+
+    def run(self, images, audio):
+        info = {"images": list(images.shape), "min": float(images.min()),
+                "max": float(images.max()), "sample_rate": int(audio["sample_rate"]),
+                "seconds": audio["waveform"].shape[-1] / audio["sample_rate"]}
+        return {"ui": {"summary": [json.dumps(info)]}}
+
+
+NODE_CLASS_MAPPINGS = {"TestInfiniteTalkAudioStub": TestInfiniteTalkAudioStub,
+                       "TestVideoSummary": TestVideoSummary}
+'''
+
+
+def _write_wav(path: str, seconds: float, rate: int = 16000) -> None:
+    n = int(seconds * rate)
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i * 0.07) * math.sin(i * 1e-3)))
+                               for i in range(n)))
+
+
+def _prepare(base: str) -> None:
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    h.prepare_base(base)
+    from wanvideo_infinitetalk.multitalk import tiny
+    from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict, write_checkpoint
+
+    sd = random_state_dict(TINY_I2V, seed=0)
+    sd.update(tiny.infinitetalk_state_dict(TINY_I2V.dim, TINY_I2V.num_layers))
+    write_checkpoint(sd, os.path.join(base, "models", "diffusion_models", MODEL), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    embeds = os.path.join(base, "models", "text_embeds")
+    os.makedirs(embeds, exist_ok=True)
+    save_file({"positive": torch.randn(1, 6, 4096, generator=g),
+               "negative": torch.randn(1, 4, 4096, generator=g)},
+              os.path.join(embeds, EMBEDS), metadata={"format": "wanvideo_text_embeds", "version": "1"})
+    save_file({"something": torch.zeros(2, 2)}, os.path.join(embeds, "not_embeds.safetensors"))
+    img = (torch.rand(80, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(img).save(os.path.join(base, "input", "portrait.png"))
+    _write_wav(os.path.join(base, "input", "speech3s.wav"), 3.0)
+    _write_wav(os.path.join(base, "input", "speech12s.wav"), 12.0)
+    stub = os.path.join(base, "custom_nodes", "infinitetalk_test_stub")
+    os.makedirs(stub, exist_ok=True)
+    with open(os.path.join(stub, "__init__.py"), "w") as f:
+        f.write(STUB)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not os.path.isfile(os.path.join(h.COMFY_DIR, "main.py")):
+        pytest.skip("ComfyUI is not extracted: run `make setup`")
+    base = str(tmp_path_factory.mktemp("sampler_base"))
+    _prepare(base)
+    srv = h.ComfyServer(base).start()
+    client = h.ComfyClient(srv)
+    try:
+        assert srv.import_problems() == [], srv.log_text()[-4000:]
+        info = client.object_info()
+        for node in ("InfiniteTalkImageToVideo", "WanVideoLoadTextEmbeds",
+                     "WanVideoInfiniteTalkSampler", "TestInfiniteTalkAudioStub"):
+            assert node in info, f"{node} missing\n" + srv.log_text()[-4000:]
+        yield client
+    finally:
+        client.close()
+        srv.stop()
+
+
+def graph(audio="speech3s.wav", width=64, height=64, clip=81, motion=9, steps=2,
+          embeds=EMBEDS, seed=3) -> dict:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": h.TINY_VAE_NAME}},
+        "3": {"class_type": "InfiniteTalkImageToVideo",
+              "inputs": {"start_image": ["1", 0], "vae": ["2", 0], "width": width,
+                         "height": height, "clip_length": clip, "motion_frames": motion}},
+        "4": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": embeds}},
+        "5": {"class_type": "WanVideoModelLoader",
+              "inputs": {"model": MODEL, "base_precision": "fp32", "attention": "sdpa",
+                         "load_device": "main_device"}},
+        "6": {"class_type": "LoadAudio", "inputs": {"audio": audio}},
+        "7": {"class_type": "TestInfiniteTalkAudioStub", "inputs": {"audio": ["6", 0]}},
+        "8": {"class_type": "WanVideoInfiniteTalkSampler",
+              "inputs": {"model": ["5", 0], "positive": ["4", 0], "negative": ["4", 1],
+                         "conditioning": ["3", 0], "audio_embeds": ["7", 0], "vae": ["2", 0],
+                         "steps": steps, "shift": 7.0, "text_guidance": 5.0,
+                         "audio_guidance": 4.0, "scheduler": "euler", "seed": seed,
+                         "color_correction": 0.5, "max_frames": 0}},
+        "9": {"class_type": "TestVideoSummary", "inputs": {"images": ["8", 0], "audio": ["8", 1]}},
+    }
+
+
+def _summary(entry: dict) -> dict:
+    return json.loads(h.ui_output(entry, "9")["summary"][0])
+
+
+def test_schema_has_tooltips_and_category(server):
+    info = server.object_info()
+    for node in ("InfiniteTalkImageToVideo", "WanVideoLoadTextEmbeds", "WanVideoSaveTextEmbeds",
+                 "WanVideoInfiniteTalkSampler"):
+        spec = info[node]
+        assert spec["category"] == "WanVideo InfiniteTalk"
+        for section in ("required", "optional"):
+            for name, decl in spec["input"].get(section, {}).items():
+                assert (decl[1] if len(decl) > 1 else {}).get("tooltip"), f"{node}.{name}"
+    assert info["WanVideoInfiniteTalkSampler"]["output"] == ["IMAGE", "AUDIO"]
+    assert "BLOCKSWAPARGS" in str(info["WanVideoInfiniteTalkSampler"]["input"]["optional"])
+
+
+def test_three_seconds_make_75_frames_and_3s_audio(server):
+    entry = server.run(graph(), timeout=600)
+    s = _summary(entry)
+    assert s["images"] == [75, 64, 64, 3]
+    assert 0.0 <= s["min"] <= s["max"] <= 1.0
+    assert abs(s["seconds"] - 3.0) < 1e-6
+    progress = [m["data"] for m in entry["events"] if m["type"] == "progress"
+                and m["data"]["node"] == "8"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
+
+
+def test_interrupt_mid_window_then_next_prompt_succeeds(server):
+    pid = server.queue(graph(audio="speech12s.wav", clip=17, motion=5, steps=50, seed=4))
+    deadline = time.monotonic() + 300
+    while not any(m["type"] == "progress" and m["data"]["node"] == "8"
+                  for m in server.messages(pid)):
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        assert not any(m["type"] in h.TERMINAL for m in server.messages(pid)), \
+            server.log_text()[-3000:]
+        time.sleep(0.1)
+    server.interrupt()
+    entry = server.wait(pid, timeout=300)
+    kinds = [m["type"] for m in entry["events"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert "execution_success" not in kinds
+    entry = server.run(graph(seed=5), timeout=600)   # the cached model still works
+    assert _summary(entry)["images"][0] == 75
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"width": 70}, "multiple of 16"),
+    ({"clip": 80}, "4n+1"),
+])
+def test_bad_geometry_is_rejected_with_a_clear_error(server, change, needle):
+    with pytest.raises(h.PromptRejected) as e:
+        server.queue(graph(**change))
+    assert "3" in e.value.node_errors, e.value.node_errors
+    assert needle in json.dumps(e.value.node_errors["3"])
+
+
+def test_wrong_embeds_file_is_explained(server):
+    pid = server.queue(graph(embeds="not_embeds.safetensors"))
+    entry = server.wait(pid, timeout=300)
+    err = h.execution_error(entry)
+    assert err is not None and "not a WanVideo text embeds file" in err["exception_message"]
