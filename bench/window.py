@@ -1,0 +1,164 @@
+"""One full InfiniteTalk window on a 14B-shaped model: fp8 weights, every block swapped.
+
+    python bench/window.py --json [--steps 4] [--blocks 40] [--frames 81] [--size 832x480]
+
+A 14B-shaped Wan2.1 I2V model with InfiniteTalk layers is built from random weights (no file),
+quantized to fp8 (scaled) on load, all blocks streamed by BlockSwap, and one 81-frame window at
+832x480 is sampled through multitalk.pipeline.generate_video with the full 3-pass guidance. The
+VAE is a stand-in (pooling / nearest upsampling): this measures the transformer side. Prints one
+JSON object: seconds per step, peak VRAM, BlockSwap statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "wanvideo"))
+import _pack  # noqa: E402
+
+sys.path.pop(0)
+_pack.load_pack()
+from wanvideo_infinitetalk import fp8_optimization  # noqa: E402
+from wanvideo_infinitetalk.multitalk.inject import inject_infinitetalk  # noqa: E402
+from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402
+from wanvideo_infinitetalk.multitalk.tiny import infinitetalk_shapes  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import placement  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.config import WanConfig  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, storage_dtype_policy  # noqa: E402
+
+
+class RandomWeights(Mapping):
+    """Random tensors made on the GPU on access (fast), shaped like `shapes`."""
+
+    def __init__(self, shapes: dict, device):
+        self.shapes, self.device = shapes, device
+
+    def __getitem__(self, key):
+        shape = self.shapes[key]
+        if len(shape) >= 2:
+            return torch.randn(shape, device=self.device).mul_(1 / math.sqrt(math.prod(shape[1:])))
+        if key.endswith("weight"):
+            return 1 + 0.02 * torch.randn(shape, device=self.device)
+        return 0.02 * torch.randn(shape, device=self.device)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+def build(blocks: int, quant: str, dim: int = 5120, ffn: int = 13824, device="cuda"):
+    cfg = WanConfig(dim=dim, ffn_dim=ffn, num_heads=dim // 128, num_layers=blocks, in_dim=36,
+                    out_dim=16, has_image_embedding=True)
+    model = build_meta_model(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    placement.materialize(model, RandomWeights(shapes, device), torch.device("cpu"),
+                          dtype_for=storage_dtype_policy(torch.bfloat16))
+    model.compute_dtype = torch.bfloat16
+    model.eval().requires_grad_(False)
+    inject_infinitetalk(model, RandomWeights(infinitetalk_shapes(cfg.dim, blocks), device), "cpu",
+                        where="random InfiniteTalk", dtype=torch.bfloat16)
+    if quant != "none":
+        fp8_optimization.quantize_model(model, quant, torch.device(device), storage_device="cpu",
+                                        compute_dtype=torch.bfloat16)
+    return model
+
+
+def stand_in_vae(device):
+    def encode(frames):  # [F, H, W, 3] -> [1, 16, F_lat, h, w]
+        x = frames.to(device, torch.float32).permute(3, 0, 1, 2)[None]
+        first, rest = x[:, :, :1], x[:, :, 1:]
+        pooled = [F.avg_pool3d(first, (1, 8, 8))]
+        if rest.shape[2]:
+            pooled.append(F.avg_pool3d(rest, (4, 8, 8)))
+        z = torch.cat(pooled, dim=2)
+        return z.repeat(1, 6, 1, 1, 1)[:, :16]
+
+    def decode(latents):  # [1, 16, F_lat, h, w] -> [F, H, W, 3]
+        z = latents[0, :3].float()
+        first = F.interpolate(z[:, :1][None], scale_factor=(1, 8, 8))[0]
+        rest = F.interpolate(z[:, 1:][None], scale_factor=(4, 8, 8))[0]
+        return torch.sigmoid(torch.cat([first, rest], dim=1)).permute(1, 2, 3, 0)
+
+    return encode, decode
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--blocks", type=int, default=40)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--size", default="832x480")
+    p.add_argument("--quant", default="fp8_e4m3fn_scaled")
+    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--dim", type=int, default=5120)
+    p.add_argument("--ffn", type=int, default=13824)
+    p.add_argument("--device", default="cuda", help="cpu only for a smoke test with small --dim")
+    args = p.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    t0 = time.perf_counter()
+    dev = args.device
+    cuda = dev.startswith("cuda")
+    model = build(args.blocks, args.quant, args.dim, args.ffn, dev)
+    build_s = time.perf_counter() - t0
+    swap = BlockSwap(blocks_to_swap=args.blocks, device=dev, prefetch=args.prefetch).attach(model)
+    f_lat, h, w = (args.frames - 1) // 4 + 1, height // 8, width // 8
+    g = torch.Generator().manual_seed(0)
+    request = VideoRequest(
+        reference=torch.rand(height, width, 3, generator=g),
+        y=torch.randn(1, 20, f_lat, h, w, generator=g),
+        clip_fea=torch.randn(1, 257, 1280, generator=g),
+        positive=torch.randn(1, 512, 4096, generator=g), negative=torch.randn(1, 512, 4096, generator=g),
+        features=[torch.randn(args.frames, 12, 768, generator=g)],
+        steps=args.steps, clip_frames=args.frames, device=dev, seed=0)
+    encode, decode = stand_in_vae(dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_times = []
+    last = [time.perf_counter()]
+
+    def progress(done, total):
+        sync()
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks
+
+    t1 = time.perf_counter()
+    result = generate_video(model, request, encode, decode, SamplingCallbacks(progress=progress))
+    sync()
+    total_s = time.perf_counter() - t1
+    out = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+        "blocks": args.blocks, "blocks_swapped": args.blocks, "quantization": args.quant,
+        "size": f"{width}x{height}x{args.frames}", "tokens": f_lat * (h // 2) * (w // 2),
+        "steps": args.steps, "passes_per_step": 3, "frames_out": result.num_frames,
+        "seconds_per_step": step_times, "window_seconds": total_s, "build_seconds": build_s,
+        "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "block_swap": swap.stats(), "finite": bool(torch.isfinite(result.frames).all()),
+    }
+    text = json.dumps(out, indent=1, default=str)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
