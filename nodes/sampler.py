@@ -205,6 +205,11 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
                                conditioning.motion_frames, request.max_frames)
         free_device_memory(device)
         streamer = prepare_block_swap(wan, block_swap_args, device)
+        if streamer is None and model.device is not None \
+                and torch.device(model.device).type != torch.device(device).type:
+            raise ValueError(f"the model's weights are on {model.device} but ComfyUI computes on "
+                             f"{device}: connect BlockSwap settings (block_swap_args) or load "
+                             "the model with load_device = main_device")
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
         try:
             result = generate_video(wan, request, lambda f: vae_encode(vae, f),

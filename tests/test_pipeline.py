@@ -206,3 +206,31 @@ def test_bad_requests_are_explained(model):
     req.features = [req.features[0], req.features[0][:10]]
     with pytest.raises(ValueError, match="length"):
         generate_video(model, req, vae.encode, vae.decode)
+
+
+def test_fit_image_covers_and_centre_crops():
+    from wanvideo_infinitetalk.multitalk.pipeline import fit_image
+
+    img = torch.zeros(40, 100, 3)
+    img[:, 40:60] = 1.0                           # a bright band in the middle
+    out = fit_image(img, 32, 32)                  # scale 0.8 -> 32x80, crop 24 px each side
+    assert out.shape == (32, 32, 3)
+    assert out[:, 16].min() > 0.9 and out[:, 0].max() < 0.1
+    assert fit_image(img[None], 96, 48).shape == (48, 96, 3)
+
+
+def test_condition_frames_and_y():
+    from wanvideo_infinitetalk.multitalk.pipeline import (condition_frames, condition_y,
+                                                          validate_size)
+
+    ref = torch.rand(16, 16, 3)
+    frames = condition_frames(ref, 9)
+    assert frames.shape == (9, 16, 16, 3) and torch.equal(frames[0], ref)
+    assert (frames[1:] == 0.5).all()             # grey = the official zeros in [-1, 1]
+    y = condition_y(torch.randn(1, 16, 3, 2, 2))
+    assert y.shape == (1, 20, 3, 2, 2)
+    assert (y[:, :4, 0] == 1).all() and (y[:, :4, 1:] == 0).all()
+    for args, needle in (((70, 64, 81, 9), "multiple of 16"), ((64, 64, 80, 9), "4n\\+1"),
+                         ((64, 64, 17, 17), "motion")):
+        with pytest.raises(ValueError, match=needle):
+            validate_size(*args)

@@ -121,8 +121,10 @@ def server(tmp_path_factory):
         pytest.skip("ComfyUI is not extracted: run `make setup`")
     base = str(tmp_path_factory.mktemp("sampler_base"))
     _prepare(base)
-    srv = h.ComfyServer(base).start()
+    # latent2rgb previews: the sampler's preview path runs on every step
+    srv = h.ComfyServer(base, extra=["--preview-method", "latent2rgb"]).start()
     client = h.ComfyClient(srv)
+    client.base = base
     try:
         assert srv.import_problems() == [], srv.log_text()[-4000:]
         info = client.object_info()
@@ -185,6 +187,25 @@ def test_three_seconds_make_75_frames_and_3s_audio(server):
     progress = [m["data"] for m in entry["events"] if m["type"] == "progress"
                 and m["data"]["node"] == "8"]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
+    log = server.log_text()
+    assert "InfiniteTalk window 1/1: frames 0-74" in log
+    assert "no CLIP vision output connected" in log
+
+
+def test_text_embeds_save_and_load_round_trip(server):
+    from safetensors.torch import load_file
+
+    g = {"1": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": EMBEDS}},
+         "2": {"class_type": "WanVideoSaveTextEmbeds",
+               "inputs": {"positive": ["1", 0], "negative": ["1", 1],
+                          "filename_prefix": "roundtrip/copy"}}}
+    entry = server.run(g, timeout=120)
+    folder = os.path.join(server.base, "models", "text_embeds")
+    saved = load_file(os.path.join(folder, "roundtrip", "copy_00001.safetensors"))
+    original = load_file(os.path.join(folder, EMBEDS))
+    for key in ("positive", "negative"):
+        assert saved[key].equal(original[key])
+    assert "roundtrip/copy_00001.safetensors" in json.dumps(h.ui_output(entry, "2"))
 
 
 def test_interrupt_mid_window_then_next_prompt_succeeds(server):
