@@ -54,6 +54,19 @@ class TestInfiniteTalkAudioStub:
         return (_Audio([torch.randn(frames, 12, 768, generator=g)], audio),)
 
 
+class TestBlockSwapArgs:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("BLOCKSWAPARGS",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"blocks_to_swap": ("INT", {"default": 1})}}
+
+    def run(self, blocks_to_swap):
+        return ({"blocks_to_swap": blocks_to_swap, "prefetch": 1},)
+
+
 class TestVideoSummary:
     CATEGORY = "testing"
     RETURN_TYPES = ()
@@ -67,11 +80,13 @@ class TestVideoSummary:
     def run(self, images, audio):
         info = {"images": list(images.shape), "min": float(images.min()),
                 "max": float(images.max()), "sample_rate": int(audio["sample_rate"]),
-                "seconds": audio["waveform"].shape[-1] / audio["sample_rate"]}
+                "seconds": audio["waveform"].shape[-1] / audio["sample_rate"],
+                "checksum": float(images.double().sum())}
         return {"ui": {"summary": [json.dumps(info)]}}
 
 
 NODE_CLASS_MAPPINGS = {"TestInfiniteTalkAudioStub": TestInfiniteTalkAudioStub,
+                       "TestBlockSwapArgs": TestBlockSwapArgs,
                        "TestVideoSummary": TestVideoSummary}
 '''
 
@@ -206,6 +221,40 @@ def test_text_embeds_save_and_load_round_trip(server):
     for key in ("positive", "negative"):
         assert saved[key].equal(original[key])
     assert "roundtrip/copy_00001.safetensors" in json.dumps(h.ui_output(entry, "2"))
+
+
+def test_block_swap_args_give_identical_frames_and_previews_are_sent(server):
+    import uuid
+
+    import websocket
+
+    plain = _summary(server.run(graph(seed=11), timeout=600))
+    g = graph(seed=11)
+    g["10"] = {"class_type": "TestBlockSwapArgs", "inputs": {"blocks_to_swap": 1}}
+    g["8"]["inputs"]["block_swap_args"] = ["10", 0]
+    # a second websocket client of our own counts the binary preview frames
+    cid = uuid.uuid4().hex
+    ws = websocket.create_connection(server.url.replace("http://", "ws://") + f"/ws?clientId={cid}",
+                                     timeout=300)
+    try:
+        status, body = server._request("POST", "/prompt", {"prompt": g, "client_id": cid})
+        assert status == 200 and not body.get("node_errors"), body
+        previews, done = 0, None
+        while done is None:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                previews += 1
+            else:
+                data = json.loads(msg)
+                if data["type"] in h.TERMINAL and data["data"].get("prompt_id") == body["prompt_id"]:
+                    done = data["type"]
+    finally:
+        ws.close()
+    assert done == "execution_success", server.log_text()[-3000:]
+    swapped = _summary(server.history(body["prompt_id"]) | {"events": []})
+    assert swapped["checksum"] == plain["checksum"]
+    assert previews >= 2                       # one per step (2 steps)
+    assert "BlockSwap 1 blocks" in server.log_text()
 
 
 def test_interrupt_mid_window_then_next_prompt_succeeds(server):
