@@ -78,6 +78,9 @@ def test_loader_info_workflow(comfy, tiny_models):
     assert kinds[0] == "execution_start" and "execution_success" in kinds
     assert any(m["type"] == "executed" and m["data"]["node"] == "2" for m in entry["events"])
     assert comfy.rss_bytes() > 100 * 2**20
+    # an interrupt with nothing running must not poison the next prompt
+    comfy.interrupt()
+    comfy.run(loader_info_graph(name, "fp16"), timeout=300)
     log = comfy.log_text()
     assert "WanVideo Model Loader" in log and "model_type" in log
 
