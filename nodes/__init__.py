@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .audio_embeds import InfiniteTalkAudioEmbeds, InfiniteTalkAudioInfo, Wav2Vec2ModelLoader
+from .block_swap import WanVideoBlockSwap
 from .conditioning import InfiniteTalkImageToVideo
 from .model_info import WanVideoModelInfo
 from .model_loader import WanVideoModelLoader
+from .model_patches import InfiniteTalkModelLoader, WanVideoLoraSelect
 from .sampler import WanVideoInfiniteTalkSampler
 from .text_embeds import WanVideoLoadTextEmbeds, WanVideoSaveTextEmbeds
 
@@ -16,6 +19,12 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     WanVideoSaveTextEmbeds,
     WanVideoLoadTextEmbeds,
     WanVideoInfiniteTalkSampler,
+    InfiniteTalkModelLoader,
+    WanVideoLoraSelect,
+    WanVideoBlockSwap,
+    Wav2Vec2ModelLoader,
+    InfiniteTalkAudioEmbeds,
+    InfiniteTalkAudioInfo,
 ]
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from comfy_api.latest import io
 
 from .model_handle import WanVideoModelHandle
+from .types import INFINITETALK_PATCH, WANVIDLORA
 
 CATEGORY = "WanVideo InfiniteTalk"
 WANVIDEOMODEL = io.Custom("WANVIDEOMODEL")
@@ -14,12 +16,51 @@ WANVIDEOMODEL = io.Custom("WANVIDEOMODEL")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTIONS = ["sdpa", "flash_attn", "sageattention"]
 LOAD_DEVICES = ["main_device", "offload_device"]
+QUANTIZATIONS = ["none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4"]
 
 log = logging.getLogger(__name__)
 
 # Report keys worth a log line, in this order; anything else the loader reports still reaches the
 # Model Info node.
-_LOGGED = ("model_type", "config", "stored_dtype", "quantization", "infinitetalk", "parameters")
+_LOGGED = ("model_type", "config", "stored_dtype", "base_dtype", "quantization", "infinitetalk",
+           "loras", "parameters")
+
+
+def _compute_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def _patch_path(patch) -> str | None:
+    if patch is None:
+        return None
+    path = getattr(patch, "path", None)
+    if not isinstance(path, str):
+        raise ValueError("infinitetalk: expected a patch from InfiniteTalk Model Loader, got "
+                         f"{type(patch).__name__}")
+    return path
+
+
+def _lora_list(lora) -> list[tuple[str, float]]:
+    """WANVIDLORA (list of (path, strength)) -> a checked list; zero strengths are dropped."""
+    if lora is None:
+        return []
+    try:
+        pairs = [(str(p), float(s)) for p, s in lora]
+    except (TypeError, ValueError):
+        raise ValueError("lora: expected the output of WanVideo LoRA Select (a list of "
+                         f"(file, strength)), got {type(lora).__name__}") from None
+    return [(p, s) for p, s in pairs if s != 0.0]
+
+
+def _brief(key: str, value):
+    """A log-sized form of a report entry (LoRA results list every merged layer)."""
+    if key == "loras" and isinstance(value, list):
+        return [f"{r.get('name')} strength {r.get('strength')}: {len(r.get('merged', []))} layers"
+                f"{', %d unknown keys' % len(r['unknown']) if r.get('unknown') else ''}"
+                for r in value if isinstance(r, dict)]
+    return value
 
 
 def _devices(load_device: str) -> tuple[torch.device, torch.device]:
@@ -38,8 +79,9 @@ class WanVideoModelLoader(io.ComfyNode):
             node_id="WanVideoModelLoader",
             display_name="WanVideo Model Loader",
             category=CATEGORY,
-            description="Loads a Wan2.1 transformer checkpoint (optionally with InfiniteTalk "
-                        "layers) from models/diffusion_models and reports what it detected.",
+            description="Loads a Wan2.1 transformer checkpoint from models/diffusion_models, "
+                        "injects an InfiniteTalk patch, merges LoRAs and quantizes (in that "
+                        "order), and reports what it detected.",
             inputs=[
                 io.Combo.Input(
                     "model", options=folder_paths.get_filename_list("diffusion_models"),
@@ -55,10 +97,29 @@ class WanVideoModelLoader(io.ComfyNode):
                     tooltip="Attention kernel. sdpa is PyTorch's built-in and always available; "
                             "flash_attn and sageattention need their packages installed."),
                 io.Combo.Input(
-                    "load_device", options=LOAD_DEVICES, default="main_device",
-                    tooltip="Where the weights are placed after loading: main_device is "
-                            "ComfyUI's compute device (GPU), offload_device its offload device "
-                            "(usually CPU RAM; use with block swapping)."),
+                    "load_device", options=LOAD_DEVICES, default="offload_device",
+                    tooltip="Where the weights live after loading. offload_device (default): "
+                            "ComfyUI's offload device, usually host RAM; what WanVideo BlockSwap "
+                            "wants (swapped blocks are streamed from RAM, the rest is moved to "
+                            "the GPU when sampling starts), and loading never needs the whole "
+                            "model in VRAM. main_device: straight to the GPU; fastest when the "
+                            "whole model fits in VRAM and no BlockSwap is used."),
+                io.Combo.Input(
+                    "quantization", options=QUANTIZATIONS, default="none", optional=True,
+                    tooltip="Quantize full-precision weights while loading: fp8_e4m3fn (plain "
+                            "cast), fp8_e4m3fn_scaled (per-channel scales, better quality), "
+                            "nvfp4 (4-bit, Blackwell GPUs for speed). Pre-quantized files (fp8, "
+                            "fp8_scaled, NVFP4) load as they are: choose none for them."),
+                INFINITETALK_PATCH.Input(
+                    "infinitetalk", optional=True,
+                    tooltip="InfiniteTalk patch from InfiniteTalk Model Loader. Its audio "
+                            "layers are injected at load time, before LoRA merging and "
+                            "quantization. Leave empty for a checkpoint with InfiniteTalk "
+                            "already merged."),
+                WANVIDLORA.Input(
+                    "lora", optional=True,
+                    tooltip="LoRAs from WanVideo LoRA Select, merged into the full-precision "
+                            "weights before quantization (in chain order)."),
             ],
             outputs=[WANVIDEOMODEL.Output(
                 display_name="model", tooltip="The loaded transformer and its load report.")],
@@ -77,26 +138,36 @@ class WanVideoModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, base_precision: str = "bf16", attention: str = "sdpa",
-                load_device: str = "main_device") -> io.NodeOutput:
+                load_device: str = "offload_device", quantization: str = "none",
+                infinitetalk=None, lora=None) -> io.NodeOutput:
         import folder_paths
 
         from ..wanvideo.loader import load_model
 
         for name, value, options in (("base_precision", base_precision, list(PRECISIONS)),
                                      ("attention", attention, ATTENTIONS),
-                                     ("load_device", load_device, LOAD_DEVICES)):
+                                     ("load_device", load_device, LOAD_DEVICES),
+                                     ("quantization", quantization, QUANTIZATIONS)):
             if value not in options:
                 raise ValueError(f"{name} {value!r} is not one of {options}")
         path = folder_paths.get_full_path_or_raise("diffusion_models", model)
         device, offload = _devices(load_device)
+        compute = _compute_device()
+        patch = _patch_path(infinitetalk)
+        loras = _lora_list(lora)
+        # CheckpointError / LoraError / ValueError carry the library's message (file + problem)
+        # and reach ComfyUI unchanged as this node's execution_error.
         loaded = load_model([path], device=device, base_dtype=PRECISIONS[base_precision],
-                            attention=attention)
+                            attention=attention, patch=patch, quantization=quantization,
+                            loras=loras, compute_device=compute)
         report = dict(loaded.report or {})
-        log.info("WanVideo Model Loader: %s -> %s (%s, attention=%s)",
-                 model, device, base_precision, attention)
+        log.info("WanVideo Model Loader: %s -> %s (compute %s, %s, attention=%s, quantization=%s, "
+                 "InfiniteTalk patch=%s, LoRAs=%s)", model, device, compute, base_precision,
+                 attention, quantization, os.path.basename(patch) if patch else "none",
+                 [f"{os.path.basename(p)}@{s:g}" for p, s in loras] or "none")
         for key in _LOGGED:
             if key in report:
-                log.info("  %s: %s", key, report[key])
+                log.info("  %s: %s", key, _brief(key, report[key]))
         handle = WanVideoModelHandle(model=loaded.model, report=report, device=device,
                                      offload_device=offload, path=path)
         return io.NodeOutput(handle)
