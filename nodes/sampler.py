@@ -43,25 +43,26 @@ def trim_audio(audio: dict | None, seconds: float) -> dict | None:
     return {"waveform": wave.contiguous(), "sample_rate": rate}
 
 
-def block_swap_kwargs(args) -> dict:
-    """BLOCKSWAPARGS as produced by the BlockSwap settings node: a dict, a dataclass or an
-    object with `kwargs()` -> keyword arguments of wanvideo.block_swap.BlockSwap."""
+def block_swap_kwargs(args, tokens: int | None = None) -> dict:
+    """BLOCKSWAPARGS as produced by the BlockSwap settings node (types.BlockSwapArgs, whose
+    `kwargs(tokens)` maps to wanvideo.block_swap.BlockSwap), or a plain dict of those keywords."""
     if args is None:
         return {}
     if isinstance(args, dict):
         return dict(args)
     if hasattr(args, "kwargs") and callable(args.kwargs):
-        return dict(args.kwargs())
+        return dict(args.kwargs(tokens))
     if dataclasses.is_dataclass(args):
         return dataclasses.asdict(args)
     raise ValueError(f"unsupported BLOCKSWAPARGS value {type(args).__name__}")
 
 
-def prepare_block_swap(model, args, device):
+def prepare_block_swap(model, args, device, tokens: int | None = None):
     """Install (or re-size) BlockSwap on the model when settings are connected; returns the
-    streamer in use (None when the model runs resident)."""
+    streamer in use (None when the model runs resident). The streamer stays attached to the
+    cached model (host masters only); its device slots are released after every run."""
     streamer = getattr(model, "block_streamer", None)
-    kwargs = block_swap_kwargs(args)
+    kwargs = block_swap_kwargs(args, tokens)
     if not kwargs:
         return streamer
     from ..wanvideo.block_swap import BlockSwap
@@ -204,7 +205,9 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         plan = plan_long_video(int(features[0].shape[0]), conditioning.clip_frames,
                                conditioning.motion_frames, request.max_frames)
         free_device_memory(device)
-        streamer = prepare_block_swap(wan, block_swap_args, device)
+        _, _, f_lat, lat_h, lat_w = conditioning.y.shape
+        tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
+        streamer = prepare_block_swap(wan, block_swap_args, device, tokens)
         if streamer is None and model.device is not None \
                 and torch.device(model.device).type != torch.device(device).type:
             raise ValueError(f"the model's weights are on {model.device} but ComfyUI computes on "

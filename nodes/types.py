@@ -13,6 +13,7 @@ from comfy_api.latest import io
 INFINITETALK_COND = io.Custom("INFINITETALK_COND")
 INFINITETALK_AUDIO = io.Custom("INFINITETALK_AUDIO")
 BLOCKSWAPARGS = io.Custom("BLOCKSWAPARGS")
+WAV2VEC2MODEL = io.Custom("WAV2VEC2MODEL")
 INFINITETALK_PATCH = io.Custom("INFINITETALK_PATCH")
 WANVIDLORA = io.Custom("WANVIDLORA")          # list of (lora file path, strength), in merge order
 WAV2VEC2MODEL = io.Custom("WAV2VEC2MODEL")
@@ -86,3 +87,25 @@ class InfiniteTalkPatch:
     path: str
     name: str
     info: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlockSwapArgs:
+    """Output of "WanVideo BlockSwap": settings the sampler installs wanvideo.block_swap with.
+
+    blocks_to_swap: last N blocks streamed from host RAM; -1 = auto (sized from free VRAM).
+    """
+
+    blocks_to_swap: int = 20
+    prefetch: int = 1
+    offload_non_block: bool = False
+    pin_memory: bool = True
+    show_stats: bool = False
+
+    def kwargs(self, tokens: int | None = None) -> dict:
+        """Keyword arguments of wanvideo.block_swap.BlockSwap (device excluded). `tokens`: the
+        latent sequence length of one window, needed by auto sizing."""
+        return {"blocks_to_swap": "auto" if int(self.blocks_to_swap) < 0 else int(self.blocks_to_swap),
+                "prefetch": int(self.prefetch), "offload_non_blocks": bool(self.offload_non_block),
+                "pin": bool(self.pin_memory), "log_stats": bool(self.show_stats),
+                "tokens": tokens}

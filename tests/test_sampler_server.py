@@ -230,7 +230,12 @@ def test_block_swap_args_give_identical_frames_and_previews_are_sent(server):
 
     plain = _summary(server.run(graph(seed=11), timeout=600))
     g = graph(seed=11)
-    g["10"] = {"class_type": "TestBlockSwapArgs", "inputs": {"blocks_to_swap": 1}}
+    if "WanVideoBlockSwap" in server.object_info():   # the pack's settings node
+        g["10"] = {"class_type": "WanVideoBlockSwap",
+                   "inputs": {"blocks_to_swap": 1, "prefetch": 1, "offload_non_block": False,
+                              "pin_memory": False, "show_stats": True}}
+    else:                                               # a plain dict of BlockSwap keywords
+        g["10"] = {"class_type": "TestBlockSwapArgs", "inputs": {"blocks_to_swap": 1}}
     g["8"]["inputs"]["block_swap_args"] = ["10", 0]
     # a second websocket client of our own counts the binary preview frames
     cid = uuid.uuid4().hex
