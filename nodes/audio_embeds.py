@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ class Wav2Vec2ModelLoader(io.ComfyNode):
             encoder = load_wav2vec2(path, device=offload, dtype=torch.float32)
         except (ValueError, KeyError, OSError, SafetensorError, RuntimeError) as e:
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            msg = msg.split(": ", 1)[1] if msg.startswith(os.path.basename(path) + ": ") else msg
             raise ValueError(f"{model} is not a usable wav2vec2 model: {msg}") from None
         cfg = encoder.config if hasattr(encoder, "config") else None
         log.info("Wav2Vec2 Model Loader: %s (%s)", model,
@@ -210,7 +212,12 @@ class InfiniteTalkAudioEmbeds(io.ComfyNode):
         boxes = parse_boxes(speaker_boxes)
         wants_two = audio_2 is not None or mask_1 is not None or mask_2 is not None or boxes
         n_speakers = 2 if wants_two else 1
-        require_tracks(1 if audio_2 is None else 2, n_speakers)
+        try:
+            require_tracks(1 if audio_2 is None else 2, n_speakers)
+        except ValueError as e:
+            given = [n for n, v in (("mask_1", mask_1), ("mask_2", mask_2),
+                                    ("speaker_boxes", boxes)) if v is not None]
+            raise ValueError(f"{', '.join(given)} set but audio_2 is not connected: {e}") from None
         inputs = [("audio", audio)] + ([("audio_2", audio_2)] if audio_2 is not None else [])
         tracks = []
         for label, a in inputs:
