@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import attention
 from .config import WanConfig
-from .rope import angle_table, apply_rope, cos_sin, grid_angles
+from .rope import angle_table, apply_rope, grid_angles, rotations
 
 
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -117,13 +115,14 @@ class WanBlock(nn.Module):
         """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
         need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
-        y, qk = self.self_attn((self.norm1(x) * (1 + scale0) + shift0).to(dtype), rope, need_qk)
-        x = x + y.float() * gate0
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, image_tokens).float()
+        # addcmul keeps each modulation / gated residual one fused pass over the activations
+        y, qk = self.self_attn(torch.addcmul(shift0, self.norm1(x), 1 + scale0).to(dtype), rope, need_qk)
+        x = torch.addcmul(x, y, gate0)
+        x = x.add_(self.cross_attn(self.norm3(x).to(dtype), context, image_tokens))
         if audio_ctx is not None and self.audio_cross_attn is not None:
-            x = x + self.audio_cross_attn(self.norm_x(x).to(dtype), audio_ctx, grid, qk=qk).float()
-        y = self.ffn((self.norm2(x) * (1 + scale1) + shift1).to(dtype))
-        return x + y.float() * gate1
+            x = x.add_(self.audio_cross_attn(self.norm_x(x).to(dtype), audio_ctx, grid, qk=qk))
+        y = self.ffn(torch.addcmul(shift1, self.norm2(x), 1 + scale1).to(dtype))
+        return x.addcmul_(y, gate1)
 
 
 class Head(nn.Module):
@@ -231,7 +230,7 @@ class WanModel(nn.Module):
         x, grid = self.patchify(x, y)
         e, e0 = self.embed_time(t.reshape(-1).to(x.device))
         context, image_tokens = self.embed_context(context, clip_fea)
-        rope = cos_sin(grid_angles(self.rope_angles, grid, self.config.head_dim), x.device)
+        rope = rotations(grid_angles(self.rope_angles, grid, self.config.head_dim), x.device)
         audio_ctx = None
         if audio is not None:
             if self.audio_proj is None:

@@ -34,18 +34,16 @@ def grid_angles(table: torch.Tensor, grid: tuple[int, int, int], head_dim: int) 
     ], dim=-1).reshape(f * h * w, -1)
 
 
-def cos_sin(angles: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin of float64 angles, computed once per forward and shared by every block."""
-    return (angles.cos().to(device=device, dtype=torch.float32),
-            angles.sin().to(device=device, dtype=torch.float32))
+def rotations(angles: torch.Tensor, device) -> torch.Tensor:
+    """complex64 unit rotations [L, 1, D/2] from float64 angles, computed once per forward and
+    shared by every block."""
+    rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return rot.to(device)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x [B, L, H, D] by (cos, sin) [L, D/2] in fp32."""
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, H, D] by `rot` (see rotations) in fp32: one
+    complex multiply instead of a chain of real elementwise passes over the activations."""
     b, seq, heads, d = x.shape
-    pairs = x.float().reshape(b, seq, heads, d // 2, 2)
-    cos = rope[0][None, :, None, :]
-    sin = rope[1][None, :, None, :]
-    real = pairs[..., 0] * cos - pairs[..., 1] * sin
-    imag = pairs[..., 0] * sin + pairs[..., 1] * cos
-    return torch.stack([real, imag], dim=-1).reshape(b, seq, heads, d).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().reshape(b, seq, heads, d // 2, 2))
+    return torch.view_as_real(pairs * rot).reshape(b, seq, heads, d).to(x.dtype)
