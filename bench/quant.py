@@ -1,160 +1,138 @@
-"""Quantized-linear benchmark on a 14B-shaped block stack (GPU only; prints one JSON object).
+"""Quantized weights on a 14B-shaped WanModel stack (GPU only; prints one JSON object).
 
-python -m bench.quant --json [--blocks 8] [--tokens 32760 8100] [--iters 3]
+    python bench/quant.py --json [--blocks 8] [--tokens 32760 8100] [--iters 3] [--out FILE]
 
-Variants: bf16, fp8 scaled_mm (fused input quantization), fp8 dequant, NVFP4 dequant (compiled).
-The blocks are a stand-in with the Wan2.1 14B block's Linear shapes (dim 5120, ffn 13824, 40 heads;
-self-attn q,k,v,o; cross-attn q,k,v,o,k_img,v_img over 512 text + 257 image tokens; ffn) and
-SDPA attention; random weights. Times are ms per forward of the whole stack (CUDA events).
+Variants, each resident on the GPU and with BlockSwap of all blocks (weights in pinned host RAM):
+bf16; fp8 e4m3 scaled through `_scaled_mm` (fused per-row input quantization); the same fp8 weights
+through the dequantize path; NVFP4 dequantized per layer then a bf16 GEMM. The model is our real
+WanModel (dim 5120, ffn 13824, 40 heads, I2V, InfiniteTalk layers present but not driven: no
+audio input) with identical random weights in every variant. Times are ms per full forward
+(CUDA events); cosine is against the bf16 output of the same input.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import os
 import sys
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build  # noqa: E402
 
+from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
 
-def _pack():
-    sys.path.insert(0, os.path.join(ROOT, "wanvideo"))
-    import _pack  # type: ignore
-    sys.path.pop(0)
-    _pack.load_pack()
-    return _pack.import_in_pack("fp8_optimization")
-
-
-class Attn(nn.Module):
-    def __init__(self, dim, heads, img=False):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        if img:
-            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-    def _sdpa(self, q, k, v):
-        b, h = q.shape[0], self.heads
-        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, h * q.shape[-1])
-
-    def forward(self, x, ctx=None, img=None):
-        src = x if ctx is None else ctx
-        out = self._sdpa(self.q(x), self.k(src), self.v(src))
-        if img is not None:
-            out = out + self._sdpa(self.q(x), self.k_img(img), self.v_img(img))
-        return self.o(out)
+LATENTS = {32760: (21, 60, 104), 8100: (9, 60, 60)}  # tokens -> latent F, H, W (patch 1x2x2)
+VARIANTS = {  # name: (quant format, quantize_model kwargs)
+    "bf16": ("none", {}),
+    "fp8_scaled_mm": ("fp8_e4m3fn_scaled", {}),
+    "fp8_dequant": ("fp8_e4m3fn_scaled", {"allow_scaled_mm": False}),
+    "nvfp4_dequant": ("nvfp4", {}),
+}
 
 
-class Block(nn.Module):
-    def __init__(self, dim=5120, ffn=13824, heads=40):
-        super().__init__()
-        self.self_attn, self.cross_attn = Attn(dim, heads), Attn(dim, heads, img=True)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, dim))
-
-    def forward(self, x, ctx, img):
-        n = x.shape[-1:]
-        x = x + self.self_attn(F.layer_norm(x, n))
-        x = x + self.cross_attn(F.layer_norm(x, n), ctx, img)
-        return x + self.ffn(F.layer_norm(x, n))
+def inputs(tokens: int):
+    f, h, w = LATENTS[tokens]
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    return dict(x=torch.randn(1, 16, f, h, w, device="cuda", generator=g),
+                t=torch.tensor([700.0], device="cuda"),
+                context=torch.randn(1, 512, 4096, device="cuda", generator=g).bfloat16(),
+                clip_fea=torch.randn(1, 257, 1280, device="cuda", generator=g).bfloat16(),
+                y=torch.randn(1, 20, f, h, w, device="cuda", generator=g))
 
 
-class Stack(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
-
-    def forward(self, x, ctx, img):
-        for b in self.blocks:
-            x = b(x, ctx, img)
-        return x
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for n, t in
+               list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("blocks."))
 
 
-def weight_bytes(model):
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-def time_forward(model, inputs, warmup, iters):
+def time_forward(model, args_, iters: int, warmup: int):
     with torch.no_grad():
         for _ in range(warmup):
-            model(*inputs)
+            out = model(**args_)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
-            out = model(*inputs)
+            out = model(**args_)
         end.record()
         torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters, torch.cuda.max_memory_allocated(), resident, out
+    return start.elapsed_time(end) / iters, out
+
+
+def scaled_mm_calls(model) -> int:
+    return sum(getattr(m, "scaled_mm_calls", 0) for m in model.modules())
+
+
+def run_variant(name, blocks, tokens_list, iters, warmup, reference, swapped):
+    fmt, kwargs = VARIANTS[name]
+    model = build(blocks, fmt, storage="cpu" if swapped else "cuda", **kwargs)
+    swap = BlockSwap(blocks_to_swap=blocks, device="cuda", prefetch=1).attach(model) if swapped else None
+    result = {"weight_bytes": weight_bytes(model)}
+    for tokens in tokens_list:
+        args_ = inputs(tokens)
+        torch.cuda.reset_peak_memory_stats()
+        calls0 = scaled_mm_calls(model)
+        ms, out = time_forward(model, args_, iters, warmup)
+        entry = {"ms": ms, "peak_vram_bytes": torch.cuda.max_memory_allocated(),
+                 "scaled_mm_calls": scaled_mm_calls(model) - calls0}
+        key = tokens
+        if name == "bf16" and not swapped:
+            reference[key] = out.float().cpu()
+        elif key in reference:
+            entry["cosine_vs_bf16"] = torch.nn.functional.cosine_similarity(
+                out.float().cpu().flatten(), reference[key].flatten(), dim=0).item()
+        if swap is not None:
+            entry["block_swap"] = {k: v for k, v in swap.stats().items()
+                                   if k in ("bytes_moved", "copy_ms", "wait_ms", "forwards")}
+            swap.reset_stats()
+        result[str(tokens)] = entry
+        del out, args_
+    if swap is not None:
+        swap.detach(model)
+        swap.release()
+    del model, swap
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out")
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--tokens", type=int, nargs="+", default=[32760, 8100])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(json.dumps({"error": "needs a CUDA device"}))
-        return 1
-    fo = _pack()
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    with torch.device(dev):
-        base = Stack(args.blocks).to(torch.bfloat16).eval()
-    variants = {"bf16": None, "fp8_scaled_mm": ("fp8_e4m3fn_scaled", True),
-                "fp8_dequant": ("fp8_e4m3fn_scaled", False), "nvfp4_dequant": ("nvfp4", True)}
-    result = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "torch": torch.__version__, "blocks": args.blocks, "dim": 5120, "ffn": 13824, "heads": 40,
-              "block": "stand-in with Wan2.1 14B Linear shapes (no modulation/RoPE/audio)",
-              "results": {}}
-    ref_out = {}
-    for name, spec in variants.items():
-        model = base if spec is None else copy.deepcopy(base)
-        if spec is not None:
-            fo.quantize_model(model, spec[0], dev, allow_scaled_mm=spec[1])
-        entry = {"weight_bytes": weight_bytes(model)}
-        if spec is not None:
-            entry["paths"] = fo.quant_report(model)["paths"]
-        for tokens in args.tokens:
-            g = torch.Generator(device=dev).manual_seed(1)
-            inputs = (torch.randn(1, tokens, 5120, device=dev, generator=g, dtype=torch.bfloat16),
-                      torch.randn(1, 512, 5120, device=dev, generator=g, dtype=torch.bfloat16),
-                      torch.randn(1, 257, 5120, device=dev, generator=g, dtype=torch.bfloat16))
-            ms, peak, resident, out = time_forward(model, inputs, args.warmup, args.iters)
-            # peak includes the bf16 reference stack kept resident for the cosine check;
-            # peak_over_resident is what this variant's forward adds on top.
-            rec = {"ms_per_forward": round(ms, 2), "peak_vram_bytes": peak,
-                   "peak_over_resident_bytes": peak - resident}
-            if spec is None:
-                ref_out[tokens] = out.float()
-            else:
-                rec["cosine_vs_bf16"] = round(F.cosine_similarity(
-                    out.float().flatten(), ref_out[tokens].flatten(), dim=0).item(), 5)
-            entry[str(tokens)] = rec
-            del out, inputs
-        if spec is not None:
-            entry["scaled_mm_calls"] = sum(getattr(m, "scaled_mm_calls", 0) for m in model.modules())
-            del model
-        torch.cuda.empty_cache()
-        result["results"][name] = entry
-    bf = result["results"]["bf16"]
-    for name, entry in result["results"].items():
-        for tokens in args.tokens:
-            entry[str(tokens)]["speedup_vs_bf16"] = round(
-                bf[str(tokens)]["ms_per_forward"] / entry[str(tokens)]["ms_per_forward"], 3)
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    reference: dict = {}
+    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "blocks": args.blocks, "tokens": args.tokens, "resident": {}, "swapped_all": {}}
+    for name in args.variants.split(","):
+        results["resident"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
+                                                args.warmup, reference, swapped=False)
+        results["swapped_all"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
+                                                   args.warmup, reference, swapped=True)
+    base = results["resident"].get("bf16")
+    for mode in ("resident", "swapped_all"):
+        for name, res in results[mode].items():
+            for tokens in args.tokens:
+                entry = res[str(tokens)]
+                if base:
+                    entry["speedup_vs_bf16_resident"] = base[str(tokens)]["ms"] / entry["ms"]
+                resident = results["resident"].get(name, {}).get(str(tokens))
+                if mode == "swapped_all" and resident:
+                    entry["ratio_to_same_format_resident"] = entry["ms"] / resident["ms"]
+    text = json.dumps(results, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

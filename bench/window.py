@@ -12,67 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "wanvideo"))
-import _pack  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 
-sys.path.pop(0)
-_pack.load_pack()
-from wanvideo_infinitetalk import fp8_optimization  # noqa: E402
-from wanvideo_infinitetalk.multitalk.inject import inject_infinitetalk  # noqa: E402
 from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402
-from wanvideo_infinitetalk.multitalk.tiny import infinitetalk_shapes  # noqa: E402
-from wanvideo_infinitetalk.wanvideo import placement  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
-from wanvideo_infinitetalk.wanvideo.config import WanConfig  # noqa: E402
-from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, storage_dtype_policy  # noqa: E402
-
-
-class RandomWeights(Mapping):
-    """Random tensors made on the GPU on access (fast), shaped like `shapes`."""
-
-    def __init__(self, shapes: dict, device):
-        self.shapes, self.device = shapes, device
-
-    def __getitem__(self, key):
-        shape = self.shapes[key]
-        if len(shape) >= 2:
-            return torch.randn(shape, device=self.device).mul_(1 / math.sqrt(math.prod(shape[1:])))
-        if key.endswith("weight"):
-            return 1 + 0.02 * torch.randn(shape, device=self.device)
-        return 0.02 * torch.randn(shape, device=self.device)
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self):
-        return len(self.shapes)
-
-
-def build(blocks: int, quant: str, dim: int = 5120, ffn: int = 13824, device="cuda"):
-    cfg = WanConfig(dim=dim, ffn_dim=ffn, num_heads=dim // 128, num_layers=blocks, in_dim=36,
-                    out_dim=16, has_image_embedding=True)
-    model = build_meta_model(cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    placement.materialize(model, RandomWeights(shapes, device), torch.device("cpu"),
-                          dtype_for=storage_dtype_policy(torch.bfloat16))
-    model.compute_dtype = torch.bfloat16
-    model.eval().requires_grad_(False)
-    inject_infinitetalk(model, RandomWeights(infinitetalk_shapes(cfg.dim, blocks), device), "cpu",
-                        where="random InfiniteTalk", dtype=torch.bfloat16)
-    if quant != "none":
-        fp8_optimization.quantize_model(model, quant, torch.device(device), storage_device="cpu",
-                                        compute_dtype=torch.bfloat16)
-    return model
 
 
 def stand_in_vae(device):

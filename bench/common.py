@@ -1,0 +1,65 @@
+"""Shared pieces of the GPU benchmarks: a 14B-shaped Wan2.1 I2V + InfiniteTalk model built from
+random weights (no file), made on the GPU for speed and stored where the caller asks."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "wanvideo"))
+import _pack  # noqa: E402
+
+sys.path.pop(0)
+_pack.load_pack()
+from wanvideo_infinitetalk import fp8_optimization  # noqa: E402
+from wanvideo_infinitetalk.multitalk.inject import inject_infinitetalk  # noqa: E402
+from wanvideo_infinitetalk.multitalk.tiny import infinitetalk_shapes  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import placement  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.config import WanConfig  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, storage_dtype_policy  # noqa: E402
+
+
+class RandomWeights(Mapping):
+    """Random tensors made on the GPU on access (fast), shaped like `shapes`."""
+
+    def __init__(self, shapes: dict, device):
+        self.shapes, self.device = shapes, device
+
+    def __getitem__(self, key):
+        shape = self.shapes[key]
+        if len(shape) >= 2:
+            return torch.randn(shape, device=self.device).mul_(1 / math.sqrt(math.prod(shape[1:])))
+        if key.endswith("weight"):
+            return 1 + 0.02 * torch.randn(shape, device=self.device)
+        return 0.02 * torch.randn(shape, device=self.device)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+def build(blocks: int, quant: str, dim: int = 5120, ffn: int = 13824, device="cuda",
+          storage="cpu", seed: int = 0, **quant_options):
+    """Random-weight model with InfiniteTalk layers; `quant` as fp8_optimization.quantize_model;
+    weights stored on `storage` (host RAM for BlockSwap, the GPU for resident runs)."""
+    torch.manual_seed(seed)
+    cfg = WanConfig(dim=dim, ffn_dim=ffn, num_heads=dim // 128, num_layers=blocks, in_dim=36,
+                    out_dim=16, has_image_embedding=True)
+    model = build_meta_model(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    placement.materialize(model, RandomWeights(shapes, device), torch.device(storage),
+                          dtype_for=storage_dtype_policy(torch.bfloat16))
+    model.compute_dtype = torch.bfloat16
+    model.eval().requires_grad_(False)
+    inject_infinitetalk(model, RandomWeights(infinitetalk_shapes(cfg.dim, blocks), device), storage,
+                        where="random InfiniteTalk", dtype=torch.bfloat16)
+    if quant != "none":
+        fp8_optimization.quantize_model(model, quant, torch.device(device), storage_device=storage,
+                                        compute_dtype=torch.bfloat16, **quant_options)
+    return model
