@@ -16,7 +16,6 @@ BLOCKSWAPARGS = io.Custom("BLOCKSWAPARGS")
 WAV2VEC2MODEL = io.Custom("WAV2VEC2MODEL")
 INFINITETALK_PATCH = io.Custom("INFINITETALK_PATCH")
 WANVIDLORA = io.Custom("WANVIDLORA")          # list of (lora file path, strength), in merge order
-WAV2VEC2MODEL = io.Custom("WAV2VEC2MODEL")
 
 
 @dataclass
@@ -54,30 +53,6 @@ class InfiniteTalkAudio:
 
 
 @dataclass
-class BlockSwapArgs:
-    """Output of "WanVideo BlockSwap": settings the sampler installs wanvideo.block_swap with.
-
-    blocks_to_swap: swap the last N transformer blocks; -1 = auto (sized from free VRAM).
-    prefetch: blocks copied ahead on the side stream (1..3; slots = prefetch + 1).
-    offload_non_block: keep embeddings/head in host RAM too, moved in per forward.
-    pin_memory: page-locked host masters (fast async copies; costs unpageable RAM).
-    show_stats: log bytes moved / copy and wait times / peak VRAM after every forward.
-    """
-
-    blocks_to_swap: int = -1
-    prefetch: int = 1
-    offload_non_block: bool = False
-    pin_memory: bool = True
-    show_stats: bool = False
-
-    def kwargs(self) -> dict:
-        """Keyword arguments of wanvideo.block_swap.BlockSwap (without device / tokens)."""
-        return {"blocks_to_swap": "auto" if self.blocks_to_swap < 0 else int(self.blocks_to_swap),
-                "prefetch": int(self.prefetch), "offload_non_blocks": bool(self.offload_non_block),
-                "pin": bool(self.pin_memory), "log_stats": bool(self.show_stats)}
-
-
-@dataclass
 class InfiniteTalkPatch:
     """Output of "InfiniteTalk Model Loader": a validated patch file, read at model load.
 
@@ -94,6 +69,10 @@ class BlockSwapArgs:
     """Output of "WanVideo BlockSwap": settings the sampler installs wanvideo.block_swap with.
 
     blocks_to_swap: last N blocks streamed from host RAM; -1 = auto (sized from free VRAM).
+    prefetch: blocks copied ahead on the side stream (1..3; slots = prefetch + 1).
+    offload_non_block: keep embeddings/head in host RAM too, moved in per forward.
+    pin_memory: page-locked host masters (fast async copies; costs unpageable RAM).
+    show_stats: log bytes moved / copy and wait times / peak VRAM after every forward.
     """
 
     blocks_to_swap: int = 20
