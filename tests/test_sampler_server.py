@@ -5,10 +5,11 @@ CLIPVisionLoader needs a full ViT-H file, so the optional input stays empty and 
 used); WanVideo Load Text Embeds; WanVideo Model Loader (tiny I2V with InfiniteTalk merged);
 LoadAudio -> audio embeds -> WanVideo InfiniteTalk Sampler -> a summary output node.
 
-The audio embeds come from a test-only stub node pack installed in this server's base directory
-(random features of the right length, the loaded AUDIO passed through), because the pack's own
-"InfiniteTalk Audio Embeds" node needs a wav2vec2 model and is tested elsewhere; the stub also
-holds the summary node that reports the IMAGE and AUDIO shapes.
+The audio embeds come from the pack's Wav2Vec2 Model Loader + InfiniteTalk Audio Embeds with a
+tiny random wav2vec2 of width 768 when those nodes are registered; otherwise from a test-only
+stub node (random features of the right length, the loaded AUDIO passed through). The stub pack,
+installed in this server's base directory, also holds the summary node that reports the IMAGE
+and AUDIO shapes.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import comfy_harness as h
 pytestmark = pytest.mark.comfy
 
 MODEL = "wan21_tiny_i2v_infinitetalk.safetensors"
+WAV2VEC = "tiny_wav2vec2_768"
 EMBEDS = "test_prompt.safetensors"
 
 STUB = r'''
@@ -124,6 +126,8 @@ def _prepare(base: str) -> None:
     Image.fromarray(img).save(os.path.join(base, "input", "portrait.png"))
     _write_wav(os.path.join(base, "input", "speech3s.wav"), 3.0)
     _write_wav(os.path.join(base, "input", "speech12s.wav"), 12.0)
+    # features must be 768 wide for the audio projection; 12 layers like the real encoder
+    tiny.write_tiny_wav2vec2(os.path.join(base, "models", "wav2vec2", WAV2VEC), hidden=768)
     stub = os.path.join(base, "custom_nodes", "infinitetalk_test_stub")
     os.makedirs(stub, exist_ok=True)
     with open(os.path.join(stub, "__init__.py"), "w") as f:
@@ -146,6 +150,8 @@ def server(tmp_path_factory):
         for node in ("InfiniteTalkImageToVideo", "WanVideoLoadTextEmbeds",
                      "WanVideoInfiniteTalkSampler", "TestInfiniteTalkAudioStub"):
             assert node in info, f"{node} missing\n" + srv.log_text()[-4000:]
+        client.real_audio = {"Wav2Vec2ModelLoader", "InfiniteTalkAudioEmbeds"} <= set(info)
+        graph.real_audio = client.real_audio
         yield client
     finally:
         client.close()
@@ -173,7 +179,16 @@ def graph(audio="speech3s.wav", width=64, height=64, clip=81, motion=9, steps=2,
                          "audio_guidance": 4.0, "scheduler": "euler", "seed": seed,
                          "color_correction": 0.5, "max_frames": 0}},
         "9": {"class_type": "TestVideoSummary", "inputs": {"images": ["8", 0], "audio": ["8", 1]}},
-    }
+    } | (_real_audio_nodes() if graph.real_audio else {})
+
+
+def _real_audio_nodes() -> dict:
+    return {"7": {"class_type": "InfiniteTalkAudioEmbeds",
+                  "inputs": {"wav2vec2": ["11", 0], "audio": ["6", 0], "mode": "para"}},
+            "11": {"class_type": "Wav2Vec2ModelLoader", "inputs": {"model": WAV2VEC}}}
+
+
+graph.real_audio = False
 
 
 def _summary(entry: dict) -> dict:
