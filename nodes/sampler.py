@@ -207,12 +207,15 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         free_device_memory(device)
         _, _, f_lat, lat_h, lat_w = conditioning.y.shape
         tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
-        streamer = prepare_block_swap(wan, block_swap_args, device, tokens)
-        if streamer is None and model.device is not None \
+        if block_swap_args is None and getattr(wan, "block_streamer", None) is None \
+                and model.device is not None \
                 and torch.device(model.device).type != torch.device(device).type:
-            raise ValueError(f"the model's weights are on {model.device} but ComfyUI computes on "
-                             f"{device}: connect BlockSwap settings (block_swap_args) or load "
-                             "the model with load_device = main_device")
+            # Weights parked on the offload device and no settings connected: stream with
+            # automatic sizing (0 swapped blocks when the whole model fits the free VRAM).
+            log.info("WanVideo InfiniteTalk Sampler: model is on %s, computing on %s; "
+                     "installing BlockSwap with automatic sizing", model.device, device)
+            block_swap_args = {"blocks_to_swap": "auto", "tokens": tokens}
+        streamer = prepare_block_swap(wan, block_swap_args, device, tokens)
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
         try:
             result = generate_video(wan, request, lambda f: vae_encode(vae, f),
