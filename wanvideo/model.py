@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import placement
 from .attention import attention
 from .config import WanConfig
 from .rope import angle_table, apply_rope, grid_angles, rotations
@@ -182,6 +183,13 @@ class WanModel(nn.Module):
                 module.backend = backend
         self.attention_backend = backend
 
+    def rope_table(self) -> torch.Tensor:
+        """The float64 RoPE angle table; rebuilt once if a blanket `model.to(dtype)` cast it."""
+        if self.rope_angles.dtype != torch.float64:
+            placement.set_tensor(self, "rope_angles", angle_table(self.config.head_dim),
+                                 device=self.rope_angles.device)
+        return self.rope_angles
+
     @property
     def dtype(self) -> torch.dtype:
         return self.compute_dtype or self.patch_embedding.weight.dtype
@@ -230,7 +238,7 @@ class WanModel(nn.Module):
         x, grid = self.patchify(x, y)
         e, e0 = self.embed_time(t.reshape(-1).to(x.device))
         context, image_tokens = self.embed_context(context, clip_fea)
-        rope = rotations(grid_angles(self.rope_angles, grid, self.config.head_dim), x.device)
+        rope = rotations(grid_angles(self.rope_table(), grid, self.config.head_dim), x.device)
         audio_ctx = None
         if audio is not None:
             if self.audio_proj is None:

@@ -1,0 +1,75 @@
+"""Where the fp8 linear's time goes on this GPU (prints one JSON object).
+
+    python bench/fp8_gemm.py --json [--tokens 32760]
+
+For the three linear shapes of a 14B block: bf16 F.linear; `_scaled_mm` with tensor-wise and
+row-wise scales (GEMM only); and the pack's per-tensor activation quantization alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402,F401  (loads the pack)
+
+from wanvideo_infinitetalk.wanvideo.quant_kernels import quantize_tensor_triton  # noqa: E402
+
+SHAPES = {"qkvo 5120->5120": (5120, 5120), "ffn.0 5120->13824": (5120, 13824),
+          "ffn.2 13824->5120": (13824, 5120)}
+
+
+def timed(fn, iters=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tokens", type=int, default=32760)
+    args = ap.parse_args(argv)
+    m = args.tokens
+    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": m, "shapes": {}}
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        b = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+        wq = w.to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        xq, sx = quantize_tensor_triton(x, None)
+        sx_row = (x.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
+        xq_row = (x.float() / sx_row).to(torch.float8_e4m3fn)
+        sw_row = torch.ones((1, n), device="cuda")
+        flops = 2 * m * k * n
+        r = {
+            "bf16_linear_ms": timed(lambda: F.linear(x, w, b)),
+            "scaled_mm_tensorwise_ms": timed(lambda: torch._scaled_mm(
+                xq, wq.t(), scale_a=sx, scale_b=one, bias=b, out_dtype=torch.bfloat16)),
+            "scaled_mm_rowwise_ms": timed(lambda: torch._scaled_mm(
+                xq_row, wq.t(), scale_a=sx_row, scale_b=sw_row, bias=b, out_dtype=torch.bfloat16)),
+            "quantize_tensor_ms": timed(lambda: quantize_tensor_triton(x, None)),
+        }
+        r["bf16_tflops"] = flops / r["bf16_linear_ms"] / 1e9
+        r["tensorwise_total_speedup"] = r["bf16_linear_ms"] / (r["scaled_mm_tensorwise_ms"]
+                                                               + r["quantize_tensor_ms"])
+        r["rowwise_gemm_speedup"] = r["bf16_linear_ms"] / r["scaled_mm_rowwise_ms"]
+        out["shapes"][name] = r
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
