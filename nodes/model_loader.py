@@ -107,7 +107,7 @@ class WanVideoModelLoader(io.ComfyNode):
                 io.Combo.Input(
                     "quantization", options=QUANTIZATIONS, default="none", optional=True,
                     tooltip="Quantize full-precision weights while loading: fp8_e4m3fn (plain "
-                            "cast), fp8_e4m3fn_scaled (per-channel scales, better quality), "
+                            "cast), fp8_e4m3fn_scaled (a per-tensor weight scale, better quality), "
                             "nvfp4 (4-bit, Blackwell GPUs for speed). Pre-quantized files (fp8, "
                             "fp8_scaled, NVFP4) load as they are: choose none for them."),
                 INFINITETALK_PATCH.Input(
