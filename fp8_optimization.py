@@ -21,13 +21,12 @@ from torch import nn
 
 from .wanvideo import placement
 from .wanvideo.quant_files import (QuantFormatError, detect_quantization, quantized_file_tensors,
-                                   read_safetensors_views, strip_prefix, write_quantized_file,
-                                   write_safetensors)
+                                   read_safetensors_views, strip_prefix, write_quantized_file)
 from .wanvideo.quant_formats import (fp8_quantize, nvfp4_quantize, unswizzle_block_scales)
 from .wanvideo.quant_linear import QuantLinear
 
 __all__ = ["quantize_model", "load_quantized_state", "detect_quantization", "QuantLinear",
-           "QuantFormatError", "write_quantized_file", "write_safetensors",
+           "QuantFormatError", "write_quantized_file",
            "quantized_file_tensors", "read_safetensors_views", "quant_report", "FORMATS"]
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from ..wanvideo.tiny_models import exact_in_all_dtypes, write_safetensors
+from ..wanvideo.safetensors_writer import write_safetensors
+from ..wanvideo.tiny_models import exact_in_all_dtypes
 from .audio_proj import AUDIO_TOKEN_DIM, TOKENS_PER_SPEAKER, WAV2VEC_DIM, WAV2VEC_LAYERS
 from .audio_windows import LATER_ENTRIES, WINDOW
 

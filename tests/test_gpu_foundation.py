@@ -7,8 +7,8 @@ from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.attention import attention
 from wanvideo_infinitetalk.wanvideo.checkpoint import open_checkpoint
 from wanvideo_infinitetalk.wanvideo.loader import load_model
-from wanvideo_infinitetalk.wanvideo.tiny_models import (TINY_I2V, cast_for_storage, random_state_dict,
-                                                        write_safetensors)
+from wanvideo_infinitetalk.wanvideo.safetensors_writer import write_safetensors
+from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, cast_for_storage, random_state_dict
 
 pytestmark = pytest.mark.gpu
 

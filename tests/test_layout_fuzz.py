@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.config import WanConfig
 from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, load_model, storage_dtype_policy
-from wanvideo_infinitetalk.wanvideo.tiny_models import random_state_dict, write_safetensors
+from wanvideo_infinitetalk.wanvideo.safetensors_writer import write_safetensors
+from wanvideo_infinitetalk.wanvideo.tiny_models import random_state_dict
 
 FUZZ_CFG = WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=1, in_dim=36, out_dim=16,
                      text_dim=64, freq_dim=32, clip_dim=32, has_image_embedding=True)

@@ -22,6 +22,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .checkpoint import SAFETENSORS_DTYPES
+from .safetensors_writer import write_safetensors
 from .quant_formats import (FP8_DTYPES, encode_comfy_quant, decode_comfy_quant, fp8_quantize,
                             nvfp4_quantize, swizzle_block_scales)
 
@@ -153,38 +155,6 @@ def detect_quantization(tensors: Mapping[str, torch.Tensor] | Iterable[str],
 
 # --------------------------------------------------------------------------------- writer
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8",
-              torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str,
-                      metadata: Mapping[str, str] | None = None, header_pad: int = 0,
-                      order: list[str] | None = None) -> dict[str, int]:
-    """A safetensors file written byte by byte: tensors back to back in `order`, the header
-    padded with `header_pad` extra spaces (shifting every tensor's absolute offset) so tests can
-    put tensors at 8-mod-16 or odd file offsets. Returns key -> absolute byte offset."""
-    order = list(tensors) if order is None else order
-    header, cursor, blobs = {}, 0, []
-    for name in order:
-        t = tensors[name].detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [cursor, cursor + len(raw)]}
-        cursor += len(raw)
-        blobs.append(raw)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8") + b" " * header_pad
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hbytes)))
-        f.write(hbytes)
-        for b in blobs:
-            f.write(b)
-    base = 8 + len(hbytes)
-    return {n: base + header[n]["data_offsets"][0] for n in order}
-
-
 def is_linear_weight(key: str, t: torch.Tensor, include: Iterable[str]) -> bool:
     norm = strip_prefix(key)
     return (norm.endswith(".weight") and t.dim() == 2
@@ -246,7 +216,8 @@ def write_quantized_file(state_dict: Mapping[str, torch.Tensor], fmt: str, path:
     tensors, metadata = quantized_file_tensors(state_dict, fmt, include, input_scale, marker)
     if order is not None:
         order = [k for k in order if k in tensors] + [k for k in tensors if k not in order]
-    return write_safetensors(tensors, path, metadata, header_pad=header_pad, order=order)
+        tensors = {k: tensors[k] for k in order}
+    return write_safetensors(path, tensors, metadata, data_start_mod16=None, header_pad=header_pad)
 
 
 def read_safetensors_views(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -257,13 +228,12 @@ def read_safetensors_views(path: str) -> tuple[dict[str, torch.Tensor], dict[str
     (hlen,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + hlen])
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    inv = {v: k for k, v in _ST_DTYPES.items()}
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         a, b = info["data_offsets"]
-        dt = inv[info["dtype"]]
+        dt = SAFETENSORS_DTYPES[info["dtype"]]
         raw = buf[8 + hlen + a: 8 + hlen + b]
         if raw.storage_offset() % torch.empty((), dtype=dt).element_size():
             raw = raw.clone()  # element-misaligned views are impossible in torch; copy those

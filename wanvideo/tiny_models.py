@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Mapping
 
 import torch
@@ -72,34 +71,6 @@ def cast_for_storage(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict
         else:
             out[k] = v.to(dtype).contiguous()
     return out
-
-
-_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8",
-             torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
-
-
-def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None,
-                      data_start_mod16: int = 8) -> None:
-    """A valid safetensors file whose data section starts at `data_start_mod16` (mod 16), tensors
-    back to back in the given order: the misaligned layouts the reference writer produces."""
-    header, offset, blobs = {}, 0, []
-    for key, t in tensors.items():
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        blobs.append(raw)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    pad = (data_start_mod16 - (8 + len(text))) % 16
-    text += b" " * pad
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for raw in blobs:
-            f.write(raw)
 
 
 def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str, layout: str = "original",
