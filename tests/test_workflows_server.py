@@ -1,0 +1,119 @@
+"""The example workflows against a real ComfyUI: the tiny demo workflow end to end (MP4 with audio
+of the right length), no memory growth over repeated runs, and the workflow templates listing.
+
+The graph run here is example_workflows/api/infinitetalk_tiny_demo.json, the API twin that
+scripts/make_workflows.py stored after converting the UI workflow in the real frontend;
+tests/test_browser.py checks that the UI workflow still converts to exactly this graph and runs it
+from the frontend's Run button. Interrupting mid-sampling is covered by tests/test_sampler_server.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+
+import pytest
+
+import comfy_harness as h
+import demo_assets
+
+pytestmark = pytest.mark.comfy
+
+EXAMPLES = os.path.join(h.ROOT, "example_workflows")
+NAMES = ("infinitetalk_single_speaker", "infinitetalk_two_speakers", "infinitetalk_tiny_demo")
+SAMPLER = "11"   # node ids in the tiny demo graph
+SAVE = "13"
+# A run must not leave memory behind: the server's RSS after the 3rd run may exceed the RSS after
+# the 1st (warm: models loaded and cached) by at most this much. One run's frames and audio take
+# about 20 MB in float32, so a per-run leak of the video would show as >= 40 MB.
+RSS_TOLERANCE = 32 * 2**20
+
+
+def tiny_graph(seed: int | None = None, max_frames: int | None = None) -> dict:
+    with open(os.path.join(EXAMPLES, "api", "infinitetalk_tiny_demo.json"), encoding="utf-8") as f:
+        g = copy.deepcopy(json.load(f))
+    if seed is not None:
+        g[SAMPLER]["inputs"]["seed"] = seed
+    if max_frames is not None:
+        g[SAMPLER]["inputs"]["max_frames"] = max_frames
+    return g
+
+
+@pytest.fixture
+def demo(comfy, tiny_models):
+    """The demo's portrait, speech and text embeds in the shared server's base directory
+    (written once per session)."""
+    if not hasattr(comfy, "demo_inputs"):
+        comfy.demo_inputs = demo_assets.prepare_demo_inputs(comfy.base)
+    return comfy.demo_inputs
+
+
+def mp4_of(entry: dict, base: str) -> str:
+    items = [i for i in h.ui_output(entry, SAVE).get("images", [])
+             if str(i.get("filename", "")).endswith(".mp4")]
+    assert len(items) == 1, entry.get("outputs")
+    path = os.path.join(base, "output", items[0]["subfolder"], items[0]["filename"])
+    assert os.path.isfile(path), path
+    return path
+
+
+def probe(path: str) -> dict:
+    """Frames and rate of the video stream; duration and decoded length of the audio stream."""
+    import av
+
+    with av.open(path) as c:
+        v = c.streams.video[0]
+        out = {"rate": float(v.average_rate), "frames": sum(1 for _ in c.decode(video=0)),
+               "size": (v.width, v.height), "audio_streams": len(c.streams.audio)}
+    with av.open(path) as c:
+        a = c.streams.audio[0]
+        out["audio_stream_seconds"] = float(a.duration * a.time_base) if a.duration else None
+        out["audio_decoded_seconds"] = sum(f.samples for f in c.decode(audio=0)) / a.sample_rate
+    return out
+
+
+def test_templates_list_the_example_workflows(comfy):
+    templates = comfy.get("/api/workflow_templates")
+    assert sorted(templates.get(h.PACK_NAME, [])) == sorted(NAMES), templates
+    for name in NAMES:
+        wf = comfy.get(f"/api/workflow_templates/{h.PACK_NAME}/{name}.json")
+        assert wf["nodes"] and wf["links"]
+        with open(os.path.join(EXAMPLES, f"{name}.json"), encoding="utf-8") as f:
+            assert wf == json.load(f)
+
+
+def test_tiny_workflow_writes_an_mp4_with_audio_of_the_speech_length(comfy, demo):
+    t0 = time.monotonic()
+    entry = comfy.run(tiny_graph(), timeout=600)
+    elapsed = time.monotonic() - t0
+    seconds = demo_assets.wav_seconds(demo["speech"])
+    st = probe(mp4_of(entry, comfy.base))
+    # InfiniteTalk's recipe: int(seconds * 25) video frames (wav2vec features at 25 rows/s)
+    assert st["frames"] == math.floor(seconds * 25 + 1e-6), (st, seconds)
+    assert st["rate"] == 25.0 and st["size"] == (128, 128)
+    assert st["audio_streams"] == 1
+    video_seconds = st["frames"] / 25
+    # AAC works in 1024-sample frames (46 ms at 22.05 kHz): allow one frame of padding
+    assert abs(st["audio_stream_seconds"] - video_seconds) < 0.05, st
+    assert abs(st["audio_decoded_seconds"] - video_seconds) < 0.05, st
+    progress = [m["data"] for m in entry["events"]
+                if m["type"] == "progress" and m["data"]["node"] == SAMPLER]
+    assert progress and progress[-1]["value"] == progress[-1]["max"]
+    print(f"tiny workflow: {st['frames']} frames, {seconds:.2f} s speech, run {elapsed:.1f} s")
+
+
+def test_three_runs_do_not_grow_server_memory(comfy, demo):
+    rss = []
+    # A new seed re-runs the sampler and everything after it; 57 frames = two windows (33 + 24)
+    # keep the window hand-over in every run at two thirds of the full demo's time.
+    for seed in (101, 102, 103):
+        entry = comfy.run(tiny_graph(seed, max_frames=57), timeout=600)
+        probe(mp4_of(entry, comfy.base))
+        rss.append(comfy.rss_bytes())
+    growth = rss[-1] - rss[0]
+    print("RSS after each run (MiB):", [round(r / 2**20) for r in rss])
+    assert growth <= RSS_TOLERANCE, (
+        f"server RSS grew {growth / 2**20:.1f} MiB from run 1 to run 3 "
+        f"({[round(r / 2**20) for r in rss]} MiB; tolerance {RSS_TOLERANCE / 2**20:.0f} MiB)")
