@@ -5,7 +5,7 @@ PYTEST_ARGS ?= -q -rs --durations=15
 # ComfyUI runs on the GPU when there is one, else on the CPU.
 SERVE_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),--gpu,)
 
-.PHONY: setup test demo serve
+.PHONY: setup test demo serve workflows
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,7 @@ demo: setup
 # Interactive use: http://127.0.0.1:8188 with the pack installed and the tiny models in .cache/base.
 serve: setup
 	$(PY) tests/comfy_harness.py serve .cache/base --port 8188 $(SERVE_FLAGS)
+
+# Regenerate example_workflows/ (UI format via the real frontend in chromium, plus api/ twins).
+workflows: setup
+	$(PY) scripts/make_workflows.py

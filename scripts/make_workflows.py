@@ -206,7 +206,7 @@ def tiny_workflow() -> tuple[dict, dict, list]:
            "6": at(0, 13), "7": at(1, 9), "8": at(2, 0), "9": at(2, 3), "10": at(2, 5.5),
            "11": at(3, 0), "12": at(4, 0), "13": at(4, 3)}
     text = "\n".join([
-        "TINY DEMO: runs on the tiny random models that `make demo` (or `make serve`) writes,",
+        "TINY DEMO: runs on the tiny random models and inputs `make demo` writes (.cache/demo),",
         "on a CPU in about a minute. The picture is noise: the weights are random. It exercises",
         "the real path: InfiniteTalk patch injection, wav2vec2 speech features, BlockSwap,",
         "windows of 33 frames (9 motion frames), VAE decode and an MP4 with the speech.",
@@ -243,11 +243,12 @@ def graph_differences(expected: dict, got: dict) -> list[str]:
             continue
         if a["class_type"] != b["class_type"]:
             out.append(f"node {nid}: {a['class_type']} became {b['class_type']}")
-        extra = {k: v for k, v in b["inputs"].items() if k not in FRONTEND_ONLY_INPUTS}
-        if extra != a["inputs"]:
-            keys = sorted(set(extra) | set(a["inputs"]))
-            out += [f"node {nid} ({a['class_type']}).{k}: {a['inputs'].get(k)!r} -> {extra.get(k)!r}"
-                    for k in keys if a["inputs"].get(k) != extra.get(k)]
+        want, have = ({k: v for k, v in n["inputs"].items() if k not in FRONTEND_ONLY_INPUTS}
+                      for n in (a, b))
+        if have != want:
+            keys = sorted(set(have) | set(want))
+            out += [f"node {nid} ({a['class_type']}).{k}: {want.get(k)!r} -> {have.get(k)!r}"
+                    for k in keys if want.get(k) != have.get(k)]
     return out
 
 
