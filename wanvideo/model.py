@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import placement
+from . import fused_ops, placement
 from .attention import attention
 from .config import WanConfig
-from .rope import angle_table, apply_rope, grid_angles, rotations
+from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
 
 
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,8 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.enabled(x):
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -41,10 +43,20 @@ class WanLayerNorm(nn.LayerNorm):
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_dtype = out_dtype or x.dtype
+        if fused_ops.enabled(x):  # one pass, written in out_dtype
+            return fused_ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(out_dtype)
+
+    def modulate(self, x, shift, scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """norm(x) * (1 + scale) + shift in out_dtype (x fp32 [B, L, C], shift/scale [B, 1, C])."""
+        if self.weight is None and fused_ops.enabled(x):
+            return fused_ops.modulated_layer_norm(x, shift, scale, out_dtype, self.eps)
+        # addcmul keeps the modulation one fused pass over the activations
+        return torch.addcmul(shift, self(x), 1 + scale).to(out_dtype)
 
 
 class SelfAttention(nn.Module):
@@ -59,8 +71,14 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, return_qk: bool = False):
         b, seq, _ = x.shape
         shape = (b, seq, self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), rope)
+        if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
+            cos, sin, heads = *cos_sin(rope), self.num_heads
+            q = fused_ops.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, cos, sin, heads)
+            k = fused_ops.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, cos, sin, heads)
+            q, k = q.view(shape), k.view(shape)
+        else:
+            q = apply_rope(self.norm_q(self.q(x)).view(shape), rope)
+            k = apply_rope(self.norm_k(self.k(x)).view(shape), rope)
         v = self.v(x).view(shape)
         out = self.o(attention(q, k, v, self.backend).flatten(2))
         return out, ((q, k) if return_qk else None)
@@ -116,13 +134,13 @@ class WanBlock(nn.Module):
         """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
         need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
-        # addcmul keeps each modulation / gated residual one fused pass over the activations
-        y, qk = self.self_attn(torch.addcmul(shift0, self.norm1(x), 1 + scale0).to(dtype), rope, need_qk)
+        # addcmul keeps each gated residual one fused pass over the activations
+        y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk)
         x = torch.addcmul(x, y, gate0)
-        x = x.add_(self.cross_attn(self.norm3(x).to(dtype), context, image_tokens))
+        x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
         if audio_ctx is not None and self.audio_cross_attn is not None:
-            x = x.add_(self.audio_cross_attn(self.norm_x(x).to(dtype), audio_ctx, grid, qk=qk))
-        y = self.ffn(torch.addcmul(shift1, self.norm2(x), 1 + scale1).to(dtype))
+            x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk))
+        y = self.ffn(self.norm2.modulate(x, shift1, scale1, dtype))
         return x.addcmul_(y, gate1)
 
 

@@ -47,3 +47,10 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     b, seq, heads, d = x.shape
     pairs = torch.view_as_complex(x.float().reshape(b, seq, heads, d // 2, 2))
     return torch.view_as_real(pairs * rot).reshape(b, seq, heads, d).to(x.dtype)
+
+
+def cos_sin(rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) [L, D/2] of `rotations` output: strided views of its real and imaginary
+    parts (no copy), for the fused RMSNorm+RoPE kernel."""
+    pairs = torch.view_as_real(rot)[:, 0]
+    return pairs[..., 0], pairs[..., 1]

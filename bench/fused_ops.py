@@ -1,0 +1,133 @@
+"""Fused elementwise kernels (wanvideo/fused_ops.py) on and off (GPU only; prints one JSON object).
+
+    python bench/fused_ops.py [--blocks 4] [--tokens 32760] [--iters 5] [--out FILE]
+
+ops: each fused kernel against the torch chain it replaces, on one [1, tokens, 5120] activation
+(ms per call, CUDA events). forward: ms per full forward of a 14B-shaped WanModel (bench/common.py,
+weights resident) in bf16 and fp8_e4m3fn_scaled, WANVIDEO_FUSED=0 vs 1 on the same model and
+input, and the cosine between the two outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import build  # noqa: E402
+from quant import LATENTS, inputs  # noqa: E402
+
+from wanvideo_infinitetalk.wanvideo import fused_ops  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.rope import (angle_table, apply_rope, cos_sin,  # noqa: E402
+                                                 grid_angles, rotations)
+
+
+def cuda_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict:
+    f, h, w = LATENTS[tokens]
+    grid = (f, h // 2, w // 2)  # patch 1x2x2
+    head_dim = dim // heads
+    x = torch.randn(1, tokens, dim, device="cuda").bfloat16()
+    resid = torch.randn(1, tokens, dim, device="cuda")
+    w = torch.ones(dim, device="cuda")
+    mod = torch.randn(1, 6, dim, device="cuda")
+    shift, scale = mod.chunk(6, dim=1)[:2]
+    rot = rotations(grid_angles(angle_table(head_dim), grid, head_dim), "cuda")
+    cos, sin = cos_sin(rot)
+    shape = (1, tokens, heads, head_dim)
+    cases = {
+        "rms_norm_rope": (
+            lambda: apply_rope(F.rms_norm(x.float(), (dim,), w, 1e-6).to(x.dtype).view(shape), rot),
+            lambda: fused_ops.rms_norm_rope(x, w, 1e-6, cos, sin, heads)),
+        "modulated_layer_norm": (
+            lambda: torch.addcmul(shift, F.layer_norm(resid, (dim,), eps=1e-6), 1 + scale).bfloat16(),
+            lambda: fused_ops.modulated_layer_norm(resid, shift, scale, torch.bfloat16, 1e-6)),
+        "affine_layer_norm": (
+            lambda: F.layer_norm(resid, (dim,), w, w, 1e-6).bfloat16(),
+            lambda: fused_ops.layer_norm(resid, w, w, 1e-6, torch.bfloat16)),
+    }
+    out = {}
+    for name, (ref, fused) in cases.items():
+        torch_ms, fused_ms = cuda_ms(ref, iters), cuda_ms(fused, iters)
+        err = (fused().float().flatten() - ref().float().flatten()).abs().max().item()
+        out[name] = {"torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
+                     "max_abs_diff": err}
+    nbytes = {"rms_norm_rope": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6}
+    for name, per in nbytes.items():  # one read + one write: bytes per element
+        out[name]["fused_GBps"] = tokens * dim * per / out[name]["fused_ms"] / 1e6
+    return out
+
+
+def bench_forward(fmt: str, blocks: int, tokens: int, iters: int, warmup: int) -> dict:
+    model = build(blocks, fmt, storage="cuda")
+    args_ = inputs(tokens)
+    result, outs = {}, {}
+    with torch.no_grad():
+        for switch in ("0", "1", "0", "1"):  # interleaved: each setting timed twice
+            os.environ["WANVIDEO_FUSED"] = switch
+            ms = cuda_ms(lambda: model(**args_), iters, warmup)
+            key = "fused" if switch == "1" else "unfused"
+            result.setdefault(key + "_ms_runs", []).append(ms)
+            outs[key] = model(**args_).float()
+    for key in ("fused", "unfused"):
+        result[key + "_ms"] = min(result[key + "_ms_runs"])
+    result["speedup"] = result["unfused_ms"] / result["fused_ms"]
+    result["saved_ms_per_block"] = (result["unfused_ms"] - result["fused_ms"]) / blocks
+    result["cosine_fused_vs_unfused"] = F.cosine_similarity(
+        outs["fused"].flatten(), outs["unfused"].flatten(), dim=0).item()
+    del model, outs, args_
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=32760, choices=sorted(LATENTS))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--formats", default="none,fp8_e4m3fn_scaled")
+    args = ap.parse_args(argv)
+    saved = os.environ.get("WANVIDEO_FUSED")
+    results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "blocks": args.blocks, "tokens": args.tokens, "iters": args.iters}
+    try:
+        import triton
+        results["triton"] = triton.__version__
+    except ImportError:
+        results["triton"] = None
+    results["ops"] = bench_ops(args.tokens, 20)
+    results["forward"] = {fmt: bench_forward(fmt, args.blocks, args.tokens, args.iters, args.warmup)
+                          for fmt in args.formats.split(",")}
+    if saved is None:
+        os.environ.pop("WANVIDEO_FUSED", None)
+    else:
+        os.environ["WANVIDEO_FUSED"] = saved
+    text = json.dumps(results, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Fused Triton RMSNorm+RoPE / LayerNorm(+modulation) kernels against the torch reference paths."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wanvideo_infinitetalk.wanvideo import fused_ops, model as model_mod
+from wanvideo_infinitetalk.wanvideo.rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
+from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict
+from test_parity_diffusers import inputs, ours
+
+HEADS, HEAD_DIM = 2, 128
+DIM = HEADS * HEAD_DIM
+GRIDS = [(3, 5, 7), (5, 9, 23)]  # 105 and 1035 tokens: no block-size multiples
+
+
+def _tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+
+def _rope_ref(x, w, eps, rot):
+    b, seq, dim = x.shape
+    normed = F.rms_norm(x.float(), (dim,), w.float(), eps).to(x.dtype)
+    return apply_rope(normed.view(b, seq, HEADS, -1), rot).view(b, seq, dim)
+
+
+def _case(batch, grid, dtype, device):
+    g = torch.Generator().manual_seed(batch * 1000 + grid[2])
+    seq = grid[0] * grid[1] * grid[2]
+    x = (3 * torch.randn(batch, seq, DIM, generator=g) + 0.3).to(dtype).to(device)
+    w = (1 + 0.1 * torch.randn(DIM, generator=g)).to(device)
+    rot = rotations(grid_angles(angle_table(HEAD_DIM), grid, HEAD_DIM), device)
+    resid = (2 * torch.randn(batch, seq, DIM, generator=g) + 0.5).to(device)
+    mod = torch.randn(batch, 6, DIM, generator=g).to(device)
+    return x, w, rot, resid, mod
+
+
+def _check_ops(batch, grid, dtype, device):
+    x, w, rot, resid, mod = _case(batch, grid, dtype, device)
+    cos, sin = cos_sin(rot)
+    tol = _tol(dtype)
+    y = fused_ops.rms_norm_rope(x, w, 1e-6, cos, sin, HEADS)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.float(), _rope_ref(x, w, 1e-6, rot).float(), **tol)
+    torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6).float(),
+                               F.rms_norm(x.float(), (DIM,), w, 1e-6).to(dtype).float(), **tol)
+    shift, scale = mod.chunk(6, dim=1)[:2]  # strided views, as in WanBlock
+    y = fused_ops.modulated_layer_norm(resid, shift, scale, dtype, 1e-6)
+    ref = torch.addcmul(shift, F.layer_norm(resid, (DIM,), eps=1e-6), 1 + scale).to(dtype)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    bias = 0.1 * mod[:, 0].mean(0)
+    y = fused_ops.layer_norm(resid, w, bias, 1e-6, dtype)
+    torch.testing.assert_close(y.float(), F.layer_norm(resid, (DIM,), w, bias, 1e-6).to(dtype).float(),
+                               **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_fused_kernels_match_torch_cuda(grid, batch, dtype):
+    assert fused_ops.enabled(torch.empty(1, device="cuda"))
+    _check_ops(batch, grid, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_modules_dispatch_and_switch_cuda(monkeypatch):
+    """The norm modules and SelfAttention take the fused path on CUDA; WANVIDEO_FUSED=0 restores
+    the torch path (same results within bf16 tolerance)."""
+    torch.manual_seed(0)
+    attn = model_mod.SelfAttention(DIM, HEADS, 1e-6).cuda().bfloat16()
+    norm = model_mod.WanLayerNorm(DIM, 1e-6).cuda()
+    affine = model_mod.WanLayerNorm(DIM, 1e-6, elementwise_affine=True).cuda()
+    torch.nn.init.normal_(affine.weight, 1, 0.1)
+    torch.nn.init.normal_(affine.bias, 0, 0.1)
+    x, _, rot, resid, mod = _case(2, GRIDS[0], torch.bfloat16, "cuda")
+    shift, scale = mod.chunk(6, dim=1)[:2]
+
+    def outputs():
+        with torch.no_grad():
+            out, (q, k) = attn(x, rot, return_qk=True)
+            return [out, q, k, norm.modulate(resid, shift, scale, torch.bfloat16),
+                    affine(resid, torch.bfloat16), affine(resid)]
+
+    calls = []
+    for name in ("rms_norm_rope", "modulated_layer_norm", "layer_norm"):
+        real = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    fused = outputs()
+    assert sorted(set(calls)) == ["layer_norm", "modulated_layer_norm", "rms_norm_rope"]
+    monkeypatch.setenv("WANVIDEO_FUSED", "0")
+    calls.clear()
+    ref = outputs()
+    assert calls == []
+    for a, b in zip(fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+def test_tiny_i2v_bf16_fused_matches_unfused_cuda(monkeypatch):
+    sd = random_state_dict(TINY_I2V, seed=3)
+    model = ours(TINY_I2V, sd, torch.bfloat16, "cuda")
+    x, t, ctx, clip, y = inputs(TINY_I2V, "cuda", frames=9, size=(16, 26))  # 3x8x13 tokens
+    with torch.no_grad():
+        monkeypatch.setenv("WANVIDEO_FUSED", "1")
+        fused = model(x, t, ctx, clip, y).float()
+        monkeypatch.setenv("WANVIDEO_FUSED", "0")
+        ref = model(x, t, ctx, clip, y).float()
+    assert torch.isfinite(fused).all()
+    err = (fused - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), err
+
+
+def test_cpu_path_never_touches_triton(monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("triton touched on the CPU path")
+
+    monkeypatch.delenv("WANVIDEO_FUSED", raising=False)
+    monkeypatch.setattr(fused_ops, "triton_available", boom)
+    monkeypatch.setattr(fused_ops, "_kernels", boom)
+    assert not fused_ops.enabled(torch.zeros(1))
+    sd = random_state_dict(TINY_I2V, seed=3)
+    model = ours(TINY_I2V, sd, torch.float32)
+    args = inputs(TINY_I2V)
+    with torch.no_grad():
+        out = model(*args)
+        monkeypatch.setenv("WANVIDEO_FUSED", "0")
+        ref = model(*args)
+    assert torch.equal(out, ref)
+
+
+def test_kernels_under_triton_interpreter():
+    """The kernels' math on CPU tensors through TRITON_INTERPRET=1 (no GPU needed). In a fresh
+    process: the interpreter must be chosen before triton is first imported."""
+    pytest.importorskip("triton")
+    code = ("import conftest, torch, test_fused_ops as t\n"
+            "t._check_ops(2, t.GRIDS[0], torch.float32, 'cpu')\n"
+            "t._check_ops(1, (1, 3, 5), torch.bfloat16, 'cpu')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,0 +1,182 @@
+"""One-pass Triton kernels for the elementwise work around a block's GEMMs (CUDA only).
+
+Why: a profile of two 14B blocks at 32,760 tokens (dim 5120, bf16) on an H100 showed ~35 ms of
+~170 ms in elementwise kernels: among them the fp32 LayerNorms of norm1/norm2/norm3 followed by the
+modulation and the cast to the compute dtype, and for q and k the bf16->fp32 copy, RMSNorm, the copy
+back, the complex RoPE multiply and another copy. Each chain reads and writes the [B, L, C]
+activation several times; the kernels here read it once and write the result once, in the dtype
+the next GEMM wants (measured: bench/fused_ops.py, bench/results/fused_ops_h100.json).
+
+- `rms_norm_rope`: RMSNorm over the whole dim (fp32 math, weight applied), then the rotation of
+  adjacent channel pairs within each head by fp32 cos/sin [L, head_dim/2] (see rope.cos_sin).
+- `rms_norm`: the same without the rotation (cross-attention norms).
+- `layer_norm` / `modulated_layer_norm`: fp32 LayerNorm (optionally affine), or without affine
+  followed by `norm * (1 + scale) + shift`, written in `out_dtype`.
+
+`enabled(x)` decides with cheap checks (device, the env switch WANVIDEO_FUSED=0, a cached triton
+import test); callers keep the torch code as the reference and the path for CPU / no triton.
+Nothing runs at import and no state is kept beyond the cached kernels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .quant_kernels import triton_available
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """True when the fused kernels serve `x`: a CUDA tensor, triton importable, and the
+    environment switch WANVIDEO_FUSED not set to 0. CPU tensors never reach triton."""
+    return x.is_cuda and os.environ.get("WANVIDEO_FUSED", "1") != "0" and triton_available()
+
+
+def _block(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _warps(block: int) -> int:
+    return min(16, max(4, block // 512))
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, L, HALF_DIM, HALF_HEAD, stride_x,
+                 stride_cl, stride_cp, stride_sl, stride_sp, eps,
+                 ROPE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, 2 * BLOCK)  # contiguous channels: vector loads and stores
+        mask = offs < 2 * HALF_DIM
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / (2 * HALF_DIM) + eps)
+        y = x * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ROPE:
+            ne, no = tl.split(tl.reshape(y, (BLOCK, 2)))  # channels 2j, 2j+1
+            j = tl.arange(0, BLOCK)
+            pos = row % L
+            p = j % HALF_HEAD
+            c = tl.load(cos_ptr + pos * stride_cl + p * stride_cp, mask=j < HALF_DIM, other=0.0)
+            s = tl.load(sin_ptr + pos * stride_sl + p * stride_sp, mask=j < HALF_DIM, other=0.0)
+            y = tl.reshape(tl.join(ne * c - no * s, ne * s + no * c), (2 * BLOCK,))
+        tl.store(y_ptr + row * (2 * HALF_DIM) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def layer_norm(x_ptr, y_ptr, a_ptr, b_ptr, C, L, stride_x, stride_ab, stride_bb, eps,
+                   MODULATE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < C
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / C
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        y = d * rstd
+        if MODULATE:  # a = scale, b = shift, both [B, 1, C]
+            batch = row // L
+            scale = tl.load(a_ptr + batch * stride_ab + offs, mask=mask, other=0.0).to(tl.float32)
+            shift = tl.load(b_ptr + batch * stride_bb + offs, mask=mask, other=0.0).to(tl.float32)
+            y = y * (1.0 + scale) + shift
+        else:
+            if HAS_W:
+                y = y * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * C + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return rms_rope, layer_norm
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, C] with a unit last stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch_rms(x, weight, eps, cos, sin, num_heads):
+    dim = x.shape[-1]
+    seq = x.shape[-2] if x.dim() >= 2 else 1
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return y
+    half = dim // 2
+    block = _block(half)
+    rope = cos is not None
+    if rope:
+        head_half = dim // num_heads // 2
+        if dim % (2 * num_heads) or tuple(cos.shape) != (seq, head_half) or cos.shape != sin.shape:
+            raise ValueError(f"rope tables {tuple(cos.shape)} do not fit x {tuple(x.shape)} "
+                             f"with {num_heads} heads")
+        args = (cos, sin, seq, half, head_half, x2.stride(0), cos.stride(0), cos.stride(1),
+                sin.stride(0), sin.stride(1))
+    else:
+        args = (weight, weight, 1, half, 1, x2.stride(0), 0, 0, 0, 0)
+    _kernels()[0][(x2.shape[0],)](x2, weight, args[0], args[1], y, *args[2:], float(eps),
+                                  ROPE=rope, BLOCK=block, num_warps=_warps(2 * block))
+    return y
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rot_cos: torch.Tensor,
+                  rot_sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """x [B, L, dim] -> RMSNorm(x) * weight, each head's adjacent channel pairs rotated by
+    (rot_cos, rot_sin) [L, head_dim/2] fp32 (strided views are fine); same shape and dtype as x.
+    Caller checks `enabled(x)` first."""
+    if x.shape[-1] % 2:
+        raise ValueError("dim must be even")
+    return _launch_rms(x, weight, eps, rot_cos, rot_sin, num_heads)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (fp32 math, weight applied), returned in x's dtype."""
+    if x.shape[-1] % 2:
+        raise ValueError("dim must be even")
+    return _launch_rms(x, weight, eps, None, None, 1)
+
+
+def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=1):
+    c = x.shape[-1]
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return y
+    block = _block(c)
+    dummy = x2
+    _kernels()[1][(x2.shape[0],)](x2, y, dummy if a is None else a, dummy if b is None else b,
+                                  c, seq, x2.stride(0), stride_ab, stride_bb, float(eps),
+                                  MODULATE=modulate, HAS_W=a is not None, HAS_B=b is not None,
+                                  BLOCK=block, num_warps=_warps(block))
+    return y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 LayerNorm over the last dim (optional affine) written in out_dtype."""
+    return _launch_ln(x, out_dtype, eps, weight, bias, False)
+
+
+def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                         out_dtype: torch.dtype, eps: float) -> torch.Tensor:
+    """x [B, L, C] -> LayerNorm(x) (no affine, fp32) * (1 + scale) + shift in out_dtype, with
+    shift/scale [B, 1, C] (views into the modulation tensor are fine: unit last stride)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, L, C], got {tuple(x.shape)}")
+    bsz, seq, c = x.shape
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t.shape[-1] != c or t.numel() != bsz * c and t.numel() != c:
+            raise ValueError(f"{name} {tuple(t.shape)} does not fit x {tuple(x.shape)}")
+    shift = shift.reshape(-1, c)
+    scale = scale.reshape(-1, c)
+    if shift.stride(-1) != 1:
+        shift = shift.contiguous()
+    if scale.stride(-1) != 1:
+        scale = scale.contiguous()
+    sb = scale.stride(0) if scale.shape[0] > 1 else 0  # [1, 1, C] broadcasts over the batch
+    hb = shift.stride(0) if shift.shape[0] > 1 else 0
+    return _launch_ln(x, out_dtype, eps, scale, shift, True, sb, hb, seq)
