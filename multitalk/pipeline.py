@@ -34,6 +34,7 @@ from ..wanvideo.sampling import SamplingCallbacks, make_noise, sample_window
 from ..wanvideo.schedules import flow_sigmas
 from ..wanvideo.solvers import SOLVERS
 from .audio_proj import AudioInput
+from .audio_windows import reflect_pad
 from .color import match_colors
 from .long_video import CLIP_FRAMES, FPS, MOTION_FRAMES, LongVideoPlan, Window, plan_long_video
 
@@ -84,6 +85,7 @@ class VideoRequest:
     fps: int = FPS
     device: torch.device | str = "cpu"
     host_dtype: torch.dtype = torch.float32
+    audio_frames: Optional[int] = None  # video length for the whole audio; default: feature rows
 
 
 @dataclass
@@ -204,6 +206,14 @@ def _make_model_fn(model, request: VideoRequest, audio: AudioInput, silent: Audi
     return model_fn
 
 
+def fit_length(features: torch.Tensor, frames: int) -> torch.Tensor:
+    """Features with exactly `frames` rows. The wav2vec recipe yields int(seconds*25) rows while
+    the video has round(seconds*25) frames: at most one row differs, filled by reflection."""
+    if features.shape[0] >= frames:
+        return features[:frames]
+    return reflect_pad(features, frames)[:frames]
+
+
 def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_decode: VaeDecode,
                    callbacks: Optional[SamplingCallbacks] = None) -> VideoResult:
     """Generate the whole video; see the module docstring. Raises SamplingInterrupted when
@@ -212,7 +222,7 @@ def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_deco
     r, cb = request, callbacks or SamplingCallbacks()
     device = torch.device(r.device)
     max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
-    n_audio = int(r.features[0].shape[0])
+    n_audio = int(r.audio_frames or r.features[0].shape[0])
     plan = plan_long_video(n_audio, clip=r.clip_frames, motion=r.motion_frames,
                            max_frames=max_frames, fps=r.fps)
     steps = int(r.steps)
@@ -223,7 +233,7 @@ def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_deco
     reference = r.reference.float()
     ref_latent = r.reference_latent if r.reference_latent is not None \
         else r.y[:, MASK_CHANNELS:, :1]
-    features = [f.float() for f in r.features]
+    features = [fit_length(f.float(), n_audio) for f in r.features]
     log.info("InfiniteTalk: %d audio frames (%.2f s) -> %d frames in %d window(s) of %d "
              "(motion %d), %d steps x %d pass(es), solver %s", n_audio, n_audio / r.fps,
              plan.total_frames, plan.num_windows, plan.clip, plan.motion, steps,

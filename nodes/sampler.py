@@ -30,6 +30,13 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return frames.reshape(-1, *frames.shape[-3:]).float().cpu()
 
 
+def video_frames(audio: dict | None, features) -> int:
+    """round(seconds x 25) for the audio the video belongs to (feature rows without it)."""
+    if audio is None:
+        return int(features[0].shape[0])
+    return max(1, int(round(audio["waveform"].shape[-1] / int(audio["sample_rate"]) * FPS)))
+
+
 def trim_audio(audio: dict | None, seconds: float) -> dict | None:
     """The AUDIO cut (or zero-padded) to exactly `seconds`."""
     if audio is None:
@@ -199,10 +206,11 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
             audio_scale=float(audio_guidance), solver=scheduler, seed=int(seed),
             color_strength=float(color_correction), clip_frames=conditioning.clip_frames,
             motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
-            fps=FPS, device=device)
+            fps=FPS, device=device,
+            audio_frames=video_frames(getattr(audio_embeds, "audio", None), features))
         from ..multitalk.long_video import plan_long_video
 
-        plan = plan_long_video(int(features[0].shape[0]), conditioning.clip_frames,
+        plan = plan_long_video(request.audio_frames, conditioning.clip_frames,
                                conditioning.motion_frames, request.max_frames)
         free_device_memory(device)
         _, _, f_lat, lat_h, lat_w = conditioning.y.shape

@@ -234,3 +234,15 @@ def test_condition_frames_and_y():
                          ((64, 64, 17, 17), "motion")):
         with pytest.raises(ValueError, match=needle):
             validate_size(*args)
+
+
+def test_video_length_follows_audio_frames_not_feature_rows(model):
+    """wav2vec yields int(s*25) rows, the video has round(s*25) frames: one row short is filled."""
+    vae = StandInVAE()
+    request = make_request(vae, seconds=1.0, clip=17, motion=5, steps=1)
+    request.features = [request.features[0][:24]]   # int(0.98 * 25) rows for round(...) = 25 frames
+    request.audio_frames = 25
+    out = generate_video(model, request, vae.encode, vae.decode)
+    assert out.num_frames == 25 and out.frames.shape[0] == 25
+    request.features = [torch.randn(26, 12, 768)]    # one row too many is dropped
+    assert generate_video(model, request, vae.encode, vae.decode).num_frames == 25

@@ -271,7 +271,13 @@ def test_block_swap_args_give_identical_frames_and_previews_are_sent(server):
     finally:
         ws.close()
     assert done == "execution_success", server.log_text()[-3000:]
-    swapped = _summary(server.history(body["prompt_id"]) | {"events": []})
+    entry = None
+    for _ in range(100):  # the websocket reports success a moment before /history has the entry
+        entry = server.history(body["prompt_id"])
+        if entry is not None:
+            break
+        time.sleep(0.1)
+    swapped = _summary(entry | {"events": []})
     assert swapped["checksum"] == plain["checksum"]
     assert previews >= 2                       # one per step (2 steps)
     assert "BlockSwap 1 blocks" in server.log_text()
