@@ -36,6 +36,7 @@ def test_fp32_parity_with_diffusers(cfg):
     ref = diffusers_forward(diffusers_model(cfg, sd), x, t, ctx, clip, y)
     assert out.shape == ref.shape == x.shape
     err = (out - ref).abs().max().item()
+    print(f"fp32 parity {cfg.model_type}: max|ours-ref| / max|ref| = {err / ref.abs().max().item():.2e}")
     assert err <= 1e-4 * ref.abs().max().item(), err
 
 
@@ -50,4 +51,6 @@ def test_bf16_parity_with_diffusers_cuda(cfg):
                                 ctx.bfloat16(), None if clip is None else clip.bfloat16(),
                                 None if y is None else y.bfloat16())
     err = (out.float() - ref.float()).abs().max().item()
+    print(f"bf16 CUDA parity {cfg.model_type}: max|ours-ref| / max|ref| = "
+          f"{err / ref.float().abs().max().item():.2e}")
     assert err <= 2e-2 * ref.float().abs().max().item(), err
