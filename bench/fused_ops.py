@@ -3,9 +3,12 @@
     python bench/fused_ops.py [--blocks 4] [--tokens 32760] [--iters 5] [--out FILE]
 
 ops: each fused kernel against the torch chain it replaces, on one [1, tokens, 5120] activation
-(ms per call, CUDA events). forward: ms per full forward of a 14B-shaped WanModel (bench/common.py,
-weights resident) in bf16 and fp8_e4m3fn_scaled, WANVIDEO_FUSED=0 vs 1 on the same model and
-input, and the cosine between the two outputs.
+(ms per call, CUDA events; the residual cases update an fp32 residual by a bf16 y, gated by an
+fp32 [1, 1, C] gate or not, and the *_layer_norm ones also write the next norm in bf16).
+forward: ms per full forward of a 14B-shaped WanModel (bench/common.py, weights resident) in bf16
+and fp8_e4m3fn_scaled, WANVIDEO_FUSED=0 vs 1 on the same model and input, and the cosine between
+the two outputs; "norms_only" is WANVIDEO_FUSED=1 with the residual updates back in torch (the
+fused norm kernels alone, as before the residual kernels existed).
 """
 from __future__ import annotations
 
@@ -63,16 +66,63 @@ def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict
             lambda: F.layer_norm(resid, (dim,), w, w, 1e-6).bfloat16(),
             lambda: fused_ops.layer_norm(resid, w, w, 1e-6, torch.bfloat16)),
     }
+    gate = mod.chunk(6, dim=1)[2]
+    xr = resid.clone()  # updated in place by the residual cases (values drift; timing only)
+
+    def ln_mod(t):
+        return torch.addcmul(shift, F.layer_norm(t, (dim,), eps=1e-6), 1 + scale).bfloat16()
+
+    cases.update({
+        "gated_residual": (lambda: xr.addcmul_(x, gate),
+                           lambda: fused_ops.gated_residual_(xr, x, gate)),
+        "residual": (lambda: xr.add_(x), lambda: fused_ops.gated_residual_(xr, x)),
+        "gated_residual_affine_layer_norm": (  # after self-attention: new x + norm3
+            lambda: (lambda n: (n, F.layer_norm(n, (dim,), w, w, 1e-6).bfloat16()))(
+                torch.addcmul(resid, x, gate)),
+            lambda: fused_ops.residual_layer_norm(resid, x, gate, torch.bfloat16, 1e-6, w, w,
+                                                  inplace=False)),
+        "residual_modulated_layer_norm": (  # after cross-attention: x += y, norm2 modulated
+            lambda: (xr, ln_mod(xr.add_(x))),
+            lambda: fused_ops.residual_layer_norm(xr, x, None, torch.bfloat16, 1e-6,
+                                                  shift=shift, scale=scale)),
+    })
     out = {}
     for name, (ref, fused) in cases.items():
         torch_ms, fused_ms = cuda_ms(ref, iters), cuda_ms(fused, iters)
-        err = (fused().float().flatten() - ref().float().flatten()).abs().max().item()
+        xr.copy_(resid)
+        a = fused()
+        a = [t.float().clone() for t in (a if isinstance(a, tuple) else [a])]
+        xr.copy_(resid)
+        b = ref()
+        b = [t.float() for t in (b if isinstance(b, tuple) else [b])]
+        err = max((u.flatten() - v.flatten()).abs().max().item() for u, v in zip(a, b))
         out[name] = {"torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
                      "max_abs_diff": err}
-    nbytes = {"rms_norm_rope": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6}
+    nbytes = {"rms_norm_rope": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6,
+              "gated_residual": 10, "residual": 10, "gated_residual_affine_layer_norm": 12,
+              "residual_modulated_layer_norm": 12}
     for name, per in nbytes.items():  # one read + one write: bytes per element
         out[name]["fused_GBps"] = tokens * dim * per / out[name]["fused_ms"] / 1e6
     return out
+
+
+class _ResidualInTorch:
+    """fused_ops' residual entry points done as torch ops + the separate fused norm kernels."""
+
+    @staticmethod
+    def residual_layer_norm(x, y, gate, out_dtype, eps=1e-6, weight=None, bias=None, shift=None,
+                            scale=None, inplace=True, norm=True):
+        if inplace:
+            x = x.addcmul_(y, gate) if gate is not None else x.add_(y)
+        else:
+            x = torch.addcmul(x, y, gate) if gate is not None else x + y
+        if shift is not None:
+            return x, fused_ops.modulated_layer_norm(x, shift, scale, out_dtype, eps)
+        return x, fused_ops.layer_norm(x, weight, bias, eps, out_dtype)
+
+    @staticmethod
+    def gated_residual_(x, y, gate=None):
+        return x.addcmul_(y, gate) if gate is not None else x.add_(y)
 
 
 def bench_forward(fmt: str, blocks: int, tokens: int, iters: int, warmup: int) -> dict:
@@ -80,18 +130,28 @@ def bench_forward(fmt: str, blocks: int, tokens: int, iters: int, warmup: int) -
     args_ = inputs(tokens)
     result, outs = {}, {}
     with torch.no_grad():
-        for switch in ("0", "1", "0", "1"):  # interleaved: each setting timed twice
-            os.environ["WANVIDEO_FUSED"] = switch
-            ms = cuda_ms(lambda: model(**args_), iters, warmup)
-            key = "fused" if switch == "1" else "unfused"
+        for key in ("unfused", "fused", "norms_only") * 2:  # interleaved: each timed twice
+            os.environ["WANVIDEO_FUSED"] = "0" if key == "unfused" else "1"
+            real = {n: getattr(fused_ops, n) for n in ("residual_layer_norm", "gated_residual_")}
+            if key == "norms_only":
+                for n in real:
+                    setattr(fused_ops, n, getattr(_ResidualInTorch, n))
+            try:
+                ms = cuda_ms(lambda: model(**args_), iters, warmup)
+                outs[key] = model(**args_).float()
+            finally:
+                for n, f in real.items():
+                    setattr(fused_ops, n, f)
             result.setdefault(key + "_ms_runs", []).append(ms)
-            outs[key] = model(**args_).float()
-    for key in ("fused", "unfused"):
+    for key in ("fused", "unfused", "norms_only"):
         result[key + "_ms"] = min(result[key + "_ms_runs"])
     result["speedup"] = result["unfused_ms"] / result["fused_ms"]
+    result["speedup_vs_norms_only"] = result["norms_only_ms"] / result["fused_ms"]
     result["saved_ms_per_block"] = (result["unfused_ms"] - result["fused_ms"]) / blocks
     result["cosine_fused_vs_unfused"] = F.cosine_similarity(
         outs["fused"].flatten(), outs["unfused"].flatten(), dim=0).item()
+    result["cosine_norms_only_vs_unfused"] = F.cosine_similarity(
+        outs["norms_only"].flatten(), outs["unfused"].flatten(), dim=0).item()
     del model, outs, args_
     gc.collect()
     torch.cuda.empty_cache()
@@ -118,6 +178,9 @@ def main(argv=None):
     results["ops"] = bench_ops(args.tokens, 20)
     results["forward"] = {fmt: bench_forward(fmt, args.blocks, args.tokens, args.iters, args.warmup)
                           for fmt in args.formats.split(",")}
+    fwd = results["forward"]
+    if {"none", "fp8_e4m3fn_scaled"} <= set(fwd):
+        results["fp8_over_bf16_fused"] = fwd["fp8_e4m3fn_scaled"]["fused_ms"] / fwd["none"]["fused_ms"]
     if saved is None:
         os.environ.pop("WANVIDEO_FUSED", None)
     else:

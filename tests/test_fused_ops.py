@@ -58,6 +58,83 @@ def _check_ops(batch, grid, dtype, device):
                                **tol)
 
 
+def _check_residual(batch, grid, device):
+    """gated_residual_ / residual_layer_norm against addcmul / add_ (+ the norm) in torch."""
+    y, w, _, x, mod = _case(batch, grid, torch.bfloat16, device)
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]  # strided [B, 1, C] views, as in WanBlock
+    bias = 0.1 * mod[:, 3].mean(0)
+
+    def close_fp32(a, ref):  # fp32 residual: equal up to an fma's single rounding
+        torch.testing.assert_close(a, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+    for g in (gate, gate[:1], None):
+        ref = torch.addcmul(x, y, g) if g is not None else x.clone().add_(y)
+        out = x.clone()
+        assert fused_ops.gated_residual_(out, y, g) is out
+        close_fp32(out, ref)
+        keep = x.clone()
+        new, h = fused_ops.residual_layer_norm(x, y, g, torch.bfloat16, 1e-6, w, bias, inplace=False)
+        assert torch.equal(x, keep) and new.data_ptr() != x.data_ptr()
+        close_fp32(new, ref)
+        torch.testing.assert_close(h.float(), F.layer_norm(ref, (DIM,), w, bias, 1e-6).bfloat16().float(),
+                                   **_tol(torch.bfloat16))
+        out = x.clone()
+        new, h = fused_ops.residual_layer_norm(out, y, g, torch.bfloat16, 1e-6, shift=shift, scale=scale)
+        assert new is out and h.dtype == torch.bfloat16
+        close_fp32(out, ref)
+        href = torch.addcmul(shift, F.layer_norm(ref, (DIM,), eps=1e-6), 1 + scale).bfloat16()
+        torch.testing.assert_close(h.float(), href.float(), **_tol(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_residual_kernels_match_torch_cuda(grid, batch):
+    _check_residual(batch, grid, "cuda")
+
+
+class _FakeAudio(torch.nn.Module):
+    """Stands in for InfiniteTalk's audio cross-attention: any function of its normed input."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(DIM, DIM)
+
+    def forward(self, h, audio_ctx, grid, qk=None):
+        return self.proj(h)
+
+
+@pytest.mark.gpu
+def test_block_fused_matches_unfused_with_audio_slot_cuda(monkeypatch):
+    """One WanBlock with the InfiniteTalk slots filled: the fused path (every residual update
+    through fused_ops) matches the torch path, and leaves the caller's x untouched."""
+    torch.manual_seed(0)
+    cfg = TINY_I2V
+    block = model_mod.WanBlock(cfg)
+    block.norm_x = model_mod.WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+    torch.nn.init.normal_(block.norm_x.weight, 1, 0.1)
+    torch.nn.init.normal_(block.norm3.weight, 1, 0.1)
+    block.audio_cross_attn = _FakeAudio()
+    block = block.cuda().bfloat16()
+    grid = (3, 4, 5)
+    seq = grid[0] * grid[1] * grid[2]
+    x = torch.randn(2, seq, cfg.dim, device="cuda")
+    e = 0.1 * torch.randn(2, 6, cfg.dim, device="cuda")
+    rope = rotations(grid_angles(angle_table(cfg.head_dim), grid, cfg.head_dim), "cuda")
+    ctx = torch.randn(2, 257 + 16, cfg.dim, device="cuda").bfloat16()
+    keep = x.clone()
+    outs = []
+    with torch.no_grad():
+        for switch in ("1", "0"):
+            monkeypatch.setenv("WANVIDEO_FUSED", switch)
+            outs.append(block(x, e, grid, rope, ctx, 257, torch.bfloat16, audio_ctx=object()))
+            assert torch.equal(x, keep)
+    fused, ref = outs
+    assert fused.dtype == torch.float32 and torch.isfinite(fused).all()
+    err = (fused - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("batch", [1, 2])
@@ -140,7 +217,8 @@ def test_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
     code = ("import conftest, torch, test_fused_ops as t\n"
             "t._check_ops(2, t.GRIDS[0], torch.float32, 'cpu')\n"
-            "t._check_ops(1, (1, 3, 5), torch.bfloat16, 'cpu')\n")
+            "t._check_ops(1, (1, 3, 5), torch.bfloat16, 'cpu')\n"
+            "t._check_residual(2, t.GRIDS[0], 'cpu')\n")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                           capture_output=True, text=True, timeout=600)

@@ -134,14 +134,27 @@ class WanBlock(nn.Module):
         """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
         need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
-        # addcmul keeps each gated residual one fused pass over the activations
         y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk)
-        x = torch.addcmul(x, y, gate0)
-        x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
+        if not fused_ops.enabled(x):  # torch reference (CPU, WANVIDEO_FUSED=0)
+            # addcmul keeps each gated residual one fused pass over the activations
+            x = torch.addcmul(x, y, gate0)
+            x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
+            if audio_ctx is not None and self.audio_cross_attn is not None:
+                x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk))
+            y = self.ffn(self.norm2.modulate(x, shift1, scale1, dtype))
+            return x.addcmul_(y, gate1)
+        # The same steps through fused_ops: each residual update also writes the next norm's input
+        # in one pass; the first writes a new x (the caller's stays untouched, as with addcmul).
+        n3, n2 = self.norm3, self.norm2
+        x, h = fused_ops.residual_layer_norm(x, y, gate0, dtype, n3.eps, n3.weight, n3.bias,
+                                             inplace=False)
+        y = self.cross_attn(h, context, image_tokens)
         if audio_ctx is not None and self.audio_cross_attn is not None:
-            x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk))
-        y = self.ffn(self.norm2.modulate(x, shift1, scale1, dtype))
-        return x.addcmul_(y, gate1)
+            nx = self.norm_x
+            _, h = fused_ops.residual_layer_norm(x, y, None, dtype, nx.eps, nx.weight, nx.bias)
+            y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk)
+        _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1)
+        return fused_ops.gated_residual_(x, self.ffn(h), gate1)
 
 
 class Head(nn.Module):
