@@ -2,6 +2,7 @@
 random weights (no file), made on the GPU for speed and stored where the caller asks."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -63,3 +64,26 @@ def build(blocks: int, quant: str, dim: int = 5120, ffn: int = 13824, device="cu
         fp8_optimization.quantize_model(model, quant, torch.device(device), storage_device=storage,
                                         compute_dtype=torch.bfloat16, **quant_options)
     return model
+
+
+def cuda_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean ms per call of `fn` on the current CUDA stream (CUDA events, after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print the benchmark's one JSON object, and write it to `out` when given."""
+    text = json.dumps(result, indent=1, default=str)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    print(text)

@@ -8,7 +8,6 @@ row-wise scales (GEMM only); and the pack's per-tensor activation quantization a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -16,25 +15,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402,F401  (loads the pack)
+from common import cuda_ms, emit  # noqa: E402  (also loads the pack)
 
 from wanvideo_infinitetalk.wanvideo.quant_kernels import quantize_tensor_triton  # noqa: E402
 
 SHAPES = {"qkvo 5120->5120": (5120, 5120), "ffn.0 5120->13824": (5120, 13824),
           "ffn.2 13824->5120": (13824, 5120)}
-
-
-def timed(fn, iters=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None):
@@ -56,19 +42,19 @@ def main(argv=None):
         sw_row = torch.ones((1, n), device="cuda")
         flops = 2 * m * k * n
         r = {
-            "bf16_linear_ms": timed(lambda: F.linear(x, w, b)),
-            "scaled_mm_tensorwise_ms": timed(lambda: torch._scaled_mm(
+            "bf16_linear_ms": cuda_ms(lambda: F.linear(x, w, b)),
+            "scaled_mm_tensorwise_ms": cuda_ms(lambda: torch._scaled_mm(
                 xq, wq.t(), scale_a=sx, scale_b=one, bias=b, out_dtype=torch.bfloat16)),
-            "scaled_mm_rowwise_ms": timed(lambda: torch._scaled_mm(
+            "scaled_mm_rowwise_ms": cuda_ms(lambda: torch._scaled_mm(
                 xq_row, wq.t(), scale_a=sx_row, scale_b=sw_row, bias=b, out_dtype=torch.bfloat16)),
-            "quantize_tensor_ms": timed(lambda: quantize_tensor_triton(x, None)),
+            "quantize_tensor_ms": cuda_ms(lambda: quantize_tensor_triton(x, None)),
         }
         r["bf16_tflops"] = flops / r["bf16_linear_ms"] / 1e9
         r["tensorwise_total_speedup"] = r["bf16_linear_ms"] / (r["scaled_mm_tensorwise_ms"]
                                                                + r["quantize_tensor_ms"])
         r["rowwise_gemm_speedup"] = r["bf16_linear_ms"] / r["scaled_mm_rowwise_ms"]
         out["shapes"][name] = r
-    print(json.dumps(out, indent=1))
+    emit(out, None)
 
 
 if __name__ == "__main__":

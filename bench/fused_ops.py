@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 
@@ -22,25 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build  # noqa: E402
+from common import build, cuda_ms, emit  # noqa: E402
 from quant import LATENTS, inputs  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo import fused_ops  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.rope import (angle_table, apply_rope, cos_sin,  # noqa: E402
                                                  grid_angles, rotations)
-
-
-def cuda_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict:
@@ -185,11 +171,7 @@ def main(argv=None):
         os.environ.pop("WANVIDEO_FUSED", None)
     else:
         os.environ["WANVIDEO_FUSED"] = saved
-    text = json.dumps(results, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build  # noqa: E402
+from common import build, emit  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
 
@@ -127,11 +126,7 @@ def main(argv=None):
                 resident = results["resident"].get(name, {}).get(str(tokens))
                 if mode == "swapped_all" and resident:
                     entry["ratio_to_same_format_resident"] = entry["ms"] / resident["ms"]
-    text = json.dumps(results, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

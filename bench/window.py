@@ -11,7 +11,6 @@ JSON object: seconds per step, peak VRAM, BlockSwap statistics.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
+from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 
 from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
@@ -104,11 +103,7 @@ def main(argv=None):
         "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
         "block_swap": swap.stats(), "finite": bool(torch.isfinite(result.frames).all()),
     }
-    text = json.dumps(out, indent=1, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ def test_unipc_matches_diffusers(variant, order, steps, schedule):
         v_ref = _velocity_field(y, float(ref.sigmas[i]), k)
         y = ref.step(v_ref, ref.timesteps[i], y).prev_sample
         v_ours = _velocity_field(x, sig[i], k)
-        x_before = x
         x = ours.step(i, x, v_ours)
         assert torch.isfinite(x).all()
         if variant == "bh1" and i == steps - 1:

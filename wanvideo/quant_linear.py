@@ -87,7 +87,6 @@ class QuantLinear(nn.Module):
         scaling, quantizer = "none", "none"
         if path == "scaled_mm":
             from . import quant_kernels
-            cap = _capability(compute_device)
             # Per-tensor, not per-row: on an H100 (torch 2.11) the row-wise _scaled_mm kernel ran
             # 1.3-1.7x slower than the tensor-wise one and erased the fp8 gain (bench/fp8_gemm.py).
             scaling = "static" if input_scale is not None else "tensor"
