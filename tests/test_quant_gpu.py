@@ -85,3 +85,116 @@ def test_storage_on_cpu_compute_on_cuda_decides_path():
     with torch.no_grad():
         model(x, a)
     assert q.scaled_mm_calls == 1
+
+
+# ---------------------------------------------------------------- shared / fused input quantization
+def _tiny_wan_fp8(allow_scaled_mm=True):
+    from wanvideo_infinitetalk.wanvideo.model import WanModel
+    from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_T2V, random_state_dict
+
+    model = WanModel(TINY_T2V)
+    model.load_state_dict(random_state_dict(TINY_T2V))
+    model = model.to(torch.bfloat16).cuda().eval()
+    ref = copy.deepcopy(model)
+    fo.quantize_model(model, "fp8_e4m3fn_scaled", "cuda", allow_scaled_mm=allow_scaled_mm)
+    return model, ref
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+def test_triton_scale_is_amax_over_448():
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(77, 3000, device="cuda", generator=g).bfloat16() * 5
+    for x in (base, base[:, 100:2900]):  # odd row count (not a multiple of 8), strided rows
+        q, s = qk.quantize_tensor_triton(x, None)
+        want = (x.float().abs().amax() / 448.0).clamp_min(1e-12)
+        torch.testing.assert_close(s, want, rtol=1e-6, atol=0)
+        ref = (x.float() / want).clamp(-448, 448).to(torch.float8_e4m3fn)
+        # the kernel multiplies by 1/s: a rare element may round the other way
+        assert (q.view(torch.uint8) == ref.view(torch.uint8)).float().mean().item() >= 0.999
+    q, s = qk.quantize_tensor_triton(torch.zeros(5, 64, device="cuda", dtype=torch.bfloat16), None)
+    assert s.item() == pytest.approx(1e-12) and not q.float().any()
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+def test_shared_qkv_quantization_equals_per_layer():
+    from wanvideo_infinitetalk.wanvideo.quant_linear import shared_input_quantization
+
+    model, _ = _tiny_wan_fp8()
+    attn = model.blocks[0].self_attn
+    x = torch.randn(1, 50, 256, device="cuda").bfloat16()
+    xq = shared_input_quantization((attn.q, attn.k, attn.v), x)
+    assert xq is not None
+    with torch.no_grad():
+        for lin in (attn.q, attn.k, attn.v):
+            own_q, own_s = lin.quantize_input(x)
+            assert torch.equal(own_s, xq[1])
+            assert torch.equal(own_q.view(torch.uint8), xq[0].view(torch.uint8))
+            calls = lin.scaled_mm_calls
+            assert torch.equal(lin(x, quantized=xq), lin(x))
+            assert lin.scaled_mm_calls == calls + 2
+    # not shared off the scaled_mm path, nor on the CPU
+    dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
+    a = dq.blocks[0].self_attn
+    assert shared_input_quantization((a.q, a.k, a.v), x) is None
+    assert shared_input_quantization((attn.q, attn.k, attn.v), x.cpu()) is None
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_gelu_quantization_matches_torch(static):
+    import torch.nn.functional as F
+
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = (torch.randn(37, 2064, device="cuda", generator=g) * 3).bfloat16()
+    h[0, :8] = torch.tensor([-20.0, -9.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0])
+    gelu = F.gelu(h, approximate="tanh")
+    sc = torch.tensor(0.02, device="cuda") if static else None
+    q_ref, s_ref = qk.quantize_tensor_triton(gelu, sc)
+    q, s = qk.quantize_gelu_tanh_triton(h, sc)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    same = (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+    assert same >= 0.995
+    deq, deq_ref = q.float() * s, q_ref.float() * s_ref
+    # at most one fp8 step apart (relative step 2^-3; subnormal step 2^-9 in scale units)
+    torch.testing.assert_close(deq, deq_ref, rtol=0.13, atol=float(s_ref) * 2 ** -8)
+    torch.testing.assert_close(deq, gelu.float().clamp(-448 * float(s_ref), 448 * float(s_ref)),
+                               rtol=0.07, atol=float(s_ref) * 2 ** -8)
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    monkeypatch.setenv("WANVIDEO_FUSED", fused)
+    mm, ref = _tiny_wan_fp8()
+    dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
+    layers = [m for m in mm.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.path == "scaled_mm" for m in layers)
+    counts = {"plain": 0, "gelu": 0}
+    plain, gelu = qk.quantize_tensor_triton, qk.quantize_gelu_tanh_triton
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(qk, "quantize_tensor_triton", spy("plain", plain))
+    monkeypatch.setattr(qk, "quantize_gelu_tanh_triton", spy("gelu", gelu))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
+    ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
+    t = torch.tensor([500.0], device="cuda")
+    with torch.no_grad():
+        y_mm, y_dq, y_ref = mm(x, t, ctx), dq(x, t, ctx), ref(x, t, ctx)
+    n_blocks = len(mm.blocks)
+    calls = sum(m.scaled_mm_calls for m in layers)
+    assert calls == 10 * n_blocks  # every block linear went through _scaled_mm once
+    assert counts["gelu"] == n_blocks
+    assert counts["plain"] == calls - 2 * n_blocks - n_blocks  # q,k,v share one; ffn.2 fused
+    assert cosine(y_mm, y_dq) >= 0.999
+    assert cosine(y_mm, y_ref) >= 0.99

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_ops, placement
+from .quant_linear import ffn_forward, shared_input_quantization
 from .attention import attention
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
@@ -71,15 +72,18 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, return_qk: bool = False):
         b, seq, _ = x.shape
         shape = (b, seq, self.num_heads, -1)
+        # fp8 scaled_mm q, k, v: quantize their common input once (None otherwise)
+        xq = shared_input_quantization((self.q, self.k, self.v), x)
+        kw = {} if xq is None else {"quantized": xq}
         if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
             cos, sin, heads = *cos_sin(rope), self.num_heads
-            q = fused_ops.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, cos, sin, heads)
-            k = fused_ops.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, cos, sin, heads)
+            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps, cos, sin, heads)
+            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps, cos, sin, heads)
             q, k = q.view(shape), k.view(shape)
         else:
-            q = apply_rope(self.norm_q(self.q(x)).view(shape), rope)
-            k = apply_rope(self.norm_k(self.k(x)).view(shape), rope)
-        v = self.v(x).view(shape)
+            q = apply_rope(self.norm_q(self.q(x, **kw)).view(shape), rope)
+            k = apply_rope(self.norm_k(self.k(x, **kw)).view(shape), rope)
+        v = self.v(x, **kw).view(shape)
         out = self.o(attention(q, k, v, self.backend).flatten(2))
         return out, ((q, k) if return_qk else None)
 
@@ -141,7 +145,7 @@ class WanBlock(nn.Module):
             x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
             if audio_ctx is not None and self.audio_cross_attn is not None:
                 x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk))
-            y = self.ffn(self.norm2.modulate(x, shift1, scale1, dtype))
+            y = ffn_forward(self.ffn, self.norm2.modulate(x, shift1, scale1, dtype))
             return x.addcmul_(y, gate1)
         # The same steps through fused_ops: each residual update also writes the next norm's input
         # in one pass; the first writes a new x (the caller's stays untouched, as with addcmul).
@@ -154,7 +158,7 @@ class WanBlock(nn.Module):
             _, h = fused_ops.residual_layer_norm(x, y, None, dtype, nx.eps, nx.weight, nx.bias)
             y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk)
         _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1)
-        return fused_ops.gated_residual_(x, self.ffn(h), gate1)
+        return fused_ops.gated_residual_(x, ffn_forward(self.ffn, h), gate1)
 
 
 class Head(nn.Module):

@@ -25,12 +25,36 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cast_kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
+    # GELU(approximate="tanh") is written out in both kernels (fp32 math, rounded to the input
+    # dtype as torch writes it) as v * sigmoid(2u) = 0.5 v (1 + tanh u): no cancellation for negative v.
+
     @triton.jit
-    def scale_cast_rows(x_ptr, q_ptr, s_ptr, K, stride_x, FMAX: tl.constexpr, BLOCK: tl.constexpr):
+    def amax_scale(x_ptr, s_ptr, M, K, stride_x, FMAX: tl.constexpr, GELU: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # max |x| (or |gelu(x)|) of ROWS rows, folded into s = max(s, amax / FMAX) atomically;
+        # s starts at the scale floor (1e-12), so s ends as clamp_min(amax / FMAX, 1e-12).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        base = x_ptr + rows[:, None] * stride_x
+        acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = rmask[:, None] & (offs[None, :] < K)
+            v = tl.load(base + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            if GELU:
+                u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+                v = (v / (1.0 + tl.exp(-2.0 * u))).to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v))
+        amax = tl.max(tl.max(acc, axis=1), axis=0)
+        tl.atomic_max(s_ptr, amax / FMAX)
+
+    @triton.jit
+    def scale_cast_rows(x_ptr, q_ptr, s_ptr, K, stride_x, FMAX: tl.constexpr,
+                        GELU: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         q_row = q_ptr + row * K
@@ -38,25 +62,52 @@ def _cast_kernel():
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if GELU:
+                u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+                v = (v / (1.0 + tl.exp(-2.0 * u))).to(x_ptr.dtype.element_ty).to(tl.float32)
             q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
             tl.store(q_row + offs, q.to(tl.float8e4nv), mask=offs < K)
 
-    return scale_cast_rows
+    return amax_scale, scale_cast_rows
+
+
+_AMAX_ROWS = 8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _quantize(x2: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool):
+    amax_k, cast_k = _kernels()
+    m, k = x2.shape
+    block = 1024 if k >= 1024 else max(16, 1 << (k - 1).bit_length())
+    if static_scale is None:
+        # one reduction kernel writes the finished scale (no aminmax + 5 scalar ops)
+        static_scale = torch.full((), 1e-12, dtype=torch.float32, device=x2.device)
+        ablock = min(block, 512)
+        amax_k[(_cdiv(m, _AMAX_ROWS),)](x2, static_scale, m, k, x2.stride(0),
+                                              FMAX=FP8_E4M3_MAX, GELU=gelu, ROWS=_AMAX_ROWS,
+                                              BLOCK=ablock, num_warps=8)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
+    cast_k[(m,)](x2, q, static_scale, k, x2.stride(0), FMAX=FP8_E4M3_MAX, GELU=gelu, BLOCK=block,
+                 num_warps=4)
+    return q, static_scale
 
 
 def quantize_tensor_triton(x2: torch.Tensor, static_scale: torch.Tensor | None):
     """x2 [M, K] (unit last stride) -> (fp8 [M, K] contiguous, fp32 0-d scale). The scale is the
-    file's static input scale, or per-tensor from one aminmax pass (no |x| temporary); then one
-    scale+cast pass. The scale stays on the device: no host sync."""
-    if static_scale is None:
-        lo, hi = torch.aminmax(x2)
-        static_scale = torch.maximum(lo.abs(), hi.abs()).float().div_(FP8_E4M3_MAX).clamp_min_(1e-12)
-    m, k = x2.shape
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
-    block = 1024 if k >= 1024 else max(16, 1 << (k - 1).bit_length())
-    _cast_kernel()[(m,)](x2, q, static_scale, k, x2.stride(0), FMAX=FP8_E4M3_MAX, BLOCK=block,
-                         num_warps=4)
-    return q, static_scale
+    file's static input scale, or per-tensor max|x| / 448 (floor 1e-12) from one Triton reduction
+    pass that writes the scale itself; then one scale+cast pass. No host sync."""
+    return _quantize(x2, static_scale, gelu=False)
+
+
+def quantize_gelu_tanh_triton(h2: torch.Tensor, static_scale: torch.Tensor | None):
+    """fp8(gelu_tanh(h2) / s) without materializing gelu_tanh(h2): the reduction pass and the cast
+    pass each recompute GELU (fp32 math, rounded to h2's dtype like torch's output) from h2 [M, K].
+    Same return as quantize_tensor_triton; equals quantizing F.gelu(h2, approximate="tanh") up to
+    tanh rounding differences (~1 ulp in fp32)."""
+    return _quantize(h2, static_scale, gelu=True)
 
 
 def _quantize_torch(x2: torch.Tensor, static_scale: torch.Tensor | None):

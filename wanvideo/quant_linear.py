@@ -137,13 +137,24 @@ class QuantLinear(nn.Module):
         """The full weight in the compute dtype (model code that runs a layer in fp32 uses it)."""
         return self.dequantized_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
+        """`quantized`: (xq, scale) from `quantize_input` (or quantize_gelu_ffn_input) of this
+        layer's input, shared with other layers reading the same x; only on the scaled_mm path."""
         if self.path == "scaled_mm":
-            return self._forward_scaled_mm(x)
+            return self._forward_scaled_mm(x, quantized)
         if self.path == "nvfp4_native":
             return self._forward_nvfp4_native(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def quantize_input(self, x: torch.Tensor):
+        """(xq [M, K] fp8, fp32 scale) of x [..., K] as this layer's scaled_mm path would make it;
+        pass it as forward(x, quantized=...) to every layer that reads this same x and shares
+        this layer's input scaling (see shares_quantization)."""
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return self._quantize_input(x2)
 
     def _quantize_input(self, x2: torch.Tensor):
         static = self.input_scale if self.input_scaling == "static" else None
@@ -152,12 +163,9 @@ class QuantLinear(nn.Module):
             return quant_kernels.quantize_tensor_triton(x2, static)
         return quant_kernels.compiled_quantizer()(x2, static)
 
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_scaled_mm(self, x: torch.Tensor, quantized=None) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        xq, sx = self._quantize_input(x2)
+        xq, sx = self.quantize_input(x) if quantized is None else quantized
         sw = self.weight_scale
         self.scaled_mm_calls += 1
         out = torch._scaled_mm(
@@ -165,6 +173,15 @@ class QuantLinear(nn.Module):
             scale_a=placement.kernel_ready(sx), scale_b=placement.kernel_ready(sw),
             bias=self.bias, out_dtype=self.compute_dtype)
         return out.reshape(*lead, self.out_features)
+
+    def _gelu_ffn(self, up: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        """self(gelu_tanh(up(x))) with GELU fused into the quantization of self's input."""
+        from . import quant_kernels
+        h = up(x)
+        h2 = h.reshape(-1, self.in_features)
+        static = self.input_scale if self.input_scaling == "static" else None
+        quantized = quant_kernels.quantize_gelu_tanh_triton(h2, static)
+        return self(h, quantized=quantized)
 
     def _forward_nvfp4_native(self, x: torch.Tensor) -> torch.Tensor:
         """UNTESTED (no sm_100/sm_120 GPU here): FP4 x FP4 GEMM with swizzled e4m3 block scales;
@@ -183,3 +200,37 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
+
+
+def _scaled_mm_layer(m) -> bool:
+    return isinstance(m, QuantLinear) and m.path == "scaled_mm"
+
+
+def shared_input_quantization(layers, x: torch.Tensor):
+    """One quantization of x for several layers that all read x (self-attention's q, k, v), or
+    None when they cannot share it: every layer must be a QuantLinear on the scaled_mm path with
+    the same in_features, quantizer and per-tensor dynamic input scaling (a file's static input
+    scales differ per layer). The result is what each layer would compute itself (same function,
+    same input), so outputs are unchanged; pass it as layer(x, quantized=...)."""
+    first = layers[0]
+    if not x.is_cuda or not all(
+            _scaled_mm_layer(m) and m.input_scaling == "tensor" and m.quantizer == first.quantizer
+            and m.in_features == first.in_features for m in layers):
+        return None
+    return first.quantize_input(x)
+
+
+def gelu_ffn_fusable(ffn) -> bool:
+    """ffn is (Linear, GELU(tanh), Linear) with both linears QuantLinear on scaled_mm and the
+    Triton quantizer for the second (GELU is computed inside its input quantization)."""
+    return (len(ffn) == 3 and _scaled_mm_layer(ffn[0]) and _scaled_mm_layer(ffn[2])
+            and ffn[2].quantizer == "triton" and isinstance(ffn[1], nn.GELU)
+            and ffn[1].approximate == "tanh")
+
+
+def ffn_forward(ffn, x: torch.Tensor) -> torch.Tensor:
+    """ffn(x); when gelu_ffn_fusable(ffn) and x is on CUDA, the bf16 GELU output is never
+    materialized: ffn[2] quantizes gelu_tanh(ffn[0](x)) in two reads of ffn[0]'s output."""
+    if x.is_cuda and gelu_ffn_fusable(ffn):
+        return ffn[2]._gelu_ffn(ffn[0], x)
+    return ffn(x)
