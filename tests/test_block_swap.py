@@ -444,3 +444,27 @@ def test_infinitetalk_layers_stream_with_audio():
         assert block_nbytes(model.blocks[i].audio_cross_attn) > 0
     assert any(n.startswith("audio_proj.") for n, _ in placement.named_tensors(model))
     assert_consistent(model, swap)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_sizing_reads_real_free_memory():
+    """auto with the real torch.cuda.mem_get_info: a tiny model fits whole (0 swapped); reserving
+    the free memory forces streaming, and outputs stay bit-identical."""
+    model = add_fake_audio_layers(build(FUZZ, torch.bfloat16, "cuda"))
+    placement.move_module(model, "cuda", torch.bfloat16)
+    args = inputs(FUZZ, "cuda", torch.bfloat16, lat=3, size=(8, 12))
+    with torch.no_grad():
+        ref = model(*args)
+    tokens = 3 * 4 * 6
+    swap = BlockSwap(blocks_to_swap="auto", device="cuda", tokens=tokens).attach(model)
+    assert swap.stats()["blocks_swapped"] == 0
+    swap.detach(model, to="cuda")
+    # Reserving everything free now leaves only the model's own bytes minus the activation
+    # estimate: the whole model cannot stay resident, so at least one block must stream.
+    free, _ = torch.cuda.mem_get_info()
+    swap = BlockSwap(blocks_to_swap="auto", device="cuda", tokens=tokens,
+                     reserve_bytes=free).attach(model)
+    assert swap.stats()["blocks_swapped"] >= 1
+    with torch.no_grad():
+        assert torch.equal(model(*args), ref)
+    swap.detach(model, to="cuda")
