@@ -64,7 +64,7 @@ def wav_seconds(path: str) -> float:
         return w.getnframes() / w.getframerate()
 
 
-def _tone_wav(path: str, seconds: float, rate: int = 16000) -> None:
+def tone_wav(path: str, seconds: float, rate: int = 16000) -> None:
     """Speech-like stand-in (syllable-rate amplitude modulation) when espeak-ng is missing."""
     n = int(seconds * rate)
     with wave.open(path, "wb") as w:
@@ -83,7 +83,7 @@ def write_speech(path: str, text: str = SENTENCE, max_seconds: float = 4.0) -> s
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     espeak = shutil.which("espeak-ng")
     if espeak is None:
-        _tone_wav(path, 3.5)
+        tone_wav(path, 3.5)
         return path
     for speed in (175, 200, 230, 260, 300):
         subprocess.run([espeak, "-s", str(speed), "-w", path, text], check=True,

@@ -5,16 +5,15 @@ the problem, with the server healthy afterwards."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import struct
 import subprocess
 import wave
 
 import pytest
 
 import comfy_harness as h
+import demo_assets
 
 pytestmark = pytest.mark.comfy
 
@@ -29,25 +28,13 @@ NEW_NODES = ("InfiniteTalkModelLoader", "WanVideoLoraSelect", "WanVideoBlockSwap
              "Wav2Vec2ModelLoader", "InfiniteTalkAudioEmbeds", "InfiniteTalkAudioInfo")
 
 
-def _tone_wav(path: str, seconds: float, rate: int = 16000, freq: float = 180.0) -> None:
-    n = int(seconds * rate)
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"".join(
-            struct.pack("<h", int(9000 * math.sin(2 * math.pi * freq * i / rate)
-                                  * (0.6 + 0.4 * math.sin(2 * math.pi * 3 * i / rate))))
-            for i in range(n)))
-
-
 def _speech_wav(path: str, text: str) -> str:
     """espeak-ng speech (scripts/setup.sh installs it); a modulated tone when it is missing."""
     exe = shutil.which("espeak-ng")
     if exe:
         subprocess.run([exe, "-w", path, text], check=True, capture_output=True, timeout=60)
         return "espeak-ng"
-    _tone_wav(path, 1.5)
+    demo_assets.tone_wav(path, 1.5)
     return "tone"
 
 
@@ -77,7 +64,7 @@ def env(comfy):
     inp = os.path.join(base, "input")
     source = _speech_wav(os.path.join(inp, "nodes_speech_1.wav"), "Hello, this is a talking portrait.")
     _speech_wav(os.path.join(inp, "nodes_speech_2.wav"), "And I answer.")
-    _tone_wav(os.path.join(inp, "nodes_short.wav"), 0.02)
+    demo_assets.tone_wav(os.path.join(inp, "nodes_short.wav"), 0.02)
     models = os.path.join(base, "models")
     shutil.copy(os.path.join(models, "vae", h.TINY_VAE_NAME),
                 os.path.join(models, "diffusion_models", "nodes_test_vae_copy.safetensors"))

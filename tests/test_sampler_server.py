@@ -14,15 +14,13 @@ and AUDIO shapes.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 import time
-import wave
 
 import pytest
 
 import comfy_harness as h
+import demo_assets
 
 pytestmark = pytest.mark.comfy
 
@@ -93,16 +91,6 @@ NODE_CLASS_MAPPINGS = {"TestInfiniteTalkAudioStub": TestInfiniteTalkAudioStub,
 '''
 
 
-def _write_wav(path: str, seconds: float, rate: int = 16000) -> None:
-    n = int(seconds * rate)
-    with wave.open(path, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(i * 0.07) * math.sin(i * 1e-3)))
-                               for i in range(n)))
-
-
 def _prepare(base: str) -> None:
     import torch
     from PIL import Image
@@ -124,8 +112,8 @@ def _prepare(base: str) -> None:
     save_file({"something": torch.zeros(2, 2)}, os.path.join(embeds, "not_embeds.safetensors"))
     img = (torch.rand(80, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
     Image.fromarray(img).save(os.path.join(base, "input", "portrait.png"))
-    _write_wav(os.path.join(base, "input", "speech3s.wav"), 3.0)
-    _write_wav(os.path.join(base, "input", "speech12s.wav"), 12.0)
+    demo_assets.tone_wav(os.path.join(base, "input", "speech3s.wav"), 3.0)
+    demo_assets.tone_wav(os.path.join(base, "input", "speech12s.wav"), 12.0)
     # features must be 768 wide for the audio projection; 12 layers like the real encoder
     tiny.write_tiny_wav2vec2(os.path.join(base, "models", "wav2vec2", WAV2VEC), hidden=768)
     stub = os.path.join(base, "custom_nodes", "infinitetalk_test_stub")
