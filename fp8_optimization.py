@@ -23,15 +23,23 @@ from .wanvideo import placement
 from .wanvideo.quant_files import (QuantFormatError, detect_quantization, quantized_file_tensors,
                                    read_safetensors_views, strip_prefix, write_quantized_file)
 from .wanvideo.quant_formats import (fp8_quantize, nvfp4_quantize, unswizzle_block_scales)
-from .wanvideo.quant_linear import QuantLinear
+from .wanvideo.quant_linear import FP8_MATMUL, QuantLinear
 
 __all__ = ["quantize_model", "load_quantized_state", "detect_quantization", "QuantLinear",
            "QuantFormatError", "write_quantized_file",
-           "quantized_file_tensors", "read_safetensors_views", "quant_report", "FORMATS"]
+           "quantized_file_tensors", "read_safetensors_views", "quant_report", "FORMATS",
+           "FP8_MATMUL"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
+
+
+def _matmul_options(fp8_matmul: str, allow_scaled_mm: bool) -> tuple[bool, bool]:
+    """(allow_scaled_mm, fast_accum) for QuantLinear.build."""
+    if fp8_matmul not in FP8_MATMUL:
+        raise ValueError(f"fp8_matmul {fp8_matmul!r} is not supported; expected one of {FP8_MATMUL}")
+    return allow_scaled_mm and fp8_matmul != "dequantize", fp8_matmul == "fast"
 
 
 def _matches(name: str, include: Iterable[str]) -> bool:
@@ -61,12 +69,14 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> dict:
 def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = ("blocks",),
                    exclude: Iterable[str] = (), storage_device=None,
                    compute_dtype: torch.dtype = torch.bfloat16, allow_scaled_mm: bool = True,
-                   allow_native_fp4: bool = False) -> dict:
+                   allow_native_fp4: bool = False, fp8_matmul: str = "fast") -> dict:
     """Replace every nn.Linear whose name is under `include` ("blocks", "text_embedding",
     "head", ..., or "all"; InfiniteTalk's audio layers live under blocks and are included) by a
     QuantLinear. `device` is the compute device (it decides the compute path); quantized
     tensors are stored on `storage_device` (default: `device`; BlockSwap passes "cpu").
-    The math runs on the compute device one layer at a time. Returns quant_report(model)."""
+    The math runs on the compute device one layer at a time. `fp8_matmul`: see FP8_MATMUL.
+    Returns quant_report(model)."""
+    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
     if fmt == "none":
         return quant_report(model)
     if fmt not in FORMATS:
@@ -82,7 +92,7 @@ def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = 
         layer = QuantLinear.build(fmt=fmt, bias=lin.bias, shape=tuple(lin.weight.shape),
                                   device=storage, compute_device=device,
                                   compute_dtype=compute_dtype, allow_scaled_mm=allow_scaled_mm,
-                                  allow_native_fp4=allow_native_fp4, **parts)
+                                  allow_native_fp4=allow_native_fp4, fast_accum=fast_accum, **parts)
         _replace(model, name, layer)
         del w, parts
     placement.verify(model, f"quantize_model({fmt})")
@@ -92,16 +102,23 @@ def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = 
 
 
 def quant_report(model: nn.Module) -> dict:
-    """Counts per format and compute path, and quantized weight bytes."""
+    """Counts per format and compute path, quantized weight bytes, and (when some layer runs
+    `_scaled_mm`) its accumulation: "fast", "accurate" or "mixed"."""
     fmts: dict[str, int] = {}
     paths: dict[str, int] = {}
+    accum: set[bool] = set()
     nbytes = 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
             fmts[m.fmt] = fmts.get(m.fmt, 0) + 1
             paths[m.path] = paths.get(m.path, 0) + 1
             nbytes += sum(t.numel() * t.element_size() for t in m.buffers())
-    return {"formats": fmts, "paths": paths, "quantized_bytes": nbytes}
+            if m.path == "scaled_mm":
+                accum.add(m.fast_accum)
+    report = {"formats": fmts, "paths": paths, "quantized_bytes": nbytes}
+    if accum:
+        report["fp8_matmul"] = "mixed" if len(accum) > 1 else ("fast" if accum.pop() else "accurate")
+    return report
 
 
 def _get(sd: Mapping[str, torch.Tensor], by_norm: dict, key: str):
@@ -114,7 +131,8 @@ def load_quantized_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                          metadata: Mapping[str, str] | None, device, storage_device=None,
                          compute_dtype: torch.dtype = torch.bfloat16, detected: dict | None = None,
                          allow_scaled_mm: bool = True, allow_native_fp4: bool = False,
-                         materialize_rest: bool = False, dtype_for=None) -> dict:
+                         materialize_rest: bool = False, dtype_for=None,
+                         fp8_matmul: str = "fast") -> dict:
     """Build the quantized layers of `model` from a pre-quantized file, as they are.
 
     `model` may be meta-built (the loader's case). For every quantized layer found by
@@ -128,7 +146,9 @@ def load_quantized_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     res = load_quantized_state(model, sd, metadata, device, storage_device=...);
     rest = {k: v for k, v in sd.items() if k not in res["consumed_keys"]};
     placement.materialize(model, rest, device, dtype_for=...). Or pass materialize_rest=True.
+    `fp8_matmul`: see FP8_MATMUL.
     Returns {"consumed_keys": set, "layers": n, "detected": ..., "report": quant_report}."""
+    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
     device = torch.device(device)
     storage = device if storage_device is None else torch.device(storage_device)
     det = detect_quantization(state_dict, metadata) if detected is None else detected
@@ -163,7 +183,8 @@ def load_quantized_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         q = QuantLinear.build(fmt=fmt, weight=weight, weight_scale=ws, weight_scale_2=ws2,
                               input_scale=inp if use_mm else None, bias=None, shape=shape,
                               device=storage, compute_device=device, compute_dtype=compute_dtype,
-                              allow_scaled_mm=use_mm, allow_native_fp4=allow_native_fp4)
+                              allow_scaled_mm=use_mm, allow_native_fp4=allow_native_fp4,
+                              fast_accum=fast_accum)
         for name in list(q._buffers):
             q._non_persistent_buffers_set.add(name)
         q.register_parameter("bias", None if lin.bias is None else nn.Parameter(

@@ -3,7 +3,8 @@
     python bench/quant.py --json [--blocks 8] [--tokens 32760 8100] [--iters 3] [--out FILE]
 
 Variants, each resident on the GPU and with BlockSwap of all blocks (weights in pinned host RAM):
-bf16; fp8 e4m3 scaled through `_scaled_mm` (fused per-row input quantization); the same fp8 weights
+bf16; fp8 e4m3 scaled through `_scaled_mm` (per-tensor input quantization) with fast accumulation
+(the default, fp8_matmul="fast") and with fp32 accumulation ("accurate"); the same fp8 weights
 through the dequantize path; NVFP4 dequantized per layer then a bf16 GEMM. The model is our real
 WanModel (dim 5120, ffn 13824, 40 heads, I2V, InfiniteTalk layers present but not driven: no
 audio input) with identical random weights in every variant. Times are ms per full forward
@@ -26,8 +27,9 @@ from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
 LATENTS = {32760: (21, 60, 104), 8100: (9, 60, 60)}  # tokens -> latent F, H, W (patch 1x2x2)
 VARIANTS = {  # name: (quant format, quantize_model kwargs)
     "bf16": ("none", {}),
-    "fp8_scaled_mm": ("fp8_e4m3fn_scaled", {}),
-    "fp8_dequant": ("fp8_e4m3fn_scaled", {"allow_scaled_mm": False}),
+    "fp8_scaled_mm": ("fp8_e4m3fn_scaled", {"fp8_matmul": "fast"}),
+    "fp8_scaled_mm_accurate": ("fp8_e4m3fn_scaled", {"fp8_matmul": "accurate"}),
+    "fp8_dequant": ("fp8_e4m3fn_scaled", {"fp8_matmul": "dequantize"}),
     "nvfp4_dequant": ("nvfp4", {}),
 }
 

@@ -17,6 +17,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 ATTENTIONS = ["sdpa", "flash_attn", "sageattention"]
 LOAD_DEVICES = ["main_device", "offload_device"]
 QUANTIZATIONS = ["none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4"]
+FP8_MATMULS = ["fast", "accurate", "dequantize"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,14 @@ class WanVideoModelLoader(io.ComfyNode):
                             "cast), fp8_e4m3fn_scaled (a per-tensor weight scale, better quality), "
                             "nvfp4 (4-bit, Blackwell GPUs for speed). Pre-quantized files (fp8, "
                             "fp8_scaled, NVFP4) load as they are: choose none for them."),
+                io.Combo.Input(
+                    "fp8_matmul", options=FP8_MATMULS, default="fast", optional=True,
+                    tooltip="How fp8 weights multiply on GPUs with fp8 tensor cores (RTX 40xx, "
+                            "H100 and newer). fast (default): fp8 matrix multiply with the tensor "
+                            "cores' own accumulation, the quickest. accurate: fp8 matrix multiply "
+                            "with sums kept in fp32, a few percent slower. dequantize: weights "
+                            "converted to base_precision for every layer call; slowest, for "
+                            "checking a problem. Other GPUs and the CPU always dequantize."),
                 INFINITETALK_PATCH.Input(
                     "infinitetalk", optional=True,
                     tooltip="InfiniteTalk patch from InfiniteTalk Model Loader. Its audio "
@@ -139,7 +148,7 @@ class WanVideoModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model: str, base_precision: str = "bf16", attention: str = "sdpa",
                 load_device: str = "offload_device", quantization: str = "none",
-                infinitetalk=None, lora=None) -> io.NodeOutput:
+                fp8_matmul: str = "fast", infinitetalk=None, lora=None) -> io.NodeOutput:
         import folder_paths
 
         from ..wanvideo.loader import load_model
@@ -147,7 +156,8 @@ class WanVideoModelLoader(io.ComfyNode):
         for name, value, options in (("base_precision", base_precision, list(PRECISIONS)),
                                      ("attention", attention, ATTENTIONS),
                                      ("load_device", load_device, LOAD_DEVICES),
-                                     ("quantization", quantization, QUANTIZATIONS)):
+                                     ("quantization", quantization, QUANTIZATIONS),
+                                     ("fp8_matmul", fp8_matmul, FP8_MATMULS)):
             if value not in options:
                 raise ValueError(f"{name} {value!r} is not one of {options}")
         path = folder_paths.get_full_path_or_raise("diffusion_models", model)
@@ -159,11 +169,12 @@ class WanVideoModelLoader(io.ComfyNode):
         # and reach ComfyUI unchanged as this node's execution_error.
         loaded = load_model([path], device=device, base_dtype=PRECISIONS[base_precision],
                             attention=attention, patch=patch, quantization=quantization,
-                            loras=loras, compute_device=compute)
+                            loras=loras, compute_device=compute, fp8_matmul=fp8_matmul)
         report = dict(loaded.report or {})
         log.info("WanVideo Model Loader: %s -> %s (compute %s, %s, attention=%s, quantization=%s, "
-                 "InfiniteTalk patch=%s, LoRAs=%s)", model, device, compute, base_precision,
-                 attention, quantization, os.path.basename(patch) if patch else "none",
+                 "fp8_matmul=%s, InfiniteTalk patch=%s, LoRAs=%s)", model, device, compute,
+                 base_precision, attention, quantization, fp8_matmul,
+                 os.path.basename(patch) if patch else "none",
                  [f"{os.path.basename(p)}@{s:g}" for p, s in loras] or "none")
         for key in _LOGGED:
             if key in report:

@@ -169,3 +169,12 @@ def test_prequantized_weights_stay_fp8(models_dir):
     loaded = load_model(models_dir.written["wan21_tiny_i2v_fp8_e4m3fn.safetensors"], base_dtype="bf16")
     quantized = [m for m in loaded.model.modules() if hasattr(m, "dequantize") and hasattr(m, "in_features")]
     assert quantized and all(m.weight.dtype == torch.float8_e4m3fn for m in quantized)
+
+
+def test_fp8_matmul_is_passed_to_prequantized_layers_and_checked(models_dir):
+    path = models_dir.written["wan21_tiny_i2v_fp8_e4m3fn.safetensors"]
+    loaded = load_model(path, base_dtype="bf16", fp8_matmul="accurate")
+    quantized = [m for m in loaded.model.modules() if hasattr(m, "fast_accum")]
+    assert quantized and not any(m.fast_accum for m in quantized)
+    with pytest.raises(ValueError, match=r"fp8_matmul 'turbo'.*expected one of"):
+        load_model(path, fp8_matmul="turbo")

@@ -116,3 +116,12 @@ def test_quantize_after_merge_order():
     err_first = (q.dequantized_weight(torch.float32) - w_merged.float()).norm()
     err_late = (late.get_submodule(name).dequantized_weight(torch.float32) - w_merged.float()).norm()
     assert err_first <= err_late
+
+
+def test_merge_into_quantized_layer_keeps_its_fp8_matmul():
+    base = tiny_model(dtype=torch.bfloat16)
+    name = "blocks.0.ffn.2"
+    down, up = _ab(64, 128, 3)
+    fo.quantize_model(base, "fp8_e4m3fn_scaled", "cpu", fp8_matmul="accurate")
+    lora.merge_loras(base, [({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}, 1.0)])
+    assert base.get_submodule(name).fast_accum is False

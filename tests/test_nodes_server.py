@@ -85,11 +85,13 @@ def env(comfy):
 # ----------------------------------------------------------------------------- graphs
 
 def loader_graph(model=I2V, patch=PATCH_1, loras=((LORA, 1.0),), quantization="none",
-                 precision="fp32", load_device="offload_device") -> dict:
+                 precision="fp32", load_device="offload_device", fp8_matmul=None) -> dict:
     g = {"1": {"class_type": "WanVideoModelLoader",
                "inputs": {"model": model, "base_precision": precision, "attention": "sdpa",
                           "load_device": load_device, "quantization": quantization}},
          "2": {"class_type": "WanVideoModelInfo", "inputs": {"model": ["1", 0]}}}
+    if fp8_matmul is not None:
+        g["1"]["inputs"]["fp8_matmul"] = fp8_matmul
     if patch:
         g["3"] = {"class_type": "InfiniteTalkModelLoader", "inputs": {"model": patch}}
         g["1"]["inputs"]["infinitetalk"] = ["3", 0]
@@ -202,6 +204,8 @@ def test_new_nodes_are_registered_with_expected_sockets(comfy):
     opt = loader["optional"]
     assert _options(opt["quantization"]) == ["none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4"]
     assert "choose none" in opt["quantization"][1]["tooltip"]
+    assert _options(opt["fp8_matmul"]) == ["fast", "accurate", "dequantize"]
+    assert opt["fp8_matmul"][1]["default"] == "fast" and "fp32" in opt["fp8_matmul"][1]["tooltip"]
     assert opt["infinitetalk"][0] == "INFINITETALK_PATCH" and opt["lora"][0] == "WANVIDLORA"
     swap = info["WanVideoBlockSwap"]["input"]["required"]
     assert list(swap) == ["blocks_to_swap", "prefetch", "offload_non_block", "pin_memory",
@@ -218,7 +222,8 @@ def test_new_nodes_are_registered_with_expected_sockets(comfy):
 # ----------------------------------------------------------------------------- model loader
 
 def test_loader_with_patch_lora_and_quantization(comfy, env):
-    entry = comfy.run(loader_graph(quantization="fp8_e4m3fn_scaled"), timeout=300)
+    entry = comfy.run(loader_graph(quantization="fp8_e4m3fn_scaled", fp8_matmul="accurate"),
+                      timeout=300)
     report = _json(entry, "2")
     it = report["infinitetalk"]
     assert it and it.get("blocks_patched") == report["config"]["num_layers"], it
@@ -230,6 +235,7 @@ def test_loader_with_patch_lora_and_quantization(comfy, env):
     log = comfy.log_text()
     assert "InfiniteTalk Model Loader: " + PATCH_1 in log
     assert "quantization=fp8_e4m3fn_scaled" in log and LORA in log
+    assert "fp8_matmul=accurate" in log
 
 
 def test_two_chained_loras_merge_in_order(comfy, env):
@@ -239,7 +245,7 @@ def test_two_chained_loras_merge_in_order(comfy, env):
 
 
 @pytest.mark.parametrize("case", ["vae_as_model", "wan_as_patch", "foreign_lora",
-                                  "quantize_prequantized", "unknown_patch_name"])
+                                  "quantize_prequantized", "unknown_patch_name", "bad_fp8_matmul"])
 def test_loader_wrong_files_fail_cleanly(comfy, env, case):
     if case == "vae_as_model":
         name = "nodes_test_vae_copy.safetensors"
@@ -255,6 +261,9 @@ def test_loader_wrong_files_fail_cleanly(comfy, env, case):
         msg, want = _error(comfy, loader_graph(model=name, patch=None, loras=(),
                                                quantization="fp8_e4m3fn_scaled")), \
             [name, "already quantized", "none"]
+    elif case == "bad_fp8_matmul":
+        msg, want = _error(comfy, loader_graph(patch=None, loras=(), fp8_matmul="turbo")), \
+            ["fp8_matmul", "'turbo'", "accurate"]
     else:
         msg, want = _error(comfy, loader_graph(patch="no_such_patch.safetensors")), \
             ["no_such_patch.safetensors", "not in models/infinitetalk"]

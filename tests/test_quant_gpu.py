@@ -19,22 +19,60 @@ def _fp8_capable():
 
 
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+@pytest.mark.parametrize("fp8_matmul", ["fast", "accurate"])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3fn_scaled", "fp8_e4m3fn"])
-def test_scaled_mm_matches_dequant_and_is_used(fmt):
+def test_scaled_mm_matches_dequant_and_is_used(monkeypatch, fmt, fp8_matmul):
     ref = tiny_model(device="cuda")
     mm = copy.deepcopy(ref)
     dq = copy.deepcopy(ref)
-    fo.quantize_model(mm, fmt, "cuda")
-    fo.quantize_model(dq, fmt, "cuda", allow_scaled_mm=False)
+    fo.quantize_model(mm, fmt, "cuda", fp8_matmul=fp8_matmul)
+    fo.quantize_model(dq, fmt, "cuda", fp8_matmul="dequantize")
     assert placement.check_layout(mm) == []
     layers = [m for m in mm.modules() if isinstance(m, QuantLinear)]
     assert all(m.path == "scaled_mm" for m in layers)
+    assert all(m.path == "dequant" for m in dq.modules() if isinstance(m, QuantLinear))
+    assert fo.quant_report(mm)["fp8_matmul"] == fp8_matmul
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_fast_accum"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
     x, a = tiny_inputs(device="cuda", tokens=40)
     with torch.no_grad():
         y_mm, y_dq, y_ref = mm(x, a), dq(x, a), ref(x, a)
     assert sum(m.scaled_mm_calls for m in layers) >= len(layers)
+    # the kernel really ran, with the accumulation asked for, and only for the scaled_mm model
+    assert len(seen) == sum(m.scaled_mm_calls for m in layers)
+    assert set(seen) == {fp8_matmul == "fast"}
     assert cosine(y_mm, y_dq) >= 0.999
     assert cosine(y_mm, y_ref) >= 0.99
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+def test_fast_accumulation_error_stays_at_bf16_output_rounding():
+    """The longest reduction of the 14B model (ffn.2, K = 13824): against the exact fp32 product of
+    the same fp8 operands, fp32 accumulation is off by bf16 output rounding (~2^-9 relative) and
+    fast accumulation by at most about twice that; the fp8 rounding of the operands (~2^-4 per
+    element) is far larger than either."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, n = 13824, 256
+    w = torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
+    x = torch.randn(1024, k, device="cuda", generator=g).bfloat16()
+    layers = {mode: QuantLinear.build(fmt="fp8_e4m3fn_scaled", bias=None, shape=(n, k), device="cuda",
+                                      fast_accum=mode == "fast",
+                                      **fo.quantize_weight(w, "fp8_e4m3fn_scaled"))
+              for mode in ("fast", "accurate")}
+    xq, sx = layers["fast"].quantize_input(x)
+    exact = (xq.float() * sx) @ layers["fast"].dequantized_weight(torch.float32).t()
+    err = {}
+    with torch.no_grad():
+        for mode, layer in layers.items():
+            assert layer.path == "scaled_mm"
+            err[mode] = ((layer(x).float() - exact).norm() / exact.norm()).item()
+    assert err["accurate"] <= 3e-3, err
+    assert err["fast"] <= 5e-3 and err["fast"] <= 2.5 * err["accurate"], err
 
 
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")

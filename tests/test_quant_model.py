@@ -64,6 +64,30 @@ def test_none_is_a_no_op_and_bad_format_raises():
         fo.quantize_model(model, "int4", "cpu")
 
 
+def test_fp8_matmul_choice_reaches_every_layer_and_the_report():
+    """On the CPU every fp8 layer dequantizes whatever is asked; the accumulation choice is still
+    recorded per layer (it takes effect where `_scaled_mm` runs) and bad values are refused."""
+    for choice, fast in (("fast", True), ("accurate", False), ("dequantize", False)):
+        model = tiny_model()
+        fo.quantize_model(model, "fp8_e4m3fn_scaled", "cpu", fp8_matmul=choice)
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.fast_accum is fast and m.path == "dequant" for m in layers)
+        assert "fp8_matmul" not in fo.quant_report(model)  # no layer runs _scaled_mm here
+    with pytest.raises(ValueError, match=r"fp8_matmul 'turbo'.*fast.*accurate.*dequantize"):
+        fo.quantize_model(tiny_model(), "fp8_e4m3fn_scaled", "cpu", fp8_matmul="turbo")
+
+
+def test_quant_report_names_the_scaled_mm_accumulation():
+    def layer(fast):  # what build makes on an fp8 GPU (the report only reads the attributes)
+        return QuantLinear(16, 16, "fp8_e4m3fn_scaled", "scaled_mm", fast_accum=fast)
+
+    for fasts, want in (((True, True), "fast"), ((False, False), "accurate"),
+                        ((True, False), "mixed")):
+        model = nn.Sequential(*(layer(f) for f in fasts))
+        assert fo.quant_report(model)["fp8_matmul"] == want
+        assert f"fast_accum={fasts[0]}" in repr(model[0])
+
+
 def test_quantized_tensors_follow_module_moves():
     model = tiny_model()
     fo.quantize_model(model, "nvfp4", "cpu")

@@ -14,6 +14,7 @@ from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
 from .model import WanModel
+from .quant_linear import FP8_MATMUL
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ QUANTIZE_CHOICES = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
 
 def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", attention: str = "sdpa",
                patch: str | Sequence[str] | None = None, quantization: str = "none",
-               loras: Sequence[tuple[str, float]] = (), compute_device=None) -> LoadedModel:
+               loras: Sequence[tuple[str, float]] = (), compute_device=None,
+               fp8_matmul: str = "fast") -> LoadedModel:
     """Load a Wan2.1 transformer (T2V or I2V) from any supported layout/dtype.
 
     `device` is where the weights are materialized (GPU or host RAM); `compute_device` is where
@@ -75,11 +77,15 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     (bf16/fp16/fp32) is the compute precision. Pre-quantized files (fp8, ComfyUI fp8_scaled /
     comfy_quant, NVFP4) load as they are; full-precision files may be quantized on load with
     `quantization`. `patch` is an optional InfiniteTalk file; `loras` are (file, strength) pairs
-    merged into the full-precision weights before any quantization.
+    merged into the full-precision weights before any quantization. `fp8_matmul` is how fp8 layers
+    multiply on GPUs with fp8 tensor cores: "fast" (default), "accurate" or "dequantize"
+    (fp8_optimization.FP8_MATMUL).
     """
     base_dtype = parse_dtype(base_dtype)
     if quantization not in QUANTIZE_CHOICES:
         raise ValueError(f"quantization {quantization!r} is not supported; expected one of {QUANTIZE_CHOICES}")
+    if fp8_matmul not in FP8_MATMUL:
+        raise ValueError(f"fp8_matmul {fp8_matmul!r} is not supported; expected one of {FP8_MATMUL}")
     check_backend(attention)
     device = torch.device(device)
     compute_device = device if compute_device is None else torch.device(compute_device)
@@ -91,7 +97,8 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     model = build_meta_model(cfg, attention)
     report = base_report(ckpt, cfg)
     try:
-        consumed = _load_prequantized(model, ckpt, device, compute_device, base_dtype, report)
+        consumed = _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
+                                      fp8_matmul)
         expected = set(model.state_dict().keys())
         placement.materialize(model, ckpt.lazy(expected), device,
                               dtype_for=storage_dtype_policy(base_dtype), where=ckpt.name)
@@ -113,7 +120,8 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
         from ..fp8_optimization import quantize_model
 
         report["quantization"] = dict(quantize_model(model, quantization, compute_device,
-                                                     storage_device=device, compute_dtype=base_dtype),
+                                                     storage_device=device, compute_dtype=base_dtype,
+                                                     fp8_matmul=fp8_matmul),
                                       kind=quantization, source="quantized on load")
     report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
@@ -121,7 +129,8 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     return LoadedModel(model, report)
 
 
-def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report) -> set[str]:
+def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
+                       fp8_matmul: str) -> set[str]:
     """Quantized layers of the file become QuantLinear modules holding the file's own tensors."""
     from ..fp8_optimization import detect_quantization, load_quantized_state
 
@@ -130,7 +139,8 @@ def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report) 
     if not detected["layers"]:
         return set()
     result = load_quantized_state(model, ckpt.lazy(), ckpt.metadata, compute_device,
-                                  storage_device=device, detected=detected, compute_dtype=base_dtype)
+                                  storage_device=device, detected=detected, compute_dtype=base_dtype,
+                                  fp8_matmul=fp8_matmul)
     report["quantization"] = dict(result["report"], kind=detected["kind"], source="file",
                                   counts=detected["counts"])
     return set(result["consumed_keys"])

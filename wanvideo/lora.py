@@ -140,7 +140,7 @@ def _merge_quantized(model, name, mod, parts, strength, device) -> None:
         bias = bias.detach().float().to(device) + parts["diff_b"].float().to(device) * strength
     new = QuantLinear.build(fmt=mod.fmt, bias=bias, shape=shape, device=mod.weight.device,
                             compute_device=device, compute_dtype=mod.compute_dtype,
-                            allow_scaled_mm=mod.path == "scaled_mm",
+                            allow_scaled_mm=mod.path == "scaled_mm", fast_accum=mod.fast_accum,
                             **fo.quantize_weight(w, mod.fmt if mod.fmt != "fp8_e5m2"
                                                  else "fp8_e4m3fn_scaled"))
     owner, _, leaf = name.rpartition(".")

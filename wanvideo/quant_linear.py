@@ -7,9 +7,13 @@ which must never happen to an fp8 weight. The bias stays a parameter in the comp
 
 The compute path is chosen once, when the layer is built for its compute device (`path`):
 - "scaled_mm": fp8 e4m3 weight on CUDA capability >= (8, 9) with K and N multiples of 16.
-  The activation is quantized in one fused pass (Triton kernel, or a torch.compile'd prologue
-  when Triton is missing): per-row scales on capability >= (9, 0), per-tensor on Ada, or the
-  file's calibrated input_scale. `scaled_mm_calls` counts calls (a plain int; tests spy on it).
+  The activation is quantized per tensor (a Triton amax pass that writes the scale, then one
+  cast pass; a torch.compile'd function when Triton is missing), or with the file's calibrated
+  input_scale. `fast_accum` (default on) lets the GEMM keep its sums in the tensor cores'
+  accumulator instead of promoting them to fp32 every few K steps: on an H100 it made the fp8
+  GEMMs up to 11% faster for an output error (~2e-3 relative) well under what the fp8 rounding of
+  the inputs already costs (bench/fp8_gemm.py, bench/quant.py). `scaled_mm_calls` counts calls (a plain
+  int; tests spy on it).
 - "dequant": fp8 weight cast to the activation dtype once per call, scale applied in place on
   that temporary, then a normal GEMM (CPU, older GPUs, e5m2, shapes the kernel refuses).
 - "nvfp4_dequant": NVFP4 unpacked to the compute dtype per call (compiled on CUDA), then GEMM.
@@ -26,6 +30,10 @@ from . import placement
 from .quant_formats import (nvfp4_dequantize, nvfp4_quantize, swizzle_block_scales)
 
 FP8_FORMATS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
+# How fp8 e4m3 layers multiply where `_scaled_mm` is available: "fast" (fp8 GEMM, tensor-core
+# accumulation; the default), "accurate" (fp8 GEMM, sums promoted to fp32 as cuBLAS does by
+# default), "dequantize" (weights up-cast per call, then a GEMM in the compute dtype).
+FP8_MATMUL = ("fast", "accurate", "dequantize")
 NVFP4 = "nvfp4"
 
 
@@ -56,7 +64,7 @@ def choose_path(fmt: str, weight_dtype: torch.dtype, out_features: int, in_featu
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, fmt: str, path: str,
                  compute_dtype: torch.dtype = torch.bfloat16, input_scaling: str = "none",
-                 quantizer: str = "none"):
+                 quantizer: str = "none", fast_accum: bool = True):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -66,6 +74,7 @@ class QuantLinear(nn.Module):
         self.input_scaling = input_scaling      # "tensor" | "static" | "none"
         self.quantizer = quantizer              # "triton" | "compiled" | "none"
         self.scaled_mm_calls = 0
+        self.fast_accum = bool(fast_accum)  # only read on the scaled_mm path
         self.register_parameter("bias", None)
 
     # ------------------------------------------------------------------ construction
@@ -74,7 +83,8 @@ class QuantLinear(nn.Module):
               bias: torch.Tensor | None, shape: tuple[int, int], device,
               compute_dtype: torch.dtype = torch.bfloat16, weight_scale_2: torch.Tensor | None = None,
               input_scale: torch.Tensor | None = None, allow_scaled_mm: bool = True,
-              allow_native_fp4: bool = False, compute_device=None) -> "QuantLinear":
+              allow_native_fp4: bool = False, compute_device=None,
+              fast_accum: bool = True) -> "QuantLinear":
         """Assemble a layer from already-quantized tensors (from quantize_weight or a file),
         stored on `device`, computing on `compute_device` (default: `device`; BlockSwap stores on
         the CPU and computes on CUDA). For NVFP4 `weight_scale` is the UNSWIZZLED [Np, Kp/16]
@@ -91,7 +101,7 @@ class QuantLinear(nn.Module):
             # 1.3-1.7x slower than the tensor-wise one and erased the fp8 gain (bench/fp8_gemm.py).
             scaling = "static" if input_scale is not None else "tensor"
             quantizer = "triton" if quant_kernels.triton_available() else "compiled"
-        layer = cls(k, n, fmt, path, compute_dtype, scaling, quantizer)
+        layer = cls(k, n, fmt, path, compute_dtype, scaling, quantizer, fast_accum)
         reg = layer.register_buffer
         reg("weight", placement.fresh_copy(weight, device=device))
         if weight_scale is None and fmt != NVFP4 and weight.dtype != compute_dtype:
@@ -115,8 +125,9 @@ class QuantLinear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
+        extra = f", fast_accum={self.fast_accum}" if self.path == "scaled_mm" else ""
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, path={self.path}, "
-                f"input_scaling={self.input_scaling}")
+                f"input_scaling={self.input_scaling}{extra}")
 
     # ------------------------------------------------------------------ compute
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -171,7 +182,7 @@ class QuantLinear(nn.Module):
         out = torch._scaled_mm(
             placement.kernel_ready(xq), placement.kernel_ready(self.weight).t(),
             scale_a=placement.kernel_ready(sx), scale_b=placement.kernel_ready(sw),
-            bias=self.bias, out_dtype=self.compute_dtype)
+            bias=self.bias, out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*lead, self.out_features)
 
     def _gelu_ffn(self, up: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
