@@ -211,6 +211,20 @@ def test_cpu_path_never_touches_triton(monkeypatch):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_stream_starts_contiguous_fp32(dtype):
+    """The fused norms read the fp32 residual as rows: patchify must hand it over contiguous
+    (a transposed view made the first block copy it twice), whatever the compute dtype."""
+    model = ours(TINY_I2V, random_state_dict(TINY_I2V, seed=3), dtype)
+    x, _, _, _, y = inputs(TINY_I2V)
+    with torch.no_grad():
+        tokens, grid = model.patchify(x, y)
+        conv = model.patch_embedding(torch.cat([x, y], dim=1).to(dtype))
+    assert tokens.dtype == torch.float32 and tokens.is_contiguous()
+    assert torch.equal(tokens, conv.flatten(2).transpose(1, 2).float())
+    assert grid == tuple(conv.shape[2:])
+
+
 def test_kernels_under_triton_interpreter():
     """The kernels' math on CPU tensors through TRITON_INTERPRET=1 (no GPU needed). In a fresh
     process: the interpreter must be chosen before triton is first imported."""
