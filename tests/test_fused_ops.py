@@ -38,6 +38,23 @@ def _case(batch, grid, dtype, device):
     return x, w, rot, resid, mod
 
 
+def _fp8_scale(h):
+    """The per-tensor fp8 scale of h as quant_kernels computes it: clamp_min(max|h| / 448, 1e-12)."""
+    return (h.float().abs().amax() / 448.0).clamp_min(1e-12)
+
+
+def _check_amax(make_h, device):
+    """make_h(amax_to) runs a fused LayerNorm; the scale it folds equals the one computed from its
+    stored output, bit for bit, and the output itself does not change."""
+    from wanvideo_infinitetalk.wanvideo.quant_kernels import scale_accumulator
+
+    plain = make_h(None)
+    acc = scale_accumulator(device)
+    h = make_h(acc)
+    assert torch.equal(h, plain)
+    assert torch.equal(acc, _fp8_scale(h)), (acc, _fp8_scale(h))
+
+
 def _check_ops(batch, grid, dtype, device):
     x, w, rot, resid, mod = _case(batch, grid, dtype, device)
     cos, sin = cos_sin(rot)
@@ -52,6 +69,11 @@ def _check_ops(batch, grid, dtype, device):
     ref = torch.addcmul(shift, F.layer_norm(resid, (DIM,), eps=1e-6), 1 + scale).to(dtype)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), ref.float(), **tol)
+    _check_amax(lambda acc: fused_ops.modulated_layer_norm(resid, shift, scale, dtype, 1e-6,
+                                                           amax_to=acc), device)
+    with pytest.raises(ValueError, match="amax_to must be a one-element fp32 tensor"):
+        fused_ops.modulated_layer_norm(resid, shift, scale, dtype, 1e-6,
+                                       amax_to=torch.zeros(2, device=device))
     bias = 0.1 * mod[:, 0].mean(0)
     y = fused_ops.layer_norm(resid, w, bias, 1e-6, dtype)
     torch.testing.assert_close(y.float(), F.layer_norm(resid, (DIM,), w, bias, 1e-6).to(dtype).float(),
@@ -78,12 +100,17 @@ def _check_residual(batch, grid, device):
         close_fp32(new, ref)
         torch.testing.assert_close(h.float(), F.layer_norm(ref, (DIM,), w, bias, 1e-6).bfloat16().float(),
                                    **_tol(torch.bfloat16))
+        _check_amax(lambda acc: fused_ops.residual_layer_norm(x, y, g, torch.bfloat16, 1e-6, w, bias,
+                                                              inplace=False, amax_to=acc)[1], device)
         out = x.clone()
         new, h = fused_ops.residual_layer_norm(out, y, g, torch.bfloat16, 1e-6, shift=shift, scale=scale)
         assert new is out and h.dtype == torch.bfloat16
         close_fp32(out, ref)
         href = torch.addcmul(shift, F.layer_norm(ref, (DIM,), eps=1e-6), 1 + scale).bfloat16()
         torch.testing.assert_close(h.float(), href.float(), **_tol(torch.bfloat16))
+        _check_amax(lambda acc: fused_ops.residual_layer_norm(
+            x, y, g, torch.bfloat16, 1e-6, shift=shift, scale=scale, inplace=False,
+            amax_to=acc)[1], device)
 
 
 @pytest.mark.gpu

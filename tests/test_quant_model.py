@@ -88,6 +88,18 @@ def test_quant_report_names_the_scaled_mm_accumulation():
         assert f"fast_accum={fasts[0]}" in repr(model[0])
 
 
+def test_fp8_scale_slot_only_for_cuda_scaled_mm_layers():
+    """Norms fold an fp8 scale only for layers that quantize their input per tensor on CUDA;
+    on the CPU (dequant path) or for plain nn.Linear there is no slot and nothing changes."""
+    from wanvideo_infinitetalk.wanvideo.quant_linear import fp8_scale_slot
+
+    model = tiny_model()
+    fo.quantize_model(model, "fp8_e4m3fn_scaled", "cpu")
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert fp8_scale_slot(q[:1], torch.zeros(2, q[0].in_features)) is None
+    assert fp8_scale_slot((nn.Linear(4, 4),), torch.zeros(1, 4)) is None
+
+
 def test_quantized_tensors_follow_module_moves():
     model = tiny_model()
     fo.quantize_model(model, "nvfp4", "cpu")

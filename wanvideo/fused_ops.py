@@ -16,6 +16,9 @@ the next GEMM wants (measured: bench/fused_ops.py, bench/results/fused_ops_h100.
   reading x and y once (torch's broadcasting addcmul ran unvectorised, ~1.2 ms at 32,760 tokens);
   `residual_layer_norm` also writes the next LayerNorm (affine or modulated) of the new x in the
   same pass, so the block never re-reads the residual for its norms.
+- `amax_to` (LayerNorm outputs that feed fp8 `_scaled_mm` layers): the same pass also folds
+  max|h| / 448 into a per-tensor fp8 scale (see quant_kernels.scale_accumulator), so the layer
+  only casts h instead of first re-reading all of it for the scale.
 
 `enabled(x)` decides with cheap checks (device, the env switch WANVIDEO_FUSED=0, a cached triton
 import test); callers keep the torch code as the reference and the path for CPU / no triton.
@@ -28,6 +31,7 @@ import os
 
 import torch
 
+from .quant_formats import FP8_E4M3_MAX
 from .quant_kernels import triton_available
 
 
@@ -71,10 +75,11 @@ def _kernels():
         tl.store(y_ptr + row * (2 * HALF_DIM) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def layer_norm(x_ptr, y_ptr, a_ptr, b_ptr, r_ptr, g_ptr, xo_ptr, C, L, stride_x, stride_ab,
-                   stride_bb, stride_r, stride_g, eps, RESIDUAL: tl.constexpr, GATE: tl.constexpr,
-                   NORM: tl.constexpr, MODULATE: tl.constexpr, HAS_W: tl.constexpr,
-                   HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    def layer_norm(x_ptr, y_ptr, a_ptr, b_ptr, r_ptr, g_ptr, xo_ptr, s_ptr, C, L, stride_x,
+                   stride_ab, stride_bb, stride_r, stride_g, eps, RESIDUAL: tl.constexpr,
+                   GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, AMAX: tl.constexpr,
+                   FMAX: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
@@ -100,7 +105,10 @@ def _kernels():
                     y = y * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_B:
                     y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + row * C + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            y = y.to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + row * C + offs, y, mask=mask)
+            if AMAX:  # of the stored (rounded) values, which the fp8 cast will read
+                tl.atomic_max(s_ptr, tl.max(tl.abs(y.to(tl.float32)), axis=0) / FMAX)
 
     return rms_rope, layer_norm
 
@@ -153,9 +161,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=1,
-               residual=None, gate=None, x_out=None, norm=True):
-    """One row per program: [x_out = x + residual (* gate)], then [LayerNorm -> y in out_dtype].
-    Returns y (None when norm is False)."""
+               residual=None, gate=None, x_out=None, norm=True, amax_to=None):
+    """One row per program: [x_out = x + residual (* gate)], then [LayerNorm -> y in out_dtype,
+    max|y| / 448 folded into amax_to]. Returns y (None when norm is False)."""
+    if amax_to is not None and (not norm or amax_to.dtype != torch.float32 or amax_to.numel() != 1
+                                or amax_to.device != x.device):
+        raise ValueError("amax_to must be a one-element fp32 tensor on x's device, with norm=True")
     c = x.shape[-1]
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if norm else None
@@ -169,10 +180,12 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
     _kernels()[1][(x2.shape[0],)](x2, dummy if y is None else y, dummy if a is None else a,
                                   dummy if b is None else b, r2, g2,
                                   dummy if x_out is None else x_out,
+                                  dummy if amax_to is None else amax_to,
                                   c, seq, x2.stride(0), stride_ab, stride_bb, r2.stride(0),
                                   stride_g, float(eps), RESIDUAL=residual is not None,
                                   GATE=gate is not None, NORM=norm, MODULATE=modulate,
                                   HAS_W=a is not None, HAS_B=b is not None,
+                                  AMAX=amax_to is not None, FMAX=FP8_E4M3_MAX,
                                   BLOCK=block, num_warps=_warps(block))
     return y
 
@@ -184,11 +197,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                         out_dtype: torch.dtype, eps: float) -> torch.Tensor:
+                         out_dtype: torch.dtype, eps: float,
+                         amax_to: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, L, C] -> LayerNorm(x) (no affine, fp32) * (1 + scale) + shift in out_dtype, with
-    shift/scale [B, 1, C] (views into the modulation tensor are fine: unit last stride)."""
+    shift/scale [B, 1, C] (views into the modulation tensor are fine: unit last stride).
+    `amax_to`: see the module docstring."""
     shift, scale, hb, sb = _broadcast_rows(x, shift, scale)
-    return _launch_ln(x, out_dtype, eps, scale, shift, True, sb, hb, x.shape[1])
+    return _launch_ln(x, out_dtype, eps, scale, shift, True, sb, hb, x.shape[1], amax_to=amax_to)
 
 
 def _broadcast_rows(x, *ts):
@@ -218,11 +233,13 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
                         out_dtype: torch.dtype | None, eps: float = 1e-6,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                        inplace: bool = True, norm: bool = True):
+                        inplace: bool = True, norm: bool = True,
+                        amax_to: torch.Tensor | None = None):
     """The residual update of `gated_residual_` and the LayerNorm of its result in one pass:
     returns (x_new, h) with x_new = x + y [* gate] (x itself when inplace, else a new contiguous
     tensor, x untouched) and h = LayerNorm(x_new) in out_dtype, either affine (weight/bias) or
-    modulated (`* (1 + scale) + shift`, [B, 1, C], as `modulated_layer_norm`)."""
+    modulated (`* (1 + scale) + shift`, [B, 1, C], as `modulated_layer_norm`). `amax_to`: see the
+    module docstring."""
     if x.dtype != torch.float32 or y.shape != x.shape:
         raise ValueError(f"x must be fp32 and y of its shape: {x.dtype} {tuple(x.shape)}, "
                          f"{tuple(y.shape)}")
@@ -240,5 +257,5 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
         a, b, sb, hb = weight, bias, 0, 0
     h = _launch_ln(x, out_dtype, eps, a, b, modulate, sb, hb, x.shape[1] if x.dim() == 3 else 1,
                    residual=y, gate=gate_args[0] if gate_args else None,
-                   x_out=x_out, norm=norm)
+                   x_out=x_out, norm=norm, amax_to=amax_to)
     return x_out, h

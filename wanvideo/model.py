@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_ops, placement
-from .quant_linear import ffn_forward, shared_input_quantization
+from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
 from .attention import attention
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
@@ -69,11 +69,12 @@ class SelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
-    def forward(self, x, rope, return_qk: bool = False):
+    def forward(self, x, rope, return_qk: bool = False, x_scale=None):
+        """`x_scale`: x's fp8 scale when the kernel that wrote x folded it (fp8_scale_slot)."""
         b, seq, _ = x.shape
         shape = (b, seq, self.num_heads, -1)
         # fp8 scaled_mm q, k, v: quantize their common input once (None otherwise)
-        xq = shared_input_quantization((self.q, self.k, self.v), x)
+        xq = shared_input_quantization((self.q, self.k, self.v), x, x_scale)
         kw = {} if xq is None else {"quantized": xq}
         if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
             cos, sin, heads = *cos_sin(rope), self.num_heads
@@ -104,11 +105,13 @@ class CrossAttention(nn.Module):
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = WanRMSNorm(dim, eps)
 
-    def forward(self, x, context, image_tokens: int):
+    def forward(self, x, context, image_tokens: int, x_scale=None):
+        """`x_scale`: as SelfAttention.forward's, for q."""
         b = x.shape[0]
         heads = (b, -1, self.num_heads, x.shape[-1] // self.num_heads)
         text = context[:, image_tokens:]
-        q = self.norm_q(self.q(x)).view(heads)
+        kw = {} if x_scale is None else {"quantized": self.q.quantize_input(x, x_scale)}
+        q = self.norm_q(self.q(x, **kw)).view(heads)
         k = self.norm_k(self.k(text)).view(heads)
         out = attention(q, k, self.v(text).view(heads), self.backend)
         if self.with_image:
@@ -138,8 +141,8 @@ class WanBlock(nn.Module):
         """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
         need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
-        y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk)
         if not fused_ops.enabled(x):  # torch reference (CPU, WANVIDEO_FUSED=0)
+            y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk)
             # addcmul keeps each gated residual one fused pass over the activations
             x = torch.addcmul(x, y, gate0)
             x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
@@ -149,16 +152,23 @@ class WanBlock(nn.Module):
             return x.addcmul_(y, gate1)
         # The same steps through fused_ops: each residual update also writes the next norm's input
         # in one pass; the first writes a new x (the caller's stays untouched, as with addcmul).
-        n3, n2 = self.norm3, self.norm2
+        # A norm feeding fp8 scaled_mm layers also folds its output's fp8 scale (s) in that pass.
+        sa, ca, n3, n2 = self.self_attn, self.cross_attn, self.norm3, self.norm2
+        s = fp8_scale_slot((sa.q, sa.k, sa.v), x)
+        h = fused_ops.modulated_layer_norm(x, shift0, scale0, dtype, self.norm1.eps, amax_to=s)
+        y, qk = sa(h, rope, need_qk, x_scale=s)
+        s = fp8_scale_slot((ca.q,), x)
         x, h = fused_ops.residual_layer_norm(x, y, gate0, dtype, n3.eps, n3.weight, n3.bias,
-                                             inplace=False)
-        y = self.cross_attn(h, context, image_tokens)
+                                             inplace=False, amax_to=s)
+        y = ca(h, context, image_tokens, x_scale=s)
         if audio_ctx is not None and self.audio_cross_attn is not None:
             nx = self.norm_x
             _, h = fused_ops.residual_layer_norm(x, y, None, dtype, nx.eps, nx.weight, nx.bias)
             y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk)
-        _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1)
-        return fused_ops.gated_residual_(x, ffn_forward(self.ffn, h), gate1)
+        s = fp8_scale_slot((self.ffn[0],), x)
+        _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1,
+                                             amax_to=s)
+        return fused_ops.gated_residual_(x, ffn_forward(self.ffn, h, s), gate1)
 
 
 class Head(nn.Module):

@@ -72,6 +72,14 @@ def _kernels():
 
 
 _AMAX_ROWS = 8
+SCALE_FLOOR = 1e-12  # the smallest per-tensor scale (an all-zero activation)
+
+
+def scale_accumulator(device) -> torch.Tensor:
+    """A 0-d fp32 scale that kernels fold max|x| / 448 into with atomic max (the amax kernel
+    here, the fused LayerNorms in fused_ops): starting at the floor, it ends as
+    clamp_min(amax / 448, SCALE_FLOOR)."""
+    return torch.full((), SCALE_FLOOR, dtype=torch.float32, device=device)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -84,7 +92,7 @@ def _quantize(x2: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool):
     block = 1024 if k >= 1024 else max(16, 1 << (k - 1).bit_length())
     if static_scale is None:
         # one reduction kernel writes the finished scale (no aminmax + 5 scalar ops)
-        static_scale = torch.full((), 1e-12, dtype=torch.float32, device=x2.device)
+        static_scale = scale_accumulator(x2.device)
         ablock = min(block, 512)
         amax_k[(_cdiv(m, _AMAX_ROWS),)](x2, static_scale, m, k, x2.stride(0),
                                               FMAX=FP8_E4M3_MAX, GELU=gelu, ROWS=_AMAX_ROWS,
@@ -96,9 +104,10 @@ def _quantize(x2: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool):
 
 
 def quantize_tensor_triton(x2: torch.Tensor, static_scale: torch.Tensor | None):
-    """x2 [M, K] (unit last stride) -> (fp8 [M, K] contiguous, fp32 0-d scale). The scale is the
-    file's static input scale, or per-tensor max|x| / 448 (floor 1e-12) from one Triton reduction
-    pass that writes the scale itself; then one scale+cast pass. No host sync."""
+    """x2 [M, K] (unit last stride) -> (fp8 [M, K] contiguous, fp32 0-d scale). The scale is
+    `static_scale` when given (a file's input scale, or one already folded by the kernel that
+    wrote x2), else per-tensor max|x| / 448 (floor 1e-12) from one Triton reduction pass that
+    writes the scale itself; then one scale+cast pass. No host sync."""
     return _quantize(x2, static_scale, gelu=False)
 
 

@@ -158,17 +158,19 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
-    def quantize_input(self, x: torch.Tensor):
+    def quantize_input(self, x: torch.Tensor, scale: torch.Tensor | None = None):
         """(xq [M, K] fp8, fp32 scale) of x [..., K] as this layer's scaled_mm path would make it;
         pass it as forward(x, quantized=...) to every layer that reads this same x and shares
-        this layer's input scaling (see shares_quantization)."""
+        this layer's input scaling (see shared_input_quantization). `scale`: x's per-tensor
+        scale, already folded by the kernel that wrote x (see fp8_scale_slot); x is then only
+        cast."""
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        return self._quantize_input(x2)
+        return self._quantize_input(x2, scale)
 
-    def _quantize_input(self, x2: torch.Tensor):
-        static = self.input_scale if self.input_scaling == "static" else None
+    def _quantize_input(self, x2: torch.Tensor, scale: torch.Tensor | None = None):
+        static = self.input_scale if self.input_scaling == "static" else scale
         from . import quant_kernels
         if self.quantizer == "triton":
             return quant_kernels.quantize_tensor_triton(x2, static)
@@ -185,10 +187,11 @@ class QuantLinear(nn.Module):
             bias=self.bias, out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*lead, self.out_features)
 
-    def _gelu_ffn(self, up: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def _gelu_ffn(self, up: "QuantLinear", x: torch.Tensor,
+                  x_scale: torch.Tensor | None = None) -> torch.Tensor:
         """self(gelu_tanh(up(x))) with GELU fused into the quantization of self's input."""
         from . import quant_kernels
-        h = up(x)
+        h = up(x) if x_scale is None else up(x, quantized=up.quantize_input(x, x_scale))
         h2 = h.reshape(-1, self.in_features)
         static = self.input_scale if self.input_scaling == "static" else None
         quantized = quant_kernels.quantize_gelu_tanh_triton(h2, static)
@@ -217,18 +220,34 @@ def _scaled_mm_layer(m) -> bool:
     return isinstance(m, QuantLinear) and m.path == "scaled_mm"
 
 
-def shared_input_quantization(layers, x: torch.Tensor):
+def _share_dynamic_scaling(layers, x: torch.Tensor) -> bool:
+    first = layers[0]
+    return x.is_cuda and all(
+        _scaled_mm_layer(m) and m.input_scaling == "tensor" and m.quantizer == first.quantizer
+        and m.in_features == first.in_features for m in layers)
+
+
+def shared_input_quantization(layers, x: torch.Tensor, scale: torch.Tensor | None = None):
     """One quantization of x for several layers that all read x (self-attention's q, k, v), or
     None when they cannot share it: every layer must be a QuantLinear on the scaled_mm path with
     the same in_features, quantizer and per-tensor dynamic input scaling (a file's static input
     scales differ per layer). The result is what each layer would compute itself (same function,
-    same input), so outputs are unchanged; pass it as layer(x, quantized=...)."""
-    first = layers[0]
-    if not x.is_cuda or not all(
-            _scaled_mm_layer(m) and m.input_scaling == "tensor" and m.quantizer == first.quantizer
-            and m.in_features == first.in_features for m in layers):
+    same input), so outputs are unchanged; pass it as layer(x, quantized=...). `scale`: from
+    fp8_scale_slot, folded by the kernel that wrote x."""
+    if not _share_dynamic_scaling(layers, x):
         return None
-    return first.quantize_input(x)
+    return layers[0].quantize_input(x, scale)
+
+
+def fp8_scale_slot(layers, x: torch.Tensor) -> torch.Tensor | None:
+    """A scale accumulator for the input of `layers` when the kernel about to write that input can
+    fold max|input| / 448 into it (fused_ops' LayerNorms, `amax_to`), so the layers only cast it:
+    the same conditions as shared_input_quantization plus the Triton quantizer. None otherwise
+    (the layers then compute the scale themselves). `x` is any tensor on the compute device."""
+    if not _share_dynamic_scaling(layers, x) or layers[0].quantizer != "triton":
+        return None
+    from .quant_kernels import scale_accumulator
+    return scale_accumulator(x.device)
 
 
 def gelu_ffn_fusable(ffn) -> bool:
@@ -239,9 +258,12 @@ def gelu_ffn_fusable(ffn) -> bool:
             and ffn[1].approximate == "tanh")
 
 
-def ffn_forward(ffn, x: torch.Tensor) -> torch.Tensor:
+def ffn_forward(ffn, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """ffn(x); when gelu_ffn_fusable(ffn) and x is on CUDA, the bf16 GELU output is never
-    materialized: ffn[2] quantizes gelu_tanh(ffn[0](x)) in two reads of ffn[0]'s output."""
+    materialized: ffn[2] quantizes gelu_tanh(ffn[0](x)) in two reads of ffn[0]'s output.
+    `x_scale`: x's fp8 scale from fp8_scale_slot((ffn[0],), ...), already folded."""
     if x.is_cuda and gelu_ffn_fusable(ffn):
-        return ffn[2]._gelu_ffn(ffn[0], x)
+        return ffn[2]._gelu_ffn(ffn[0], x, x_scale)
+    if x_scale is not None:
+        return ffn[2](ffn[1](ffn[0](x, quantized=ffn[0].quantize_input(x, x_scale))))
     return ffn(x)
