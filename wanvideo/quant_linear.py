@@ -11,9 +11,9 @@ The compute path is chosen once, when the layer is built for its compute device 
   cast pass; a torch.compile'd function when Triton is missing), or with the file's calibrated
   input_scale. `fast_accum` (default on) lets the GEMM keep its sums in the tensor cores'
   accumulator instead of promoting them to fp32 every few K steps: on an H100 it made the fp8
-  GEMMs up to 11% faster for an output error (~2e-3 relative) well under what the fp8 rounding of
-  the inputs already costs (bench/fp8_gemm.py, bench/quant.py). `scaled_mm_calls` counts calls (a plain
-  int; tests spy on it).
+  GEMMs up to 10% faster for an output error (~2e-3 relative) well under what the fp8 rounding
+  of the inputs already costs (bench/fp8_gemm.py, bench/quant.py). `scaled_mm_calls` counts
+  calls (a plain int; tests spy on it).
 - "dequant": fp8 weight cast to the activation dtype once per call, scale applied in place on
   that temporary, then a normal GEMM (CPU, older GPUs, e5m2, shapes the kernel refuses).
 - "nvfp4_dequant": NVFP4 unpacked to the compute dtype per call (compiled on CUDA), then GEMM.
