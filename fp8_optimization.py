@@ -23,7 +23,7 @@ from .wanvideo import placement
 from .wanvideo.quant_files import (QuantFormatError, detect_quantization, quantized_file_tensors,
                                    read_safetensors_views, strip_prefix, write_quantized_file)
 from .wanvideo.quant_formats import (fp8_quantize, nvfp4_quantize, unswizzle_block_scales)
-from .wanvideo.quant_linear import FP8_MATMUL, QuantLinear
+from .wanvideo.quant_linear import FP8_MATMUL, QuantLinear, check_fp8_matmul
 
 __all__ = ["quantize_model", "load_quantized_state", "detect_quantization", "QuantLinear",
            "QuantFormatError", "write_quantized_file",
@@ -37,8 +37,7 @@ FORMATS = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
 
 def _matmul_options(fp8_matmul: str, allow_scaled_mm: bool) -> tuple[bool, bool]:
     """(allow_scaled_mm, fast_accum) for QuantLinear.build."""
-    if fp8_matmul not in FP8_MATMUL:
-        raise ValueError(f"fp8_matmul {fp8_matmul!r} is not supported; expected one of {FP8_MATMUL}")
+    check_fp8_matmul(fp8_matmul)
     return allow_scaled_mm and fp8_matmul != "dequantize", fp8_matmul == "fast"
 
 

@@ -14,7 +14,7 @@ from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
 from .model import WanModel
-from .quant_linear import FP8_MATMUL
+from .quant_linear import check_fp8_matmul
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     base_dtype = parse_dtype(base_dtype)
     if quantization not in QUANTIZE_CHOICES:
         raise ValueError(f"quantization {quantization!r} is not supported; expected one of {QUANTIZE_CHOICES}")
-    if fp8_matmul not in FP8_MATMUL:
-        raise ValueError(f"fp8_matmul {fp8_matmul!r} is not supported; expected one of {FP8_MATMUL}")
+    check_fp8_matmul(fp8_matmul)  # before reading the checkpoint
     check_backend(attention)
     device = torch.device(device)
     compute_device = device if compute_device is None else torch.device(compute_device)

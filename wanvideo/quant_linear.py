@@ -34,6 +34,12 @@ FP8_FORMATS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
 # accumulation; the default), "accurate" (fp8 GEMM, sums promoted to fp32 as cuBLAS does by
 # default), "dequantize" (weights up-cast per call, then a GEMM in the compute dtype).
 FP8_MATMUL = ("fast", "accurate", "dequantize")
+
+
+def check_fp8_matmul(value: str) -> str:
+    if value not in FP8_MATMUL:
+        raise ValueError(f"fp8_matmul {value!r} is not supported; expected one of {FP8_MATMUL}")
+    return value
 NVFP4 = "nvfp4"
 
 
