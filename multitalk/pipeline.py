@@ -36,6 +36,7 @@ from ..wanvideo.solvers import SOLVERS
 from .audio_proj import AudioInput
 from .audio_windows import reflect_pad
 from .color import match_colors
+from .framing import fit_image  # noqa: F401  (part of this module's API)
 from .long_video import CLIP_FRAMES, FPS, MOTION_FRAMES, LongVideoPlan, Window, plan_long_video
 
 log = logging.getLogger(__name__)
@@ -113,22 +114,6 @@ def validate_size(width: int, height: int, clip_frames: int, motion_frames: int)
         raise ValueError(f"motion frames must be in 1..{int(clip_frames) - 1}, got {motion_frames}")
 
 
-def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[H, W, 3] (or [1, H, W, C]) 0..1 -> [height, width, 3]: scale to cover, centre-crop."""
-    img = image[0] if image.ndim == 4 else image
-    img = img[..., :3].float()
-    src_h, src_w = int(img.shape[0]), int(img.shape[1])
-    scale = max(width / src_w, height / src_h)
-    new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
-    x = img.permute(2, 0, 1).unsqueeze(0)
-    if (new_h, new_w) != (src_h, src_w):
-        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic",
-                                            align_corners=False, antialias=True)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
-    return x[0].permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
-
-
 def condition_frames(reference: torch.Tensor, clip_frames: int) -> torch.Tensor:
     """The pixels the y latents encode: the reference then clip_frames - 1 grey frames (0.5 in
     0..1, i.e. the zeros of the official [-1, 1] tensor)."""
@@ -144,6 +129,41 @@ def condition_y(latents: torch.Tensor) -> torch.Tensor:
                        device=latents.device)
     mask[:, :, 0] = 1.0
     return torch.cat([mask, latents], dim=1)
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf where a video is being made; the message names the input or the window."""
+
+
+def require_finite(t: torch.Tensor, what: str, hint: str = "") -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what} holds {bad:,} NaN/Inf value(s) of {t.numel():,}"
+                             f"{'; ' + hint if hint else ''}")
+
+
+def check_model(model) -> None:
+    """InfiniteTalk animates an image: the model must be Wan2.1 I2V with the audio layers."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:  # a stand-in callable (tests), not a WanModel
+        return
+    if not cfg.has_image_embedding:
+        raise ValueError(f"this model is Wan2.1 {cfg.model_type.upper()} ({cfg.num_layers} blocks, "
+                         f"dim {cfg.dim}); InfiniteTalk needs the image-to-video model "
+                         "(e.g. wan2.1_i2v_480p_14B), which reads the portrait and its CLIP tokens")
+    if getattr(model, "audio_proj", None) is None:
+        raise ValueError("this model has no InfiniteTalk layers; load a checkpoint with the "
+                         "InfiniteTalk patch merged or applied")
+
+
+def _check_finite(r: VideoRequest) -> None:
+    for what, t in (("the portrait (reference)", r.reference), ("the image condition y", r.y),
+                    ("the CLIP vision tokens", r.clip_fea), ("the positive prompt", r.positive),
+                    ("the negative prompt", r.negative)):
+        require_finite(t, what)
+    for i, f in enumerate(r.features):
+        require_finite(f, f"speaker {i + 1}'s audio features",
+                       "the speech or the wav2vec2 weights are corrupt")
 
 
 def _check(request: VideoRequest) -> None:
@@ -169,6 +189,7 @@ def _check(request: VideoRequest) -> None:
     for f in r.features:
         if f.ndim != 3:
             raise ValueError(f"audio features must be [T, 12, 768], got {tuple(f.shape)}")
+    _check_finite(r)
 
 
 def window_audio(plan: LongVideoPlan, window: Window, features: Sequence[torch.Tensor],
@@ -179,15 +200,31 @@ def window_audio(plan: LongVideoPlan, window: Window, features: Sequence[torch.T
     return AudioInput(stacked, masks=masks if len(features) == 2 else None)
 
 
-def _streamer_stats(model) -> str:
+_ADDITIVE_STATS = ("forwards", "bytes_moved", "copy_ms", "wait_ms")
+
+
+def _streamer_stats(model) -> dict | None:
     streamer = getattr(model, "block_streamer", None)
     stats = getattr(streamer, "stats", None)
-    if not callable(stats):
+    return stats() if callable(stats) else None
+
+
+def _restart_streamer_stats(model) -> dict | None:
+    """Counters restart with every video (the streamer lives on a model ComfyUI caches)."""
+    streamer = getattr(model, "block_streamer", None)
+    if callable(getattr(streamer, "reset_stats", None)):
+        streamer.reset_stats()
+    return _streamer_stats(model)
+
+
+def _window_stats_text(before: dict | None, after: dict | None) -> str:
+    """This window's BlockSwap figures: counters as differences, peak VRAM since the video began."""
+    if before is None or after is None:
         return ""
-    s = stats()
-    return (f"; BlockSwap {s.get('blocks_swapped', '?')} blocks, "
-            f"{s.get('bytes_moved', 0) / 1e9:.2f} GB moved, copy {s.get('copy_ms', 0.0):.0f} ms, "
-            f"waited {s.get('wait_ms', 0.0):.0f} ms, peak VRAM {s.get('peak_vram_bytes', 0) / 1e9:.2f} GB")
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in _ADDITIVE_STATS}
+    return (f"; BlockSwap {after.get('blocks_swapped', '?')} blocks, {d['forwards']} forwards, "
+            f"{d['bytes_moved'] / 1e9:.2f} GB moved, copy {d['copy_ms']:.0f} ms, "
+            f"waited {d['wait_ms']:.0f} ms, peak VRAM {after.get('peak_vram_bytes', 0) / 1e9:.2f} GB")
 
 
 def _make_model_fn(model, request: VideoRequest, audio: AudioInput, silent: AudioInput, device):
@@ -214,63 +251,120 @@ def fit_length(features: torch.Tensor, frames: int) -> torch.Tensor:
     return reflect_pad(features, frames)[:frames]
 
 
+def video_host_bytes(plan: LongVideoPlan, height: int, width: int,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """Host memory of the finished video plus one window's decoded frames being processed
+    (the decode, its colour-corrected copy and the kept slice)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    frame = height * width * 3
+    return plan.total_frames * frame * item + 3 * plan.clip * frame * 4
+
+
+def _check_memory(model, r: VideoRequest, plan: LongVideoPlan) -> None:
+    from ..wanvideo.memory import require_device, require_host
+
+    _, _, f_lat, h, w = r.y.shape
+    height, width = int(h) * 8, int(w) * 8
+    require_host(video_host_bytes(plan, height, width, r.host_dtype),
+                 f"the video ({plan.total_frames} frames at {width}x{height})",
+                 "shorten it with max_frames, lower the resolution or free host RAM")
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        from ..wanvideo.block_swap import estimate_activation_bytes
+
+        tokens = int(f_lat) * (int(h) // 2) * (int(w) // 2)
+        item = torch.empty((), dtype=getattr(model, "compute_dtype", torch.bfloat16)).element_size()
+        need = estimate_activation_bytes(tokens, cfg.dim, cfg.ffn_dim, item)
+        require_device(need, r.device, f"one model pass over {tokens:,} tokens "
+                       f"({r.clip_frames} frames at {width}x{height})",
+                       "lower the resolution or the clip length")
+
+
+@dataclass
+class _WindowRun:
+    """What one window needs besides the plan: fixed for the whole video."""
+    model: object
+    request: VideoRequest
+    plan: LongVideoPlan
+    features: list
+    sigmas: list
+    guidance: Guidance
+    reference: torch.Tensor
+    callbacks: SamplingCallbacks
+
+
+def _window_callbacks(cb: SamplingCallbacks, offset: int, total: int) -> SamplingCallbacks:
+    return SamplingCallbacks(
+        progress=None if cb.progress is None else (lambda i, _n: cb.progress(offset + i, total)),
+        preview=None if cb.preview is None else (lambda i, x0: cb.preview(offset + i, x0)),
+        should_stop=cb.should_stop)
+
+
+def _sample(run: _WindowRun, win: Window, motion_latents: torch.Tensor) -> torch.Tensor:
+    r, plan = run.request, run.plan
+    device = torch.device(r.device)
+    _, _, f_lat, h, w = r.y.shape
+    audio = window_audio(plan, win, run.features, r.masks)
+    model_fn = _make_model_fn(run.model, r, audio, audio.silent(), device)
+    noise = make_noise((1, LATENT_CHANNELS, f_lat, h, w), (int(r.seed) + win.index) & SEED_MASK,
+                       device=device)
+    motion = motion_latents.to(device)
+    if motion.shape[2] != win.motion_latent_frames:
+        raise ValueError(f"window {win.index}: motion latents have {motion.shape[2]} frames, "
+                         f"the plan expects {win.motion_latent_frames}")
+    steps = len(run.sigmas) - 1
+    latents = sample_window(model_fn, noise, run.sigmas, solver=r.solver, guidance=run.guidance,
+                            motion_latents=motion,
+                            callbacks=_window_callbacks(run.callbacks, win.index * steps,
+                                                        steps * plan.num_windows))
+    require_finite(latents, f"window {win.index + 1}/{plan.num_windows}: the sampled latents",
+                   "the model produced NaN/Inf (corrupt weights, or fp16 overflow: try bf16)")
+    return latents
+
+
+def _decode(run: _WindowRun, win: Window, latents: torch.Tensor,
+            vae_decode: VaeDecode) -> torch.Tensor:
+    frames = vae_decode(latents)
+    require_finite(frames, f"window {win.index + 1}/{run.plan.num_windows}: the decoded frames",
+                   "the VAE produced NaN/Inf (a corrupt VAE file?)")
+    frames = match_colors(frames.float().clamp(0.0, 1.0), run.reference.to(frames.device),
+                          run.request.color_strength)
+    if frames.shape[0] < win.keep_end:
+        raise ValueError(f"vae_decode returned {frames.shape[0]} frames for a window of "
+                         f"{win.frames}")
+    return frames
+
+
 def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_decode: VaeDecode,
                    callbacks: Optional[SamplingCallbacks] = None) -> VideoResult:
     """Generate the whole video; see the module docstring. Raises SamplingInterrupted when
-    callbacks.should_stop() turns True (checked before every model call)."""
+    callbacks.should_stop() turns True (checked before every model call), NonFiniteError when a
+    window's latents or frames hold NaN/Inf, MemoryBudgetError when the video cannot fit."""
+    check_model(model)
     _check(request)
-    r, cb = request, callbacks or SamplingCallbacks()
-    device = torch.device(r.device)
-    max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
+    r = request
     n_audio = int(r.audio_frames or r.features[0].shape[0])
+    max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
     plan = plan_long_video(n_audio, clip=r.clip_frames, motion=r.motion_frames,
                            max_frames=max_frames, fps=r.fps)
-    steps = int(r.steps)
-    sigmas = flow_sigmas(steps, r.shift)
-    guidance = Guidance(r.text_scale, r.audio_scale)
-    total_steps = steps * plan.num_windows
-    _, _, f_lat, h, w = r.y.shape
-    reference = r.reference.float()
-    ref_latent = r.reference_latent if r.reference_latent is not None \
-        else r.y[:, MASK_CHANNELS:, :1]
-    features = [fit_length(f.float(), n_audio) for f in r.features]
+    _check_memory(model, r, plan)
+    run = _WindowRun(model, r, plan, [fit_length(f.float(), n_audio) for f in r.features],
+                     flow_sigmas(int(r.steps), r.shift), Guidance(r.text_scale, r.audio_scale),
+                     r.reference.float(), callbacks or SamplingCallbacks())
     log.info("InfiniteTalk: %d audio frames (%.2f s) -> %d frames in %d window(s) of %d "
              "(motion %d), %d steps x %d pass(es), solver %s", n_audio, n_audio / r.fps,
-             plan.total_frames, plan.num_windows, plan.clip, plan.motion, steps,
-             len(guidance.passes), r.solver)
-
-    video: Optional[torch.Tensor] = None
-    motion_latents = ref_latent.float()
-    window_log = []
+             plan.total_frames, plan.num_windows, plan.clip, plan.motion, int(r.steps),
+             len(run.guidance.passes), r.solver)
+    stats = _restart_streamer_stats(model)
+    ref_latent = r.reference_latent if r.reference_latent is not None \
+        else r.y[:, MASK_CHANNELS:, :1]
+    motion_latents, video, window_log = ref_latent.float(), None, []
     for win in plan.windows:
-        t0 = time.perf_counter()
-        audio = window_audio(plan, win, features, r.masks)
-        silent = audio.silent()
-        model_fn = _make_model_fn(model, r, audio, silent, device)
-        noise = make_noise((1, LATENT_CHANNELS, f_lat, h, w), (int(r.seed) + win.index) & SEED_MASK,
-                           device=device)
-        offset = win.index * steps
-        window_cb = SamplingCallbacks(
-            progress=None if cb.progress is None else
-            (lambda i, _n, o=offset: cb.progress(o + i, total_steps)),
-            preview=None if cb.preview is None else
-            (lambda i, x0, o=offset: cb.preview(o + i, x0)),
-            should_stop=cb.should_stop)
-        motion = motion_latents.to(device)
-        if motion.shape[2] != win.motion_latent_frames:
-            raise ValueError(f"window {win.index}: motion latents have {motion.shape[2]} frames, "
-                             f"the plan expects {win.motion_latent_frames}")
-        latents = sample_window(model_fn, noise, sigmas, solver=r.solver, guidance=guidance,
-                                motion_latents=motion, callbacks=window_cb)
-        del noise, model_fn, audio, silent
+        t0, stats_before = time.perf_counter(), stats
+        latents = _sample(run, win, motion_latents)
         t1 = time.perf_counter()
-        frames = vae_decode(latents)
+        frames = _decode(run, win, latents, vae_decode)
         del latents
-        frames = match_colors(frames.float().clamp(0.0, 1.0), reference.to(frames.device),
-                              r.color_strength)
-        if frames.shape[0] < win.keep_end:
-            raise ValueError(f"vae_decode returned {frames.shape[0]} frames for a window of "
-                             f"{win.frames}")
         if video is None:
             video = torch.empty((plan.total_frames, *frames.shape[1:]), dtype=r.host_dtype)
         video[win.out_start:win.out_end] = frames[win.keep_start:win.keep_end].to(
@@ -279,14 +373,15 @@ def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_deco
         if win.index + 1 < plan.num_windows:
             motion_latents = vae_encode(frames[-plan.motion:]).float()
         del frames
-        t3 = time.perf_counter()
         entry = {"window": win.index, "audio_frames": (win.audio_start, win.audio_end),
                  "output_frames": (win.out_start, win.out_end), "sample_s": t1 - t0,
-                 "decode_s": t2 - t1, "encode_s": t3 - t2}
+                 "decode_s": t2 - t1, "encode_s": time.perf_counter() - t2}
         window_log.append(entry)
+        stats = _streamer_stats(model)
         log.info("InfiniteTalk window %d/%d: frames %d-%d (audio %d-%d), sample %.1f s, "
                  "decode %.1f s, encode %.1f s%s", win.index + 1, plan.num_windows,
                  win.out_start, win.out_end - 1, win.audio_start, win.audio_end - 1,
-                 entry["sample_s"], entry["decode_s"], entry["encode_s"], _streamer_stats(model))
+                 entry["sample_s"], entry["decode_s"], entry["encode_s"],
+                 _window_stats_text(stats_before, stats))
     return VideoResult(frames=video, num_frames=plan.total_frames, fps=r.fps, plan=plan,
                        window_log=window_log)

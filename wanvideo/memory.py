@@ -1,0 +1,77 @@
+"""Memory budgets checked before large allocations, so an impossible request fails with
+"needs about X GB, Y GB available" instead of an allocator error deep inside a kernel (or the
+operating system killing the server)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+GB = 1e9
+
+
+class MemoryBudgetError(ValueError):
+    """A request that cannot fit; the message names what needs the memory and how much."""
+
+
+# A cap on the host figure (bytes), to rehearse a small machine (tests, support cases).
+HOST_LIMIT_ENV = "WANVIDEO_HOST_RAM_LIMIT"
+
+
+def host_available_bytes() -> int | None:
+    """Memory the OS can still give this process (MemAvailable, capped by $WANVIDEO_HOST_RAM_LIMIT
+    when set), None when unknown."""
+    real = _os_available_bytes()
+    cap = os.environ.get(HOST_LIMIT_ENV, "")
+    if cap.isdigit():
+        return int(cap) if real is None else min(real, int(cap))
+    return real
+
+
+def _os_available_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_available_bytes(device) -> int | None:
+    """Free memory of a CUDA device plus what PyTorch's allocator holds in reserve but does not
+    use (it reuses that first); None for the CPU (see host_available_bytes)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + max(0, cached))
+
+
+def require(nbytes: int, available: int | None, what: str, hint: str = "") -> None:
+    """Raise MemoryBudgetError when `nbytes` exceeds `available` (unknown availability passes)."""
+    if available is None or nbytes <= available:
+        return
+    raise MemoryBudgetError(f"{what} needs about {nbytes / GB:.1f} GB, {available / GB:.1f} GB "
+                            f"available{'; ' + hint if hint else ''}")
+
+
+def require_host(nbytes: int, what: str, hint: str = "") -> None:
+    require(nbytes, host_available_bytes(), f"{what} (host RAM)", hint)
+
+
+def require_device(nbytes: int, device, what: str, hint: str = "") -> None:
+    """On the CPU the host budget applies; on CUDA the device's."""
+    if torch.device(device).type == "cuda":
+        require(nbytes, device_available_bytes(device), f"{what} (GPU memory)", hint)
+    else:
+        require_host(nbytes, what, hint)
+
