@@ -277,7 +277,7 @@ def _check_memory(model, r: VideoRequest, plan: LongVideoPlan) -> None:
         need = estimate_activation_bytes(tokens, cfg.dim, cfg.ffn_dim, item)
         require_device(need, r.device, f"one model pass over {tokens:,} tokens "
                        f"({r.clip_frames} frames at {width}x{height})",
-                       "lower the resolution or the clip length")
+                       "lower the resolution or the clip length", whole=True)
 
 
 @dataclass
@@ -335,19 +335,28 @@ def _decode(run: _WindowRun, win: Window, latents: torch.Tensor,
     return frames
 
 
+def preflight(model, request: VideoRequest) -> LongVideoPlan:
+    """Every check that can fail before any work (model kind, shapes, NaN/Inf inputs, memory);
+    returns the window plan. generate_video runs it too; callers may run it first to fail
+    before they prepare anything else (BlockSwap, unloading other models)."""
+    check_model(model)
+    _check(request)
+    r = request
+    max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
+    plan = plan_long_video(int(r.audio_frames or r.features[0].shape[0]), clip=r.clip_frames,
+                           motion=r.motion_frames, max_frames=max_frames, fps=r.fps)
+    _check_memory(model, r, plan)
+    return plan
+
+
 def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_decode: VaeDecode,
                    callbacks: Optional[SamplingCallbacks] = None) -> VideoResult:
     """Generate the whole video; see the module docstring. Raises SamplingInterrupted when
     callbacks.should_stop() turns True (checked before every model call), NonFiniteError when a
     window's latents or frames hold NaN/Inf, MemoryBudgetError when the video cannot fit."""
-    check_model(model)
-    _check(request)
+    plan = preflight(model, request)
     r = request
     n_audio = int(r.audio_frames or r.features[0].shape[0])
-    max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
-    plan = plan_long_video(n_audio, clip=r.clip_frames, motion=r.motion_frames,
-                           max_frames=max_frames, fps=r.fps)
-    _check_memory(model, r, plan)
     run = _WindowRun(model, r, plan, [fit_length(f.float(), n_audio) for f in r.features],
                      flow_sigmas(int(r.steps), r.shift), Guidance(r.text_scale, r.audio_scale),
                      r.reference.float(), callbacks or SamplingCallbacks())

@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 
 from .model_files import register_folders, wav2vec2_choices, wav2vec2_path
 from .types import INFINITETALK_AUDIO, WAV2VEC2MODEL, InfiniteTalkAudio
+from .validation import not_listed
 
 CATEGORY = "WanVideo InfiniteTalk"
 FPS = 25                  # InfiniteTalk's video rate; features have 25 rows per second
@@ -57,9 +58,9 @@ class Wav2Vec2ModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model=None) -> bool | str:
-        if model is not None and model not in wav2vec2_choices():
-            return f"wav2vec2 model {model!r} is not in models/wav2vec2"
-        return True
+        if model is None:
+            return True
+        return not_listed(model, wav2vec2_choices(), "models/wav2vec2", "wav2vec2 model") or True
 
     @classmethod
     def execute(cls, model: str) -> io.NodeOutput:
@@ -106,7 +107,7 @@ def _one_mask(mask, label: str) -> torch.Tensor:
 
 
 def parse_boxes(text: str) -> list[tuple[float, ...]] | None:
-    """'l,t,r,b; l,t,r,b' (fractions 0..1 of the frame) -> two boxes; '' -> None."""
+    """'l,t,r,b; l,t,r,b' (fractions 0..1 of the portrait) -> two boxes; '' -> None."""
     text = (text or "").strip()
     if not text:
         return None
@@ -184,13 +185,15 @@ class InfiniteTalkAudioEmbeds(io.ComfyNode):
                                        "patch)."),
                 io.Mask.Input("mask_1", optional=True,
                               tooltip="Two speakers: region of speaker 1 on the portrait "
-                                      "(white = speaker). Give both masks, same size."),
+                                      "(white = speaker). Give both masks, same size. The "
+                                      "sampler crops them exactly as the portrait is cropped."),
                 io.Mask.Input("mask_2", optional=True,
                               tooltip="Two speakers: region of speaker 2, same size as mask_1."),
                 io.String.Input("speaker_boxes", default="", optional=True,
                                 tooltip="Two speakers without masks: 'left,top,right,bottom; "
                                         "left,top,right,bottom' as fractions 0..1 of the "
-                                        "frame. Empty = left and right halves."),
+                                        "portrait (before its crop to the video size). Empty "
+                                        "= left and right halves of the portrait."),
             ],
             outputs=[INFINITETALK_AUDIO.Output(
                 display_name="audio_embeds",

@@ -90,27 +90,22 @@ class InfiniteTalkImageToVideo(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, clip_length=None,
-                        motion_frames=None) -> bool | str:
-        from ..multitalk.pipeline import validate_size
-
-        if None in (width, height, clip_length, motion_frames):
-            return True  # linked inputs are checked in execute
-        try:
-            validate_size(width, height, clip_length, motion_frames)
-        except ValueError as e:
-            return str(e)
-        return True
-
-    @classmethod
     def execute(cls, start_image, vae, width: int = 832, height: int = 480,
                 clip_length: int = 81, motion_frames: int = 9,
                 clip_vision_output=None) -> io.NodeOutput:
         from ..multitalk.pipeline import condition_frames, condition_y, fit_image, validate_size
+        from ..wanvideo.memory import require_host
 
+        # Ranges are ComfyUI's own validation (this node declares no validate_inputs, which
+        # would switch it off); what a range cannot say is checked here, before any work.
         validate_size(width, height, clip_length, motion_frames)
-        if start_image is None or start_image.ndim != 4 or start_image.shape[0] < 1:
-            raise ValueError("start_image must be an IMAGE batch [B, H, W, C]")
+        if not isinstance(start_image, torch.Tensor) or start_image.ndim != 4 \
+                or start_image.shape[0] < 1 or start_image.shape[-1] < 3:
+            raise ValueError("start_image must be an IMAGE batch [B, H, W, 3]")
+        # Pixels of the clip plus the resize's working copies, before the VAE sees them.
+        require_host(int(clip_length) * int(width) * int(height) * 3 * 4 * 3,
+                     f"the image condition ({clip_length} frames at {width}x{height})",
+                     "lower the resolution or clip_length")
         reference = fit_image(start_image[0].cpu(), int(width), int(height))
         latents = vae_encode(vae, condition_frames(reference, int(clip_length)))
         y = condition_y(latents)
@@ -120,5 +115,6 @@ class InfiniteTalkImageToVideo(io.ComfyNode):
                              f"{clip_length} frames of {width}x{height}; a Wan 2.1 VAE is needed")
         cond = InfiniteTalkCond(reference=reference, y=y, clip_fea=clip_features(clip_vision_output),
                                 width=int(width), height=int(height),
-                                clip_frames=int(clip_length), motion_frames=int(motion_frames))
+                                clip_frames=int(clip_length), motion_frames=int(motion_frames),
+                                source_size=(int(start_image.shape[1]), int(start_image.shape[2])))
         return io.NodeOutput(cond)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from .validation import not_listed
+
 INFINITETALK = "infinitetalk"
 WAV2VEC2 = "wav2vec2"
 EXTENSIONS = (".safetensors",)
@@ -47,11 +49,12 @@ def patch_path(name: str) -> str:
 
     register_folder(INFINITETALK)
     for folder in (INFINITETALK, "diffusion_models"):
-        path = folder_paths.get_full_path(folder, name)
-        if path:
-            return path
-    raise FileNotFoundError(f"InfiniteTalk patch {name!r} is not in models/{INFINITETALK} "
-                            "or models/diffusion_models")
+        if name in _files(folder):
+            path = folder_paths.get_full_path(folder, name)
+            if path:
+                return path
+    raise ValueError(not_listed(name, [], f"models/{INFINITETALK} or models/diffusion_models",
+                                "InfiniteTalk patch"))
 
 
 def wav2vec2_choices() -> list[str]:
@@ -76,10 +79,9 @@ def wav2vec2_choices() -> list[str]:
 def wav2vec2_path(name: str) -> str:
     import folder_paths
 
-    register_folder(WAV2VEC2)
-    if name and os.sep not in name and "/" not in name and name not in ("..", "."):
+    if name in wav2vec2_choices():
         for root in folder_paths.get_folder_paths(WAV2VEC2):
             full = os.path.join(root, name)
-            if os.path.exists(full):
+            if os.path.isdir(full) or os.path.isfile(full):
                 return full
-    raise FileNotFoundError(f"wav2vec2 model {name!r} is not in models/{WAV2VEC2}")
+    raise ValueError(not_listed(name, [], f"models/{WAV2VEC2}", "wav2vec2 model"))

@@ -16,12 +16,13 @@ class WanVideoModelHandle:
     report: dict = field(default_factory=dict)  # what the loader detected (inspect JSON keys)
     device: Any = None              # torch.device the weights were loaded to
     offload_device: Any = None      # torch.device to park weights on (ComfyUI's unet offload device)
-    path: str = ""                  # the checkpoint file it came from
+    name: str = ""                  # the checkpoint's name in models/diffusion_models
 
     def summary(self) -> dict:
-        """The report plus where the model lives; JSON-friendly."""
+        """The report plus where the model lives; JSON-friendly. Files appear as ComfyUI lists
+        them, never as server paths (this goes to every client)."""
         out = dict(self.report)
-        out.setdefault("file", self.path)
+        out.setdefault("file", self.name)
         out["device"] = str(self.device)
         out["offload_device"] = str(self.offload_device)
         return out

@@ -7,8 +7,10 @@ import os
 import torch
 from comfy_api.latest import io
 
+from .model_files import patch_path
 from .model_handle import WanVideoModelHandle
 from .types import INFINITETALK_PATCH, WANVIDLORA
+from .validation import lora_chain, not_listed, resolve
 
 CATEGORY = "WanVideo InfiniteTalk"
 WANVIDEOMODEL = io.Custom("WANVIDEOMODEL")
@@ -34,25 +36,15 @@ def _compute_device() -> torch.device:
 
 
 def _patch_path(patch) -> str | None:
+    """The patch file, resolved again from its listed name (a value typed into the prompt
+    instead of a link cannot name an arbitrary path)."""
     if patch is None:
         return None
-    path = getattr(patch, "path", None)
-    if not isinstance(path, str):
+    name = getattr(patch, "name", None)
+    if not isinstance(name, str):
         raise ValueError("infinitetalk: expected a patch from InfiniteTalk Model Loader, got "
                          f"{type(patch).__name__}")
-    return path
-
-
-def _lora_list(lora) -> list[tuple[str, float]]:
-    """WANVIDLORA (list of (path, strength)) -> a checked list; zero strengths are dropped."""
-    if lora is None:
-        return []
-    try:
-        pairs = [(str(p), float(s)) for p, s in lora]
-    except (TypeError, ValueError):
-        raise ValueError("lora: expected the output of WanVideo LoRA Select (a list of "
-                         f"(file, strength)), got {type(lora).__name__}") from None
-    return [(p, s) for p, s in pairs if s != 0.0]
+    return patch_path(name)
 
 
 def _brief(key: str, value):
@@ -137,20 +129,21 @@ class WanVideoModelLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, model=None) -> bool | str:
         # ComfyUI 0.3.75 does not check V3 combo values itself; reject an unknown file before
-        # anything runs (HTTP 400 with node_errors). Only `model` is declared here because ComfyUI
-        # repeats a failure once per declared input.
+        # anything runs (HTTP 400 with node_errors). Only `model` is declared: ComfyUI repeats a
+        # failure once per declared input, and it checks the other inputs' ranges itself only
+        # when they are not declared. The link-only inputs (lora, infinitetalk) are resolved by
+        # name at execution, before anything is opened.
         import folder_paths
 
-        if model is not None and model not in folder_paths.get_filename_list("diffusion_models"):
-            return f"model {model!r} is not in models/diffusion_models"
-        return True
+        if model is None:
+            return True
+        return not_listed(model, folder_paths.get_filename_list("diffusion_models"),
+                          "models/diffusion_models", "model") or True
 
     @classmethod
     def execute(cls, model: str, base_precision: str = "bf16", attention: str = "sdpa",
                 load_device: str = "offload_device", quantization: str = "none",
                 fp8_matmul: str = "fast", infinitetalk=None, lora=None) -> io.NodeOutput:
-        import folder_paths
-
         from ..wanvideo.loader import load_model
 
         for name, value, options in (("base_precision", base_precision, list(PRECISIONS)),
@@ -160,11 +153,11 @@ class WanVideoModelLoader(io.ComfyNode):
                                      ("fp8_matmul", fp8_matmul, FP8_MATMULS)):
             if value not in options:
                 raise ValueError(f"{name} {value!r} is not one of {options}")
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model)
+        path = resolve("diffusion_models", model, "model")
+        patch = _patch_path(infinitetalk)
+        loras = [(resolve("loras", name, "lora"), s) for name, s in lora_chain(lora) if s != 0.0]
         device, offload = _devices(load_device)
         compute = _compute_device()
-        patch = _patch_path(infinitetalk)
-        loras = _lora_list(lora)
         # CheckpointError / LoraError / ValueError carry the library's message (file + problem)
         # and reach ComfyUI unchanged as this node's execution_error.
         loaded = load_model([path], device=device, base_dtype=PRECISIONS[base_precision],
@@ -180,5 +173,5 @@ class WanVideoModelLoader(io.ComfyNode):
             if key in report:
                 log.info("  %s: %s", key, _brief(key, report[key]))
         handle = WanVideoModelHandle(model=loaded.model, report=report, device=device,
-                                     offload_device=offload, path=path)
+                                     offload_device=offload, name=model)
         return io.NodeOutput(handle)

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from .model_files import patch_files, patch_path, register_folders
 from .types import INFINITETALK_PATCH, WANVIDLORA, InfiniteTalkPatch
+from .validation import lora_chain, not_listed
 
 CATEGORY = "WanVideo InfiniteTalk"
 
@@ -56,10 +57,10 @@ class InfiniteTalkModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model=None) -> bool | str:
-        if model is not None and model not in patch_files():
-            return f"InfiniteTalk patch {model!r} is not in models/infinitetalk or " \
-                   "models/diffusion_models"
-        return True
+        if model is None:
+            return True
+        return not_listed(model, patch_files(), "models/infinitetalk or models/diffusion_models",
+                          "InfiniteTalk patch") or True
 
     @classmethod
     def execute(cls, model: str) -> io.NodeOutput:
@@ -110,14 +111,13 @@ class WanVideoLoraSelect(io.ComfyNode):
     def validate_inputs(cls, lora=None) -> bool | str:
         import folder_paths
 
-        if lora is not None and lora not in folder_paths.get_filename_list("loras"):
-            return f"LoRA {lora!r} is not in models/loras"
-        return True
+        if lora is None:
+            return True
+        return not_listed(lora, folder_paths.get_filename_list("loras"), "models/loras",
+                          "LoRA") or True
 
     @classmethod
     def execute(cls, lora: str, strength: float = 1.0, prev_lora=None) -> io.NodeOutput:
-        import folder_paths
-
-        path = folder_paths.get_full_path_or_raise("loras", lora)
-        chain = [(str(p), float(s)) for p, s in (prev_lora or [])]
-        return io.NodeOutput(chain + [(path, float(strength))])
+        # Names, not paths: WanVideo Model Loader resolves each through models/loras again.
+        chain = lora_chain(prev_lora, "prev_lora") + lora_chain([(lora, strength)], "lora")
+        return io.NodeOutput(chain)

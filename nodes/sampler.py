@@ -50,6 +50,17 @@ def trim_audio(audio: dict | None, seconds: float) -> dict | None:
     return {"waveform": wave.contiguous(), "sample_rate": rate}
 
 
+def _frame_masks(audio_embeds, conditioning):
+    """Speaker masks span the portrait; the video frame is its cover-and-crop."""
+    from ..multitalk.framing import fit_masks
+
+    masks = getattr(audio_embeds, "masks", None)
+    size = getattr(conditioning, "source_size", None)
+    if masks is None or size is None:
+        return masks
+    return fit_masks(masks, size[0], size[1], conditioning.width, conditioning.height)
+
+
 def block_swap_kwargs(args, tokens: int | None = None) -> dict:
     """BLOCKSWAPARGS as produced by the BlockSwap settings node (types.BlockSwapArgs, whose
     `kwargs(tokens)` maps to wanvideo.block_swap.BlockSwap), or a plain dict of those keywords."""
@@ -183,7 +194,7 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
                 color_correction=0.0, max_frames=0, block_swap_args=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from ..multitalk.pipeline import VideoRequest, generate_video
+        from ..multitalk.pipeline import VideoRequest, generate_video, preflight
         from ..wanvideo.sampling import SamplingInterrupted
 
         if scheduler not in SCHEDULERS:
@@ -193,25 +204,19 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
             raise ValueError("audio_embeds carries no audio features; connect InfiniteTalk "
                              "Audio Embeds")
         wan = model.model
-        if getattr(wan, "audio_proj", None) is None:
-            raise ValueError("this model has no InfiniteTalk layers; load a checkpoint with the "
-                             "InfiniteTalk patch merged or applied")
         device = mm.get_torch_device()
         request = VideoRequest(
             reference=conditioning.reference, y=conditioning.y, clip_fea=conditioning.clip_fea,
             positive=conditioning_tensor(positive, "positive"),
             negative=conditioning_tensor(negative, "negative"),
-            features=features, masks=getattr(audio_embeds, "masks", None), steps=int(steps),
+            features=features, masks=_frame_masks(audio_embeds, conditioning), steps=int(steps),
             shift=float(shift), text_scale=float(text_guidance),
             audio_scale=float(audio_guidance), solver=scheduler, seed=int(seed),
             color_strength=float(color_correction), clip_frames=conditioning.clip_frames,
             motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
             fps=FPS, device=device,
             audio_frames=video_frames(getattr(audio_embeds, "audio", None), features))
-        from ..multitalk.long_video import plan_long_video
-
-        plan = plan_long_video(request.audio_frames, conditioning.clip_frames,
-                               conditioning.motion_frames, request.max_frames)
+        plan = preflight(wan, request)  # model kind, NaN/Inf inputs, memory: before any work
         free_device_memory(device)
         _, _, f_lat, lat_h, lat_w = conditioning.y.shape
         tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2

@@ -15,7 +15,7 @@ INFINITETALK_AUDIO = io.Custom("INFINITETALK_AUDIO")
 BLOCKSWAPARGS = io.Custom("BLOCKSWAPARGS")
 WAV2VEC2MODEL = io.Custom("WAV2VEC2MODEL")
 INFINITETALK_PATCH = io.Custom("INFINITETALK_PATCH")
-WANVIDLORA = io.Custom("WANVIDLORA")          # list of (lora file path, strength), in merge order
+WANVIDLORA = io.Custom("WANVIDLORA")          # list of (name in models/loras, strength), in merge order
 
 
 @dataclass
@@ -26,6 +26,8 @@ class InfiniteTalkCond:
     y: [1, 20, F_lat, h, w] mask (4 ch, 1 on latent frame 0) + normalised latents of the
        reference followed by clip_frames - 1 grey frames.
     clip_fea: [1, 257, 1280] CLIP vision penultimate hidden states (zeros when none was given).
+    source_size: (height, width) of the portrait before its cover-and-crop; speaker masks drawn
+       on the portrait go through the same transform (multitalk.framing.fit_masks).
     """
 
     reference: Any
@@ -35,6 +37,7 @@ class InfiniteTalkCond:
     height: int
     clip_frames: int = 81
     motion_frames: int = 9
+    source_size: Optional[tuple] = None
 
 
 @dataclass
@@ -42,7 +45,8 @@ class InfiniteTalkAudio:
     """Output of "InfiniteTalk Audio Embeds": what the sampler needs from the speech.
 
     features: list (1 or 2 speakers) of wav2vec features [T, 12, 768], 25 rows per second.
-    masks: [2, H, W] speaker masks for two speakers, else None.
+    masks: [2, H, W] speaker masks for two speakers, else None. They span the portrait (whatever
+           their resolution); the sampler puts them through the portrait's cover-and-crop.
     audio: the ComfyUI AUDIO dict ({"waveform" [B, C, S], "sample_rate"}) the video belongs to;
            the sampler trims it to the generated length.
     """

@@ -266,7 +266,7 @@ def test_loader_wrong_files_fail_cleanly(comfy, env, case):
             ["fp8_matmul", "'turbo'", "accurate"]
     else:
         msg, want = _error(comfy, loader_graph(patch="no_such_patch.safetensors")), \
-            ["no_such_patch.safetensors", "not in models/infinitetalk"]
+            ["no_such_patch.safetensors", "is not a file in models/infinitetalk"]
     for text in want:
         assert text in msg, (case, msg)
     _healthy(comfy)

@@ -293,11 +293,26 @@ def test_interrupt_mid_window_then_next_prompt_succeeds(server):
     ({"width": 70}, "multiple of 16"),
     ({"clip": 80}, "4n+1"),
 ])
-def test_bad_geometry_is_rejected_with_a_clear_error(server, change, needle):
+def test_bad_geometry_fails_before_any_work_with_a_clear_error(server, change, needle):
+    """Rules a range cannot express are checked first thing at execution (declaring these
+    inputs in validate_inputs would switch off ComfyUI's own range checks and repeat the
+    message once per input)."""
+    entry = server.wait(server.queue(graph(**change)), timeout=300)
+    err = h.execution_error(entry)
+    assert err is not None and needle in err["exception_message"], entry["status"]
+    assert err["node_id"] == "3", err
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"width": 100000}, "width"), ({"height": 8}, "height"), ({"clip": 1001}, "clip_length"),
+])
+def test_out_of_range_geometry_is_refused_once_at_validation(server, change, field):
     with pytest.raises(h.PromptRejected) as e:
         server.queue(graph(**change))
-    assert "3" in e.value.node_errors, e.value.node_errors
-    assert needle in json.dumps(e.value.node_errors["3"])
+    errors = e.value.node_errors["3"]["errors"]
+    assert len(errors) == 1, errors                       # one message, not one per input
+    assert errors[0]["type"] in ("value_bigger_than_max", "value_smaller_than_min"), errors
+    assert errors[0]["extra_info"]["input_name"] == field, errors
 
 
 def test_wrong_embeds_file_is_explained(server):

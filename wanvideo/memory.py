@@ -56,6 +56,15 @@ def device_available_bytes(device) -> int | None:
     return int(free + max(0, cached))
 
 
+def device_total_bytes(device) -> int | None:
+    """A CUDA device's whole memory (what is left once every other model is unloaded and every
+    block swapped); None for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
 def require(nbytes: int, available: int | None, what: str, hint: str = "") -> None:
     """Raise MemoryBudgetError when `nbytes` exceeds `available` (unknown availability passes)."""
     if available is None or nbytes <= available:
@@ -68,10 +77,12 @@ def require_host(nbytes: int, what: str, hint: str = "") -> None:
     require(nbytes, host_available_bytes(), f"{what} (host RAM)", hint)
 
 
-def require_device(nbytes: int, device, what: str, hint: str = "") -> None:
-    """On the CPU the host budget applies; on CUDA the device's."""
+def require_device(nbytes: int, device, what: str, hint: str = "", whole: bool = False) -> None:
+    """On the CPU the host budget applies; on CUDA the device's free memory, or its total
+    memory with `whole` (for work that runs after other models were unloaded)."""
     if torch.device(device).type == "cuda":
-        require(nbytes, device_available_bytes(device), f"{what} (GPU memory)", hint)
+        have = device_total_bytes(device) if whole else device_available_bytes(device)
+        require(nbytes, have, f"{what} (GPU memory)", hint)
     else:
         require_host(nbytes, what, hint)
 
