@@ -53,8 +53,9 @@ def fit_masks(masks: torch.Tensor, src_h: int, src_w: int, width: int, height: i
     portrait) -> [N, height, width] 0/1, through the portrait's own scale and crop."""
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
+    g = cover_crop(int(src_h), int(src_w), int(width), int(height))
     m = masks.float().unsqueeze(1)
     if tuple(m.shape[-2:]) != (int(src_h), int(src_w)):
         m = F.interpolate(m, size=(int(src_h), int(src_w)), mode="nearest")
-    out = _apply(m, cover_crop(int(src_h), int(src_w), int(width), int(height)))
+    out = _apply(m, g)
     return (out[:, 0] > 0.5).float().contiguous()
