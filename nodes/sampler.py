@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 from comfy_api.latest import io
@@ -199,6 +200,11 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r} is not one of {SCHEDULERS}")
+        for name, value in (("shift", shift), ("text_guidance", text_guidance),
+                            ("audio_guidance", audio_guidance),
+                            ("color_correction", color_correction)):
+            if not math.isfinite(float(value)):   # NaN passes ComfyUI's min/max comparisons
+                raise ValueError(f"{name} must be a finite number, got {value}")
         features = list(getattr(audio_embeds, "features", None) or [])
         if not features:
             raise ValueError("audio_embeds carries no audio features; connect InfiniteTalk "
