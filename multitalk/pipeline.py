@@ -33,6 +33,7 @@ from ..wanvideo.guidance import Guidance, PassSpec
 from ..wanvideo.sampling import SamplingCallbacks, make_noise, sample_window
 from ..wanvideo.schedules import flow_sigmas
 from ..wanvideo.solvers import SOLVERS
+from . import audio_windows as aw
 from .audio_proj import AudioInput
 from .audio_windows import reflect_pad
 from .color import match_colors
@@ -154,6 +155,22 @@ def check_model(model) -> None:
     if getattr(model, "audio_proj", None) is None:
         raise ValueError("this model has no InfiniteTalk layers; load a checkpoint with the "
                          "InfiniteTalk patch merged or applied")
+
+
+def _check_audio_width(model, features: Sequence[torch.Tensor]) -> None:
+    """wav2vec2 features must be as wide as the audio projection was trained on (12 x 768 for
+    chinese-wav2vec2-base); another encoder gives a matrix-shape crash deep in the model."""
+    proj = getattr(model, "audio_proj", None)
+    first = getattr(proj, "proj1", None)
+    if first is None or not features:
+        return
+    want = first.in_features // aw.WINDOW
+    got = int(features[0].shape[1]) * int(features[0].shape[2])
+    if got != want:
+        raise ValueError(f"the audio features are {list(features[0].shape[1:])} per frame "
+                         f"({got} values) but this model's InfiniteTalk layers read {want}; "
+                         "use the wav2vec2 encoder InfiniteTalk was trained with "
+                         "(chinese-wav2vec2-base: 12 layers x 768)")
 
 
 def _check_finite(r: VideoRequest) -> None:
@@ -341,6 +358,7 @@ def preflight(model, request: VideoRequest) -> LongVideoPlan:
     before they prepare anything else (BlockSwap, unloading other models)."""
     check_model(model)
     _check(request)
+    _check_audio_width(model, request.features)
     r = request
     max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
     plan = plan_long_video(int(r.audio_frames or r.features[0].shape[0]), clip=r.clip_frames,
