@@ -38,14 +38,6 @@ def resolve(folder: str, name, label: str, where: str | None = None) -> str:
     return path
 
 
-def pack_socket_literal(value, label: str, source: str) -> str | None:
-    """Pack-internal sockets (LoRA lists, patches) take links only: a value written straight into
-    the prompt is refused at validation (a linked input reaches validate_inputs as None)."""
-    if value is None:
-        return None
-    return f"{label} must be connected to {source}; a value typed into the prompt is refused"
-
-
 def lora_chain(value, label: str = "lora") -> list[tuple[str, float]]:
     """A WANVIDLORA value -> checked [(name listed in models/loras, finite strength)]."""
     import folder_paths
