@@ -37,6 +37,7 @@ from . import audio_windows as aw
 from .audio_proj import AudioInput
 from .audio_windows import reflect_pad
 from .color import match_colors
+from .frame_sink import FrameSink, MemorySink
 from .framing import fit_image  # noqa: F401  (part of this module's API)
 from .long_video import CLIP_FRAMES, FPS, MOTION_FRAMES, LongVideoPlan, Window, plan_long_video
 
@@ -92,11 +93,12 @@ class VideoRequest:
 
 @dataclass
 class VideoResult:
-    frames: torch.Tensor          # [N, H, W, 3] on the host, 0..1
+    frames: Optional[torch.Tensor]  # [N, H, W, 3] on the host, 0..1 (None when streamed to a file)
     num_frames: int
     fps: int
     plan: LongVideoPlan
     window_log: list = field(default_factory=list)  # per window: dict of frame ranges and timings
+    output: object = None         # what the frame sink returned (the frames, or an MP4 path)
 
     @property
     def seconds(self) -> float:
@@ -269,22 +271,23 @@ def fit_length(features: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def video_host_bytes(plan: LongVideoPlan, height: int, width: int,
-                     dtype: torch.dtype = torch.float32) -> int:
-    """Host memory of the finished video plus one window's decoded frames being processed
-    (the decode, its colour-corrected copy and the kept slice)."""
+                     dtype: torch.dtype = torch.float32, in_memory: bool = True) -> int:
+    """Host memory of the finished video (when it is kept in memory) plus one window's decoded
+    frames being processed (the decode, its colour-corrected copy and the kept slice)."""
     item = torch.empty((), dtype=dtype).element_size()
     frame = height * width * 3
-    return plan.total_frames * frame * item + 3 * plan.clip * frame * 4
+    return plan.total_frames * frame * item * in_memory + 3 * plan.clip * frame * 4
 
 
-def _check_memory(model, r: VideoRequest, plan: LongVideoPlan) -> None:
+def _check_memory(model, r: VideoRequest, plan: LongVideoPlan, in_memory: bool) -> None:
     from ..wanvideo.memory import require_device, require_host
 
     _, _, f_lat, h, w = r.y.shape
     height, width = int(h) * 8, int(w) * 8
-    require_host(video_host_bytes(plan, height, width, r.host_dtype),
+    require_host(video_host_bytes(plan, height, width, r.host_dtype, in_memory),
                  f"the video ({plan.total_frames} frames at {width}x{height})",
-                 "shorten it with max_frames, lower the resolution or free host RAM")
+                 "write it to an MP4 as it is made (the sampler's stream_to_mp4), shorten it "
+                 "with max_frames, lower the resolution or free host RAM")
     cfg = getattr(model, "config", None)
     if cfg is not None:
         from ..wanvideo.block_swap import estimate_activation_bytes
@@ -352,7 +355,7 @@ def _decode(run: _WindowRun, win: Window, latents: torch.Tensor,
     return frames
 
 
-def preflight(model, request: VideoRequest) -> LongVideoPlan:
+def preflight(model, request: VideoRequest, in_memory: bool = True) -> LongVideoPlan:
     """Every check that can fail before any work (model kind, shapes, NaN/Inf inputs, memory);
     returns the window plan. generate_video runs it too; callers may run it first to fail
     before they prepare anything else (BlockSwap, unloading other models)."""
@@ -363,16 +366,28 @@ def preflight(model, request: VideoRequest) -> LongVideoPlan:
     max_frames = r.max_frames if r.max_frames and r.max_frames > 0 else None
     plan = plan_long_video(int(r.audio_frames or r.features[0].shape[0]), clip=r.clip_frames,
                            motion=r.motion_frames, max_frames=max_frames, fps=r.fps)
-    _check_memory(model, r, plan)
+    _check_memory(model, r, plan, in_memory)
     return plan
 
 
 def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_decode: VaeDecode,
-                   callbacks: Optional[SamplingCallbacks] = None) -> VideoResult:
-    """Generate the whole video; see the module docstring. Raises SamplingInterrupted when
-    callbacks.should_stop() turns True (checked before every model call), NonFiniteError when a
-    window's latents or frames hold NaN/Inf, MemoryBudgetError when the video cannot fit."""
-    plan = preflight(model, request)
+                   callbacks: Optional[SamplingCallbacks] = None,
+                   sink: Optional[FrameSink] = None) -> VideoResult:
+    """Generate the whole video; see the module docstring. Finished frames go to `sink` window
+    by window (default: a MemorySink, whose tensor becomes result.frames). Raises
+    SamplingInterrupted when callbacks.should_stop() turns True (checked before every model
+    call), NonFiniteError when a window's latents or frames hold NaN/Inf, MemoryBudgetError when
+    the video cannot fit; the sink is aborted then (no half-written file is left)."""
+    sink = sink if sink is not None else MemorySink(request.host_dtype)
+    plan = preflight(model, request, in_memory=isinstance(sink, MemorySink))
+    try:
+        return _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink)
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink) -> VideoResult:
     r = request
     n_audio = int(r.audio_frames or r.features[0].shape[0])
     run = _WindowRun(model, r, plan, [fit_length(f.float(), n_audio) for f in r.features],
@@ -385,17 +400,17 @@ def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_deco
     stats = _restart_streamer_stats(model)
     ref_latent = r.reference_latent if r.reference_latent is not None \
         else r.y[:, MASK_CHANNELS:, :1]
-    motion_latents, video, window_log = ref_latent.float(), None, []
+    motion_latents, started, window_log = ref_latent.float(), False, []
     for win in plan.windows:
         t0, stats_before = time.perf_counter(), stats
         latents = _sample(run, win, motion_latents)
         t1 = time.perf_counter()
         frames = _decode(run, win, latents, vae_decode)
         del latents
-        if video is None:
-            video = torch.empty((plan.total_frames, *frames.shape[1:]), dtype=r.host_dtype)
-        video[win.out_start:win.out_end] = frames[win.keep_start:win.keep_end].to(
-            "cpu", r.host_dtype)
+        if not started:
+            sink.start(plan.total_frames, int(frames.shape[1]), int(frames.shape[2]))
+            started = True
+        sink.write(frames[win.keep_start:win.keep_end], win.out_start)
         t2 = time.perf_counter()
         if win.index + 1 < plan.num_windows:
             motion_latents = vae_encode(frames[-plan.motion:]).float()
@@ -410,5 +425,7 @@ def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_deco
                  win.out_start, win.out_end - 1, win.audio_start, win.audio_end - 1,
                  entry["sample_s"], entry["decode_s"], entry["encode_s"],
                  _window_stats_text(stats_before, stats))
-    return VideoResult(frames=video, num_frames=plan.total_frames, fps=r.fps, plan=plan,
-                       window_log=window_log)
+    output = sink.finish()
+    return VideoResult(frames=output if isinstance(sink, MemorySink) else None,
+                       num_frames=plan.total_frames, fps=r.fps, plan=plan,
+                       window_log=window_log, output=output)
