@@ -8,6 +8,8 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
+from .validation import not_listed, resolve
+
 CATEGORY = "WanVideo InfiniteTalk"
 FOLDER = "text_embeds"
 FORMAT = "wanvideo_text_embeds"
@@ -42,19 +44,21 @@ def to_conditioning(t: torch.Tensor) -> list:
 
 
 def read_embeds(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
+    from ..wanvideo.checkpoint import CheckpointError, load_tensors, read_header
 
     name = os.path.basename(path)
     try:
-        with safe_open(path, "pt") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-            if meta.get("format") != FORMAT or not {"positive", "negative"} <= keys:
-                raise ValueError(f"{name} is not a WanVideo text embeds file (expected tensors "
-                                 f"'positive' and 'negative' and format={FORMAT!r}; found "
-                                 f"{sorted(keys)[:6]}); create one with WanVideo Save Text Embeds")
-            pos, neg = f.get_tensor("positive"), f.get_tensor("negative")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{name} cannot be read as safetensors: {e}") from None
+        infos, meta = read_header(path)
+        if meta.get("format") != FORMAT or not {"positive", "negative"} <= infos.keys():
+            raise ValueError(f"{name} is not a WanVideo text embeds file (expected tensors "
+                             f"'positive' and 'negative' and format={FORMAT!r}; found "
+                             f"{[k[:80] for k in sorted(infos)[:6]]}); create one with WanVideo "
+                             "Save Text Embeds")
+        tensors = load_tensors(path)
+    except CheckpointError as e:
+        detail = str(e).removeprefix(name + ": ")
+        raise ValueError(f"{name} cannot be read as safetensors: {detail}") from None
+    pos, neg = tensors["positive"], tensors["negative"]
     for label, t in (("positive", pos), ("negative", neg)):
         if t.ndim != 3 or t.shape[0] != 1 or t.shape[-1] != TEXT_DIM:
             raise ValueError(f"{name}: {label} embeds have shape {tuple(t.shape)}; expected "
@@ -147,15 +151,14 @@ class WanVideoLoadTextEmbeds(io.ComfyNode):
         import folder_paths
 
         register_folder()
-        if embeds is not None and embeds not in folder_paths.get_filename_list(FOLDER):
-            return f"text embeds {embeds!r} is not in models/{FOLDER}"
-        return True
+        if embeds is None:
+            return True
+        return not_listed(embeds, folder_paths.get_filename_list(FOLDER), f"models/{FOLDER}",
+                          "text embeds") or True
 
     @classmethod
     def execute(cls, embeds: str) -> io.NodeOutput:
-        import folder_paths
-
         register_folder()
-        path = folder_paths.get_full_path_or_raise(FOLDER, embeds)
+        path = resolve(FOLDER, embeds, "embeds")
         pos, neg = read_embeds(path)
         return io.NodeOutput(to_conditioning(pos), to_conditioning(neg))

@@ -9,11 +9,16 @@ W <- W + strength * (alpha / rank) * (up @ down), computed in fp32, stored in W'
 placement.set_tensor. A layer that is already quantized is dequantized, merged and re-quantized
 in its own format (merging into high precision first is what keeps the LoRA's small deltas).
 Unknown keys are returned and logged, never dropped silently; a file that matches no layer at all
-raises LoraError ("LoRA for another model").
+raises LoraError ("LoRA for another model"). Files are read through checkpoint.load_tensors (strict
+header, NaN/Inf check), every layer's tensors are checked against the layer before anything is
+merged, and a merge that overflows is refused: whatever is wrong with one LoRA surfaces as a
+LoraError naming its file (and the layer). After a failure the model may hold the layers merged
+before it and must be discarded (the loader does).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from . import placement
+from .checkpoint import CheckpointError, all_finite, load_tensors
 from .key_layouts import from_diffusers, to_diffusers
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,37 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], model: nn.Module
     return groups, unknown
 
 
+def check_parts(name: str, parts: Mapping[str, torch.Tensor], shape, bias) -> None:
+    """One layer's LoRA tensors against the layer (weight `shape`, `bias` or None), before any
+    math: a rank-0 pair, factors that do not multiply to the weight, a non-scalar or non-finite
+    alpha, or a delta of the wrong size raise LoraError naming the layer."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if "up" in parts:
+        up, down = parts["up"], parts["down"]
+        pair = f"up {tuple(up.shape)} and down {tuple(down.shape)}"
+        if up.dim() < 2 or down.dim() < 2 or down.shape[0] == 0:
+            raise LoraError(f"layer {name!r}: {pair} are not a LoRA pair of rank >= 1")
+        if up.shape[0] != shape[0] or math.prod(up.shape[1:]) != down.shape[0] or \
+                math.prod(down.shape[1:]) * shape[0] != numel:
+            raise LoraError(f"layer {name!r}: {pair} do not multiply to its weight {shape}")
+    if "alpha" in parts:
+        alpha = torch.as_tensor(parts["alpha"])
+        if alpha.numel() != 1:
+            raise LoraError(f"layer {name!r}: alpha has shape {tuple(alpha.shape)}, not a scalar")
+        if not math.isfinite(float(alpha)):
+            raise LoraError(f"layer {name!r}: alpha is {float(alpha)}")
+    if "diff" in parts and parts["diff"].numel() != numel:
+        raise LoraError(f"layer {name!r}: diff {tuple(parts['diff'].shape)} does not match its "
+                        f"weight {shape}")
+    if "diff_b" in parts:
+        if bias is None:
+            raise LoraError(f"LoRA has a bias delta for {name!r}, which has no bias")
+        if parts["diff_b"].numel() != bias.numel():
+            raise LoraError(f"layer {name!r}: diff_b {tuple(parts['diff_b'].shape)} does not "
+                            f"match its bias {tuple(bias.shape)}")
+
+
 def lora_delta(parts: Mapping[str, torch.Tensor], shape, strength: float, device) -> torch.Tensor | None:
     """The fp32 weight delta of one layer (None when the LoRA has only a bias delta)."""
     delta = None
@@ -105,6 +142,23 @@ def lora_delta(parts: Mapping[str, torch.Tensor], shape, strength: float, device
     return delta
 
 
+def _finite(value: torch.Tensor, name: str, strength: float) -> torch.Tensor:
+    """`value` (already in the dtype it is stored in) or LoraError when the merge overflowed."""
+    if not all_finite(value):
+        raise LoraError(f"merging into {name!r} at strength {strength:g} gives NaN/Inf "
+                        f"{str(value.dtype).replace('torch.', '')} weights; lower the strength")
+    return value
+
+
+def _layer_shapes(model: nn.Module, name: str) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    from .quant_linear import QuantLinear
+
+    mod = model.get_submodule(name)
+    if isinstance(mod, QuantLinear):
+        return (mod.out_features, mod.in_features), mod.bias
+    return tuple(mod.weight.shape), getattr(mod, "bias", None)
+
+
 def _merge_module(model: nn.Module, name: str, parts, strength: float, device) -> None:
     from .quant_linear import QuantLinear
 
@@ -115,15 +169,15 @@ def _merge_module(model: nn.Module, name: str, parts, strength: float, device) -
     w = mod.weight
     delta = lora_delta(parts, w.shape, strength, device)
     if delta is not None:
-        new = w.detach().to(device=device, dtype=torch.float32) + delta
-        placement.set_tensor(model, f"{name}.weight", new, device=w.device, dtype=w.dtype)
+        new = (w.detach().to(device=device, dtype=torch.float32) + delta).to(w.dtype)
+        placement.set_tensor(model, f"{name}.weight", _finite(new, name, strength),
+                             device=w.device, dtype=w.dtype)
     if "diff_b" in parts:
         b = mod.bias
-        if b is None:
-            raise LoraError(f"LoRA has a bias delta for {name!r}, which has no bias")
-        new = b.detach().to(device=device, dtype=torch.float32) + \
-            parts["diff_b"].to(device=device, dtype=torch.float32) * strength
-        placement.set_tensor(model, f"{name}.bias", new, device=b.device, dtype=b.dtype)
+        new = (b.detach().to(device=device, dtype=torch.float32) +
+               parts["diff_b"].to(device=device, dtype=torch.float32) * strength).to(b.dtype)
+        placement.set_tensor(model, f"{name}.bias", _finite(new, name, strength),
+                             device=b.device, dtype=b.dtype)
 
 
 def _merge_quantized(model, name, mod, parts, strength, device) -> None:
@@ -134,10 +188,11 @@ def _merge_quantized(model, name, mod, parts, strength, device) -> None:
     w = mod.dequantized_weight(torch.float32).to(device)
     delta = lora_delta(parts, shape, strength, device)
     if delta is not None:
-        w = w + delta
+        w = _finite(w + delta, name, strength)
     bias = mod.bias
     if "diff_b" in parts and bias is not None:
-        bias = bias.detach().float().to(device) + parts["diff_b"].float().to(device) * strength
+        bias = _finite(bias.detach().float().to(device) + parts["diff_b"].float().to(device) * strength,
+                       name, strength)
     new = QuantLinear.build(fmt=mod.fmt, bias=bias, shape=shape, device=mod.weight.device,
                             compute_device=device, compute_dtype=mod.compute_dtype,
                             allow_scaled_mm=mod.path == "scaled_mm", fast_accum=mod.fast_accum,
@@ -148,32 +203,55 @@ def _merge_quantized(model, name, mod, parts, strength, device) -> None:
 
 
 def read_lora(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(path)
+    """Every tensor of a LoRA file through the strict reader (CheckpointError naming the file)."""
+    return load_tensors(path)
+
+
+# What one broken LoRA can raise while being read, checked or merged; each becomes a LoraError
+# naming the file. Out-of-memory is not the file's fault and passes through unchanged.
+_LORA_FAILURES = (CheckpointError, ValueError, TypeError, RuntimeError, ArithmeticError,
+                  IndexError, KeyError, AttributeError)
 
 
 @torch.no_grad()
 def merge_loras(model: nn.Module, loras: Sequence[tuple[str | Mapping[str, torch.Tensor], float]],
                 device="cpu", names: Sequence[str] | None = None) -> list[LoraResult]:
     """Merge each (file path or tensor dict, strength) into `model`, in order. `device` is where
-    the fp32 merge math runs (the GPU when there is one). Returns one LoraResult per LoRA."""
+    the fp32 merge math runs (the GPU when there is one). Returns one LoraResult per LoRA; any
+    failure of a LoRA raises LoraError naming it."""
     results = []
     for i, (src, strength) in enumerate(loras):
         label = os.path.basename(src) if isinstance(src, str) else (names[i] if names else f"lora #{i}")
-        tensors = read_lora(src) if isinstance(src, str) else src
-        groups, unknown = parse_lora(tensors, model)
-        if not groups:
-            raise LoraError(f"{label}: LoRA for another model: none of its {len(tensors)} keys "
-                            f"match a layer of this model (e.g. {list(tensors)[:3]})")
-        res = LoraResult(label, float(strength), unknown=sorted(unknown))
-        if strength != 0:
-            for module, parts in groups.items():
-                _merge_module(model, module, parts, float(strength), device)
-                res.merged.append(module)
-        if unknown:
-            log.warning("LoRA %s: %d key(s) match no layer and were not applied, e.g. %s",
-                        label, len(unknown), unknown[:5])
-        log.info("LoRA %s (strength %g): merged into %d layers", label, strength, len(res.merged))
-        results.append(res)
+        try:
+            results.append(_merge_one(model, src, strength, label, device))
+        except torch.OutOfMemoryError:
+            raise
+        except _LORA_FAILURES as exc:
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            message = message if message.startswith(label) else f"{label}: {message}"
+            raise LoraError(message) from None
     placement.verify(model, "merge_loras")
     return results
+
+
+def _merge_one(model: nn.Module, src, strength, label: str, device) -> LoraResult:
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise LoraError(f"{label}: strength {strength} is not a finite number")
+    tensors = read_lora(src) if isinstance(src, str) else src
+    groups, unknown = parse_lora(tensors, model)
+    if not groups:
+        raise LoraError(f"{label}: LoRA for another model: none of its {len(tensors)} keys "
+                        f"match a layer of this model (e.g. {[k[:80] for k in list(tensors)[:3]]})")
+    for module, parts in groups.items():  # all layers first, so a bad one merges nothing
+        check_parts(module, parts, *_layer_shapes(model, module))
+    res = LoraResult(label, strength, unknown=sorted(unknown))
+    if strength != 0:
+        for module, parts in groups.items():
+            _merge_module(model, module, parts, strength, device)
+            res.merged.append(module)
+    if unknown:
+        log.warning("LoRA %s: %d key(s) match no layer and were not applied, e.g. %s",
+                    label, len(unknown), unknown[:5])
+    log.info("LoRA %s (strength %g): merged into %d layers", label, strength, len(res.merged))
+    return res
