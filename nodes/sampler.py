@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 
 import torch
 from comfy_api.latest import io
@@ -181,64 +182,51 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
                 BLOCKSWAPARGS.Input("block_swap_args", optional=True,
                                     tooltip="BlockSwap settings: stream transformer blocks from "
                                             "host RAM for GPUs smaller than the model."),
+                io.Boolean.Input("stream_to_mp4", default=False, optional=True,
+                                 tooltip="Write each finished window straight into an MP4 (with "
+                                         "the audio) in ComfyUI's output folder, so host memory "
+                                         "stays flat however long the audio is (10 minutes at "
+                                         "832x480 would be 72 GB as IMAGE frames). The video "
+                                         "output is that file; images then holds only the "
+                                         "first frame."),
+                io.String.Input("filename_prefix", default="InfiniteTalk", optional=True,
+                                tooltip="File name prefix of the streamed MP4 inside the output "
+                                        "folder (sub-folders allowed)."),
             ],
             outputs=[
-                io.Image.Output(display_name="images", tooltip="The video frames [N, H, W, 3]."),
+                io.Image.Output(display_name="images", tooltip="The video frames [N, H, W, 3] "
+                                "(only the first frame when stream_to_mp4 is on)."),
                 io.Audio.Output(display_name="audio", tooltip="The input audio trimmed to the "
                                 "video's length (N / 25 s), for CreateVideo."),
+                io.Video.Output(display_name="video", tooltip="The video with its audio at 25 "
+                                "fps, for SaveVideo: the streamed MP4 file, or built from the "
+                                "frames in memory."),
             ],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, conditioning, audio_embeds, vae, steps=40,
                 shift=7.0, text_guidance=5.0, audio_guidance=4.0, scheduler="euler", seed=0,
-                color_correction=0.0, max_frames=0, block_swap_args=None) -> io.NodeOutput:
+                color_correction=0.0, max_frames=0, block_swap_args=None, stream_to_mp4=False,
+                filename_prefix="InfiniteTalk") -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from ..multitalk.pipeline import VideoRequest, generate_video, preflight
+        from ..multitalk.pipeline import generate_video, preflight
         from ..wanvideo.sampling import SamplingInterrupted
 
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler {scheduler!r} is not one of {SCHEDULERS}")
-        for name, value in (("shift", shift), ("text_guidance", text_guidance),
-                            ("audio_guidance", audio_guidance),
-                            ("color_correction", color_correction)):
-            if not math.isfinite(float(value)):   # NaN passes ComfyUI's min/max comparisons
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        features = list(getattr(audio_embeds, "features", None) or [])
-        if not features:
-            raise ValueError("audio_embeds carries no audio features; connect InfiniteTalk "
-                             "Audio Embeds")
-        wan = model.model
-        device = mm.get_torch_device()
-        request = VideoRequest(
-            reference=conditioning.reference, y=conditioning.y, clip_fea=conditioning.clip_fea,
-            positive=conditioning_tensor(positive, "positive"),
-            negative=conditioning_tensor(negative, "negative"),
-            features=features, masks=_frame_masks(audio_embeds, conditioning), steps=int(steps),
-            shift=float(shift), text_scale=float(text_guidance),
-            audio_scale=float(audio_guidance), solver=scheduler, seed=int(seed),
-            color_strength=float(color_correction), clip_frames=conditioning.clip_frames,
-            motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
-            fps=FPS, device=device,
-            audio_frames=video_frames(getattr(audio_embeds, "audio", None), features))
-        plan = preflight(wan, request)  # model kind, NaN/Inf inputs, memory: before any work
+        request = _request(positive, negative, conditioning, audio_embeds, steps, shift,
+                           text_guidance, audio_guidance, scheduler, seed, color_correction,
+                           max_frames, mm.get_torch_device())
+        wan, device = model.model, request.device
+        sink, saved = _sink(stream_to_mp4, filename_prefix, audio_embeds, conditioning)
+        # model kind, NaN/Inf inputs, memory: before any work
+        plan = preflight(wan, request, in_memory=sink is None)
         free_device_memory(device)
-        _, _, f_lat, lat_h, lat_w = conditioning.y.shape
-        tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
-        if block_swap_args is None and getattr(wan, "block_streamer", None) is None \
-                and model.device is not None \
-                and torch.device(model.device).type != torch.device(device).type:
-            # Weights parked on the offload device and no settings connected: stream with
-            # automatic sizing (0 swapped blocks when the whole model fits the free VRAM).
-            log.info("WanVideo InfiniteTalk Sampler: model is on %s, computing on %s; "
-                     "installing BlockSwap with automatic sizing", model.device, device)
-            block_swap_args = {"blocks_to_swap": "auto", "tokens": tokens}
-        streamer = prepare_block_swap(wan, block_swap_args, device, tokens)
+        streamer = _block_swap(model, block_swap_args, device, conditioning.y.shape)
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
         try:
             result = generate_video(wan, request, lambda f: vae_encode(vae, f),
-                                    lambda z: vae_decode(vae, z), callbacks)
+                                    lambda z: vae_decode(vae, z), callbacks, sink=sink)
         except SamplingInterrupted:
             mm.throw_exception_if_processing_interrupted()
             raise
@@ -249,4 +237,82 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         if audio is None:
             audio = {"waveform": torch.zeros(1, 1, int(round(result.seconds * 16000))),
                      "sample_rate": 16000}
-        return io.NodeOutput(result.frames, audio)
+        if sink is None:
+            return io.NodeOutput(result.frames, audio, _video_in_memory(result.frames, audio))
+        from comfy_api.latest import InputImpl, ui
+
+        log.info("WanVideo InfiniteTalk Sampler: %d frames streamed to %s", result.num_frames,
+                 saved["filename"])
+        return io.NodeOutput(sink.first_frame, audio, InputImpl.VideoFromFile(result.output),
+                             ui=ui.PreviewVideo([saved]))
+
+
+def _request(positive, negative, conditioning, audio_embeds, steps, shift, text_guidance,
+             audio_guidance, scheduler, seed, color_correction, max_frames, device):
+    """The sampler's inputs, checked, as a library VideoRequest."""
+    from ..multitalk.pipeline import VideoRequest
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler {scheduler!r} is not one of {SCHEDULERS}")
+    for name, value in (("shift", shift), ("text_guidance", text_guidance),
+                        ("audio_guidance", audio_guidance),
+                        ("color_correction", color_correction)):
+        if not math.isfinite(float(value)):   # NaN passes ComfyUI's min/max comparisons
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    features = list(getattr(audio_embeds, "features", None) or [])
+    if not features:
+        raise ValueError("audio_embeds carries no audio features; connect InfiniteTalk "
+                         "Audio Embeds")
+    return VideoRequest(
+        reference=conditioning.reference, y=conditioning.y, clip_fea=conditioning.clip_fea,
+        positive=conditioning_tensor(positive, "positive"),
+        negative=conditioning_tensor(negative, "negative"),
+        features=features, masks=_frame_masks(audio_embeds, conditioning), steps=int(steps),
+        shift=float(shift), text_scale=float(text_guidance),
+        audio_scale=float(audio_guidance), solver=scheduler, seed=int(seed),
+        color_strength=float(color_correction), clip_frames=conditioning.clip_frames,
+        motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
+        fps=FPS, device=device,
+        audio_frames=video_frames(getattr(audio_embeds, "audio", None), features))
+
+
+def _block_swap(model, block_swap_args, device, y_shape):
+    wan = model.model
+    _, _, f_lat, lat_h, lat_w = y_shape
+    tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
+    if block_swap_args is None and getattr(wan, "block_streamer", None) is None \
+            and model.device is not None \
+            and torch.device(model.device).type != torch.device(device).type:
+        # Weights parked on the offload device and no settings connected: stream with
+        # automatic sizing (0 swapped blocks when the whole model fits the free VRAM).
+        log.info("WanVideo InfiniteTalk Sampler: model is on %s, computing on %s; "
+                 "installing BlockSwap with automatic sizing", model.device, device)
+        block_swap_args = {"blocks_to_swap": "auto", "tokens": tokens}
+    return prepare_block_swap(wan, block_swap_args, device, tokens)
+
+
+def _sink(stream: bool, prefix: str, audio_embeds, conditioning):
+    """(Mp4Sink into ComfyUI's output folder, its SavedResult) when streaming, else (None, None)."""
+    if not stream:
+        return None, None
+    import folder_paths
+    from comfy_api.latest import io as comfy_io, ui
+
+    from ..multitalk.frame_sink import Mp4Sink
+
+    out_dir = folder_paths.get_output_directory()
+    # get_save_image_path refuses prefixes that leave the output folder.
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix or "InfiniteTalk", out_dir, conditioning.width, conditioning.height)
+    file = f"{name}_{counter:05}_.mp4"
+    sink = Mp4Sink(os.path.join(folder, file), FPS, getattr(audio_embeds, "audio", None))
+    return sink, ui.SavedResult(file, subfolder, comfy_io.FolderType.output)
+
+
+def _video_in_memory(frames: torch.Tensor, audio: dict):
+    from fractions import Fraction
+
+    from comfy_api.latest import InputImpl, Types
+
+    return InputImpl.VideoFromComponents(Types.VideoComponents(
+        images=frames, audio=audio, frame_rate=Fraction(FPS)))

@@ -192,7 +192,7 @@ def test_schema_has_tooltips_and_category(server):
         for section in ("required", "optional"):
             for name, decl in spec["input"].get(section, {}).items():
                 assert (decl[1] if len(decl) > 1 else {}).get("tooltip"), f"{node}.{name}"
-    assert info["WanVideoInfiniteTalkSampler"]["output"] == ["IMAGE", "AUDIO"]
+    assert info["WanVideoInfiniteTalkSampler"]["output"] == ["IMAGE", "AUDIO", "VIDEO"]
     assert "BLOCKSWAPARGS" in str(info["WanVideoInfiniteTalkSampler"]["input"]["optional"])
 
 
@@ -208,6 +208,34 @@ def test_three_seconds_make_75_frames_and_3s_audio(server):
     log = server.log_text()
     assert "InfiniteTalk window 1/1: frames 0-74" in log
     assert "no CLIP vision output connected" in log
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_video_output_saves_an_mp4_with_every_frame_and_the_audio(server, stream):
+    """stream_to_mp4 writes the file window by window (the sampler previews it); either way the
+    VIDEO output goes through ComfyUI's SaveVideo to an MP4 of 75 frames with 3 s of audio."""
+    import av
+
+    g = graph(audio="speech12s.wav" if stream else "speech3s.wav", seed=11 + stream, steps=1)
+    g["8"]["inputs"].update(stream_to_mp4=stream, filename_prefix="stream/it")
+    del g["9"]
+    g["20"] = {"class_type": "SaveVideo", "inputs": {"video": ["8", 2], "filename_prefix":
+                                                     f"saved/stream{int(stream)}",
+                                                     "format": "auto", "codec": "auto"}}
+    entry = server.run(g, timeout=900)
+    saved = h.ui_output(entry, "20")["images"][0]
+    path = os.path.join(server.base, "output", saved["subfolder"], saved["filename"])
+    frames = 300 if stream else 75
+    with av.open(path) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == frames
+    with av.open(path) as c:
+        a = c.streams.audio[0]
+        seconds = sum(f.samples for f in c.decode(a)) / a.rate
+    assert abs(seconds - frames / 25) < 0.07, seconds
+    if stream:
+        preview = h.ui_output(entry, "8")["images"][0]
+        assert preview["subfolder"] == "stream" and preview["filename"].endswith(".mp4")
+        assert os.path.isfile(os.path.join(server.base, "output", "stream", preview["filename"]))
 
 
 def test_text_embeds_save_and_load_round_trip(server):
