@@ -14,26 +14,33 @@ import torch
 import torch.nn.functional as F
 
 from .audio_windows import FPS
+from .wav2vec2 import DEFAULT_CHUNKING, Chunking
 
 SAMPLE_RATE = 16000
 TARGET_LUFS = -23.0
 MIN_SAMPLES = SAMPLE_RATE // FPS  # one video frame: 640 samples, 0.04 s
 
 
-def to_mono(waveform) -> np.ndarray:
-    """[N], [C, N] or [1, C, N] (ComfyUI AUDIO) -> float64 [N]; channels are averaged."""
+def to_mono(waveform, sample_rate: int | None = None) -> np.ndarray:
+    """[N], [C, N] or [1, C, N] (ComfyUI AUDIO) -> float64 [N]; channels are averaged. NaN/Inf
+    samples are refused (`sample_rate` lets the message say where, in seconds)."""
     x = waveform.detach().cpu().double().numpy() if isinstance(waveform, torch.Tensor) \
         else np.asarray(waveform, dtype=np.float64)
     if x.ndim == 3:
         if x.shape[0] != 1:
             raise ValueError(f"expected one audio clip, got a batch of {x.shape[0]}")
         x = x[0]
-    if x.ndim == 2:
-        x = x.mean(axis=0)
-    if x.ndim != 1:
+    if x.ndim not in (1, 2):
         raise ValueError(f"audio must be [samples], [channels, samples] or [1, channels, samples], "
                          f"got shape {tuple(x.shape)}")
-    return x
+    bad = ~np.isfinite(x)
+    if bad.any():
+        bad = bad.any(axis=0) if x.ndim == 2 else bad
+        first = int(np.argmax(bad))
+        where = f"{first / sample_rate:.2f} s" if sample_rate else f"sample {first}"
+        raise ValueError(f"audio has {int(bad.sum())} NaN/Inf samples (first at {where}); "
+                         "the file is corrupt or was decoded wrongly")
+    return x.mean(axis=0) if x.ndim == 2 else x
 
 
 def resample(x: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -62,7 +69,7 @@ def loudness_normalize(x: np.ndarray, sample_rate: int = SAMPLE_RATE,
 
 def prepare_speech(waveform, sample_rate: int) -> np.ndarray:
     """Any speech input -> mono 16 kHz float32 at -23 LUFS (one speaker's track)."""
-    x = resample(to_mono(waveform), sample_rate)
+    x = resample(to_mono(waveform, sample_rate), sample_rate)
     check_length(x.shape[0])
     return loudness_normalize(x)[0].astype(np.float32)
 
@@ -83,17 +90,33 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def wav2vec_features(encoder, speech: np.ndarray, device=None,
-                     n_frames: int | None = None) -> torch.Tensor:
+def wav2vec_features(encoder, speech: np.ndarray, device=None, n_frames: int | None = None,
+                     chunking: Chunking = DEFAULT_CHUNKING) -> torch.Tensor:
     """Prepared 16 kHz speech -> [T, layers, hidden] fp32 on the CPU, T = int(seconds*25)
-    unless `n_frames` overrides it (tests use the conv frame count)."""
+    unless `n_frames` overrides it (tests use the conv frame count). `chunking` bounds the
+    encoder's memory on long clips without changing the features."""
     n = check_length(speech.shape[0]) if n_frames is None else int(n_frames)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     wave = torch.from_numpy(normalize(speech)).to(device=device, dtype=torch.float32)[None]
-    feats = encoder.conv_features(wave)                                  # [1, T_conv, 512]
+    feats = encoder.conv_features(wave, chunking)                       # [1, T_conv, 512]
+    del wave
     feats = F.interpolate(feats.transpose(1, 2), size=n, mode="linear",
                           align_corners=True).transpose(1, 2)
-    return encoder.layer_outputs(feats)[0].float().cpu()
+    cfg = encoder.config
+    out = torch.empty(1, n, cfg.num_hidden_layers, cfg.hidden_size)
+    encoder.layer_outputs(feats, chunking, out=out)
+    check_finite_features(out[0], getattr(encoder, "source", "wav2vec2"))
+    return out[0]
+
+
+def check_finite_features(feats: torch.Tensor, source: str) -> None:
+    """Finite speech gives finite features unless the encoder's weights are broken."""
+    if torch.isfinite(feats).all():
+        return
+    bad = ~torch.isfinite(feats)
+    first = int(bad.flatten(1).any(dim=1).nonzero()[0])
+    raise ValueError(f"{source}: wav2vec2 features have {int(bad.sum())} NaN/Inf values (first at "
+                     f"frame {first}, {first / FPS:.2f} s); the encoder's weights are broken")
 
 
 def audio_features(encoder, waveform, sample_rate: int, device=None) -> torch.Tensor:
