@@ -89,6 +89,10 @@ class VideoRequest:
     device: torch.device | str = "cpu"
     host_dtype: torch.dtype = torch.float32
     audio_frames: Optional[int] = None  # video length for the whole audio; default: feature rows
+    # Dubbing: window -> dubbing.WindowCondition (that window's y, CLIP tokens, reference frame);
+    # None = image mode, y / clip_fea above for every window. y is window 0's condition either way.
+    window_condition: Optional[Callable] = None
+    color_per_window: bool = False      # colour target: the window's reference, not `reference`
 
 
 @dataclass
@@ -246,11 +250,12 @@ def _window_stats_text(before: dict | None, after: dict | None) -> str:
             f"waited {d['wait_ms']:.0f} ms, peak VRAM {after.get('peak_vram_bytes', 0) / 1e9:.2f} GB")
 
 
-def _make_model_fn(model, request: VideoRequest, audio: AudioInput, silent: AudioInput, device):
+def _make_model_fn(model, request: VideoRequest, audio: AudioInput, silent: AudioInput, device,
+                   y: torch.Tensor, clip_fea: torch.Tensor):
     pos = request.positive.to(device)
     neg = request.negative.to(device)
-    clip_fea = request.clip_fea.to(device)
-    y = request.y.to(device)
+    clip_fea = clip_fea.to(device)
+    y = y.to(device)
 
     def model_fn(x: torch.Tensor, t: float, spec: PassSpec) -> torch.Tensor:
         tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
@@ -320,12 +325,25 @@ def _window_callbacks(cb: SamplingCallbacks, offset: int, total: int) -> Samplin
         should_stop=cb.should_stop)
 
 
-def _sample(run: _WindowRun, win: Window, motion_latents: torch.Tensor) -> torch.Tensor:
+def _window_condition(run: _WindowRun, win: Window):
+    """Dubbing: the window's own condition (checked); image mode: None."""
+    r = run.request
+    if r.window_condition is None:
+        return None
+    from .dubbing import check_condition
+
+    cond = r.window_condition(win)
+    check_condition(cond, win, run.plan, tuple(r.y.shape))
+    return cond
+
+
+def _sample(run: _WindowRun, win: Window, motion_latents: torch.Tensor, cond) -> torch.Tensor:
     r, plan = run.request, run.plan
     device = torch.device(r.device)
     _, _, f_lat, h, w = r.y.shape
     audio = window_audio(plan, win, run.features, r.masks)
-    model_fn = _make_model_fn(run.model, r, audio, audio.silent(), device)
+    y, clip_fea = (r.y, r.clip_fea) if cond is None else (cond.y, cond.clip_fea)
+    model_fn = _make_model_fn(run.model, r, audio, audio.silent(), device, y, clip_fea)
     noise = make_noise((1, LATENT_CHANNELS, f_lat, h, w), (int(r.seed) + win.index) & SEED_MASK,
                        device=device)
     motion = motion_latents.to(device)
@@ -342,12 +360,14 @@ def _sample(run: _WindowRun, win: Window, motion_latents: torch.Tensor) -> torch
     return latents
 
 
-def _decode(run: _WindowRun, win: Window, latents: torch.Tensor,
-            vae_decode: VaeDecode) -> torch.Tensor:
+def _decode(run: _WindowRun, win: Window, latents: torch.Tensor, vae_decode: VaeDecode,
+            cond) -> torch.Tensor:
     frames = vae_decode(latents)
     require_finite(frames, f"window {win.index + 1}/{run.plan.num_windows}: the decoded frames",
                    "the VAE produced NaN/Inf (a corrupt VAE file?)")
-    frames = match_colors(frames.float().clamp(0.0, 1.0), run.reference.to(frames.device),
+    target = cond.reference if cond is not None and run.request.color_per_window \
+        else run.reference
+    frames = match_colors(frames.float().clamp(0.0, 1.0), target.float().to(frames.device),
                           run.request.color_strength)
     if frames.shape[0] < win.keep_end:
         raise ValueError(f"vae_decode returned {frames.shape[0]} frames for a window of "
@@ -403,9 +423,10 @@ def _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink) -> 
     motion_latents, started, window_log = ref_latent.float(), False, []
     for win in plan.windows:
         t0, stats_before = time.perf_counter(), stats
-        latents = _sample(run, win, motion_latents)
+        cond = _window_condition(run, win)
+        latents = _sample(run, win, motion_latents, cond)
         t1 = time.perf_counter()
-        frames = _decode(run, win, latents, vae_decode)
+        frames = _decode(run, win, latents, vae_decode, cond)
         del latents
         if not started:
             sink.start(plan.total_frames, int(frames.shape[1]), int(frames.shape[2]))
