@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from .audio_embeds import InfiniteTalkAudioEmbeds, InfiniteTalkAudioInfo, Wav2Vec2ModelLoader
 from .block_swap import WanVideoBlockSwap
 from .conditioning import InfiniteTalkImageToVideo
+from .dubbing import InfiniteTalkVideoToVideo
 from .model_info import WanVideoModelInfo
 from .model_loader import WanVideoModelLoader
 from .model_patches import InfiniteTalkModelLoader, WanVideoLoraSelect
@@ -16,6 +17,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     WanVideoModelLoader,
     WanVideoModelInfo,
     InfiniteTalkImageToVideo,
+    InfiniteTalkVideoToVideo,
     WanVideoSaveTextEmbeds,
     WanVideoLoadTextEmbeds,
     WanVideoInfiniteTalkSampler,

@@ -221,6 +221,7 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         sink, saved = _sink(stream_to_mp4, filename_prefix, audio_embeds, conditioning)
         # model kind, NaN/Inf inputs, memory: before any work
         plan = preflight(wan, request, in_memory=sink is None)
+        _dubbing(request, conditioning, plan)
         free_device_memory(device)
         streamer = _block_swap(model, block_swap_args, device, conditioning.y.shape)
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
@@ -274,6 +275,27 @@ def _request(positive, negative, conditioning, audio_embeds, steps, shift, text_
         motion_frames=conditioning.motion_frames, max_frames=int(max_frames) or None,
         fps=FPS, device=device,
         audio_frames=video_frames(getattr(audio_embeds, "audio", None), features))
+
+
+def _dubbing(request, conditioning, plan) -> None:
+    """Video-to-video: decode the scheduled source frames (only those) and condition each window
+    on its own; logs which source time conditions which window."""
+    source = getattr(conditioning, "dubbing", None)
+    if source is None:
+        return
+    from ..multitalk.dubbing import dubbing_conditions
+    from ..multitalk.reference_schedule import reference_schedule
+    from .dubbing import clip_encoder
+
+    frames = source.frames
+    schedule = reference_schedule(plan, frames.num_frames, frames.fps, source.past_end)
+    for line in schedule.describe(plan):
+        log.info("InfiniteTalk dubbing: %s", line)
+    fitted = frames.read(schedule.needed(), conditioning.width, conditioning.height)
+    request.window_condition = dubbing_conditions(
+        schedule, fitted, conditioning.clip_frames, lambda px: vae_encode(source.vae, px),
+        clip_encoder(source.clip_vision))
+    request.color_per_window = source.color_reference == "window_reference"
 
 
 def _block_swap(model, block_swap_args, device, y_shape):

@@ -28,6 +28,8 @@ class InfiniteTalkCond:
     clip_fea: [1, 257, 1280] CLIP vision penultimate hidden states (zeros when none was given).
     source_size: (height, width) of the portrait before its cover-and-crop; speaker masks drawn
        on the portrait go through the same transform (multitalk.framing.fit_masks).
+    dubbing: set by InfiniteTalk Video to Video: every window is conditioned on its own source
+       frame; reference / y / clip_fea above are then those of source frame 0.
     """
 
     reference: Any
@@ -38,6 +40,7 @@ class InfiniteTalkCond:
     clip_frames: int = 81
     motion_frames: int = 9
     source_size: Optional[tuple] = None
+    dubbing: Optional[Any] = None     # nodes.dubbing.DubbingSource in video-to-video mode
 
 
 @dataclass
