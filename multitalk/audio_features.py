@@ -1,4 +1,4 @@
-"""Speech -> wav2vec features at the video rate, the exact InfiniteTalk recipe (REFERENCE §3):
+"""Speech -> wav2vec features at the video rate, the exact InfiniteTalk recipe (docs/REFERENCE_NOTES.md §3):
 
 mono, 16 kHz (soxr, a real band-limited resampler), loudness -23 LUFS (BS.1770; skipped when the
 loudness is not finite, e.g. silence), zero-mean unit-variance over the clip, wav2vec2 in fp32,

@@ -1,4 +1,4 @@
-"""Which wav2vec frames feed which video / latent frame (REFERENCE §3 window rule).
+"""Which wav2vec frames feed which video / latent frame (docs/REFERENCE_NOTES.md §3).
 
 wav2vec features are resampled to the video rate (25 fps), so feature frame f belongs to video
 frame f. Each video frame sees the 5 feature frames f-2..f+2 (clamped to the clip's features).

@@ -2,7 +2,7 @@
 
     result = generate_video(model, request, vae_encode, vae_decode, callbacks)
 
-It walks the windows of `long_video.plan_long_video` (REFERENCE §4). Per window:
+It walks the windows of `long_video.plan_long_video` (docs/REFERENCE_NOTES.md §4). Per window:
   1. audio: each speaker's wav2vec rows for the window's frames (f-2..f+2 per frame, the tail
      mirrored past the end of the audio) -> AudioInput;
   2. motion latents: window 0 the encoded reference (1 latent frame), later windows the VAE

@@ -98,7 +98,7 @@ def prepare_block_swap(model, args, device, tokens: int | None = None):
 
 def free_device_memory(device) -> None:
     """Ask ComfyUI to unload its models (text encoder, CLIP vision, VAE) before our transformer
-    runs: it lives outside ComfyUI's model management (DESIGN.md, Living inside ComfyUI)."""
+    runs: it lives outside ComfyUI's model management (docs/ARCHITECTURE.md §6)."""
     import comfy.model_management as mm
 
     if torch.device(device).type != "cpu":

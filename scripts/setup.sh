@@ -48,7 +48,7 @@ rm -rf "$venv"
 python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip
-# torch first and pinned: a later unpinned dependency must not swap it (COMFYUI.md).
+# torch first and pinned: a later unpinned dependency must not swap it (docs/REFERENCE_NOTES.md §7).
 echo "torch==2.14.1" > "$venv/constraints.txt"
 echo "torchvision==0.29.1" >> "$venv/constraints.txt"
 $pip install -q torch==2.14.1 torchvision==0.29.1

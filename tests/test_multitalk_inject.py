@@ -13,7 +13,8 @@ from wanvideo_infinitetalk.wanvideo.config import WAN21_14B_I2V
 from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, load_model
 from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict, write_checkpoint
 
-KEYS_JSON = "/work/shared/data/wan21_i2v_14b_infinitetalk_keys.json"
+KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                         "wan21_i2v_14b_infinitetalk_keys.json")
 
 
 def test_14b_meta_injection_has_exactly_the_reference_keys():

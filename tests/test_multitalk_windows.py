@@ -1,4 +1,4 @@
-"""Audio window bookkeeping and the audio projection (REFERENCE §3)."""
+"""Audio window bookkeeping and the audio projection (docs/REFERENCE_NOTES.md §3)."""
 import torch
 
 from wanvideo_infinitetalk.multitalk import audio_proj as ap

@@ -1,6 +1,6 @@
 """The one attention function of the pack. Every backend gets its inputs through the alignment
 guard, because flash/efficient kernels crash on misaligned pointers and cuDNN silently returns
-wrong numbers (REFERENCE.md §6)."""
+wrong numbers (docs/REFERENCE_NOTES.md §6)."""
 from __future__ import annotations
 
 import importlib.util

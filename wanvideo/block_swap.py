@@ -1,6 +1,6 @@
 """BlockSwap: transformer blocks live in host RAM and stream to the compute device just in time.
 
-How it works (DESIGN.md "BlockSwap"):
+How it works (docs/ARCHITECTURE.md §5):
 - Host masters. Each swapped block's parameters and buffers (whatever they are: bf16 weights,
   InfiniteTalk `norm_x`/`audio_cross_attn`, fp8 weights and their scales) are packed ONCE into one
   flat host buffer per block (pinned when streaming to CUDA), every tensor at a 256-byte boundary

@@ -1,4 +1,4 @@
-"""Wan2.1 transformer configuration, inferred from weight shapes (REFERENCE.md §1)."""
+"""Wan2.1 transformer configuration, inferred from weight shapes (docs/REFERENCE_NOTES.md §1)."""
 from __future__ import annotations
 
 import re
