@@ -137,7 +137,8 @@ def real_workflow(two: bool) -> tuple[dict, dict, list]:
                           "conditioning": ["12", 0], "audio_embeds": ["15", 0], "vae": ["11", 0],
                           "steps": 6, "shift": 7.0, "text_guidance": 1.0, "audio_guidance": 1.0,
                           "scheduler": "euler", "seed": 42, "color_correction": 0.0,
-                          "max_frames": 0, "block_swap_args": ["4", 0]}},
+                          "max_frames": 0, "block_swap_args": ["4", 0], "stream_to_mp4": False,
+                          "filename_prefix": "InfiniteTalk"}},
         "17": {"class_type": "CreateVideo",
                "inputs": {"images": ["16", 0], "fps": 25.0, "audio": ["16", 1]}},
         "18": {"class_type": "SaveVideo",
@@ -164,6 +165,42 @@ def real_workflow(two: bool) -> tuple[dict, dict, list]:
     notes = [{"title": "Read me: model files and settings", "text": _model_files_note(two),
               "pos": at(3, 13 if two else 14), "size": [860, 560]}]
     return g, {"positions": pos, "sizes": sizes}, notes
+
+
+def dubbing_workflow() -> tuple[dict, dict, list]:
+    """Re-voice a video: LoadVideo + new speech -> InfiniteTalk Video to Video -> sampler, the
+    finished windows streamed into an MP4 that SaveVideo copies (any length in flat RAM)."""
+    g, layout, _ = real_workflow(two=False)
+    for nid in ("8", "10", "12", "17"):
+        del g[nid]
+    g["8"] = {"class_type": "LoadVideo", "inputs": {"file": assets.REAL_INPUTS["video"]}}
+    g["12"] = {"class_type": "InfiniteTalkVideoToVideo",
+               "inputs": {"vae": ["11", 0], "source_video": ["8", 0], "source_fps": 25.0,
+                          "clip_vision": ["9", 0], "width": 832, "height": 480,
+                          "clip_length": 81, "motion_frames": 9, "past_end": "freeze",
+                          "color_reference": "source_frame_0"}}
+    g["16"]["inputs"].update(color_correction=0.5, stream_to_mp4=True,
+                             filename_prefix="video/infinitetalk_dubbing_windows")
+    g["18"]["inputs"].update(video=["16", 2], filename_prefix="video/infinitetalk_dubbing")
+    pos = dict(layout["positions"])
+    for nid in ("10", "17"):
+        pos.pop(nid)
+    pos.update({"8": at(0, 13), "12": at(2, 14), "18": at(4, 0)})
+    text = "\n".join([
+        "DUBBING: the new speech drives lips, head and expressions; identity, framing and broad",
+        "motion follow the source video. Each window of 81 frames is conditioned on the source",
+        "frame shown when it starts (every 72 frames, matched by time, so any source frame rate",
+        "works). Speech longer than the source: past_end freeze (last frame), loop or pingpong.",
+        "The source's own audio is not used; the MP4 carries the new speech.",
+        "",
+        f"Inputs: input/{assets.REAL_INPUTS['video']} (the video), input/"
+        f"{assets.REAL_INPUTS['audio']} (the new speech).",
+        "Model files: as in infinitetalk_single_speaker (see its note).",
+        "",
+        "stream_to_mp4 writes each finished window to disk, so RAM stays flat for long videos.",
+    ])
+    notes = [{"title": "Read me: dubbing", "text": text, "pos": at(3, 13), "size": [760, 300]}]
+    return g, {"positions": pos, "sizes": layout["sizes"]}, notes
 
 
 def tiny_workflow() -> tuple[dict, dict, list]:
@@ -195,7 +232,8 @@ def tiny_workflow() -> tuple[dict, dict, list]:
                           "conditioning": ["7", 0], "audio_embeds": ["10", 0], "vae": ["6", 0],
                           "steps": 3, "shift": 7.0, "text_guidance": 1.0, "audio_guidance": 1.0,
                           "scheduler": "euler", "seed": 1, "color_correction": 0.0,
-                          "max_frames": 0, "block_swap_args": ["3", 0]}},
+                          "max_frames": 0, "block_swap_args": ["3", 0], "stream_to_mp4": False,
+                          "filename_prefix": "InfiniteTalk"}},
         "12": {"class_type": "CreateVideo",
                "inputs": {"images": ["11", 0], "fps": 25.0, "audio": ["11", 1]}},
         "13": {"class_type": "SaveVideo",
@@ -224,6 +262,7 @@ def tiny_workflow() -> tuple[dict, dict, list]:
 WORKFLOWS = {
     "infinitetalk_single_speaker": lambda: real_workflow(two=False),
     "infinitetalk_two_speakers": lambda: real_workflow(two=True),
+    "infinitetalk_dubbing": dubbing_workflow,
     "infinitetalk_tiny_demo": tiny_workflow,
 }
 

@@ -20,7 +20,8 @@ EMBEDS = "infinitetalk_demo_prompt.safetensors"
 SENTENCE = "Hello! I am a tiny talking portrait, made inside Comfy U I."
 # Inputs the real-model example workflows name; placed by tests so LoadImage/LoadAudio validate.
 REAL_INPUTS = {"image": "portrait.png", "audio": "speech.wav", "audio_2": "speech_2.wav",
-               "mask_1": "speaker_1_mask.png", "mask_2": "speaker_2_mask.png"}
+               "mask_1": "speaker_1_mask.png", "mask_2": "speaker_2_mask.png",
+               "video": "dubbing_source.mp4"}
 
 
 def write_portrait(path: str, size: int = 256) -> str:
@@ -130,4 +131,39 @@ def prepare_real_inputs(base: str) -> dict[str, str]:
     write_speech(out["audio_2"], "Hi, nice to meet you.")
     write_mask(out["mask_1"], 0.0, 0.5)
     write_mask(out["mask_2"], 0.5, 1.0)
+    write_source_video(out["video"], out["image"])
     return out
+
+
+def write_source_video(path: str, portrait: str, seconds: float = 3.0, fps: int = 30) -> str:
+    """A video to dub: the portrait panning slowly, 30 fps, with its own audio (a tone, which
+    dubbing replaces by the new speech)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(portrait).convert("RGB"))
+    h, w = img.shape[0] - img.shape[0] % 16, img.shape[1] - 16 - img.shape[1] % 16
+    with av.open(path, "w") as c:
+        vs = c.add_stream("mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        au = c.add_stream("aac", rate=16000)
+        au.layout = "mono"
+        n = int(seconds * fps)
+        for i in range(n):
+            dx = int(8 + 8 * math.sin(2 * math.pi * i / n))
+            frame = np.ascontiguousarray(img[:h, dx:dx + w])
+            for p in vs.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in vs.encode(None):
+            c.mux(p)
+        t = np.arange(int(seconds * 16000)) / 16000
+        tone = (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+        for k in range(0, tone.size, 1024):
+            f = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, k
+            for p in au.encode(f):
+                c.mux(p)
+        for p in au.encode(None):
+            c.mux(p)
+    return path

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.comfy
 
 EXAMPLES = os.path.join(h.ROOT, "example_workflows")
 ARTIFACTS = os.path.join(h.ROOT, "artifacts", "browser")
-NAMES = ("infinitetalk_single_speaker", "infinitetalk_two_speakers", "infinitetalk_tiny_demo")
-REAL = NAMES[:2]
+NAMES = ("infinitetalk_single_speaker", "infinitetalk_two_speakers", "infinitetalk_dubbing",
+         "infinitetalk_tiny_demo")
+REAL = NAMES[:3]
 
 
 def _load(name: str, api: bool = False) -> dict:
