@@ -1,203 +1,28 @@
-"""Quantized weights for the Wan transformer: convert a full-precision model, or load a
-pre-quantized ComfyUI file as it is.
+"""Quantized weights for the Wan transformer, under the name the pack's layout promises.
+
+The code lives in wanvideo/quantize.py (conversion and loading of pre-quantized files, beside the
+loader that uses them) and the wanvideo/quant_*.py modules; this module only re-exports it, so
+`from fp8_optimization import quantize_model` and friends keep working:
 
 - quantize_model(model, fmt, device, include=("blocks",)) replaces nn.Linear layers by
   QuantLinear (fmt: none, fp8_e4m3fn, fp8_e4m3fn_scaled, nvfp4). Merge LoRAs BEFORE this.
 - detect_quantization(tensors_or_keys, metadata) tells how a file is quantized, per layer.
 - load_quantized_state(model, state_dict, metadata, device) builds the quantized layers of a
-  (usually meta-built) model from the file's tensors and returns the keys it consumed; the loader
-  materializes everything else. See the function's docstring for the exact order.
+  (usually meta-built) model from the file's tensors and returns the keys it consumed.
 
-Pure PyTorch (no ComfyUI import). Formats: wanvideo/quant_formats.py; the layer and its compute
-paths: wanvideo/quant_linear.py; file conventions and the tiny-file writer: wanvideo/quant_files.py.
+Pure PyTorch (no ComfyUI import). Nothing inside wanvideo/ imports this module.
 """
 from __future__ import annotations
 
-import logging
-from typing import Iterable, Mapping
-
-import torch
-from torch import nn
-
-from .wanvideo import placement
 from .wanvideo.quant_files import (QuantFormatError, detect_quantization, quantized_file_tensors,
                                    read_safetensors_views, strip_prefix, write_quantized_file)
-from .wanvideo.quant_formats import (fp8_quantize, nvfp4_quantize, unswizzle_block_scales)
+from .wanvideo.quant_formats import fp8_quantize, nvfp4_quantize, unswizzle_block_scales
 from .wanvideo.quant_linear import FP8_MATMUL, QuantLinear, check_fp8_matmul
+from .wanvideo.quantize import (FORMATS, load_quantized_state, quant_report, quantize_model,
+                                quantize_weight)
 
 __all__ = ["quantize_model", "load_quantized_state", "detect_quantization", "QuantLinear",
            "QuantFormatError", "write_quantized_file",
            "quantized_file_tensors", "read_safetensors_views", "quant_report", "FORMATS",
-           "FP8_MATMUL"]
-
-log = logging.getLogger(__name__)
-
-FORMATS = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
-
-
-def _matmul_options(fp8_matmul: str, allow_scaled_mm: bool) -> tuple[bool, bool]:
-    """(allow_scaled_mm, fast_accum) for QuantLinear.build."""
-    check_fp8_matmul(fp8_matmul)
-    return allow_scaled_mm and fp8_matmul != "dequantize", fp8_matmul == "fast"
-
-
-def _matches(name: str, include: Iterable[str]) -> bool:
-    return any(p == "all" or name == p or name.startswith(p + ".") for p in include)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, leaf, new)
-
-
-def quantize_weight(w: torch.Tensor, fmt: str) -> dict:
-    """Quantize one full-precision [N, K] weight: tensors for QuantLinear.build."""
-    if fmt == "fp8_e4m3fn":
-        q, s = fp8_quantize(w, torch.float8_e4m3fn, scaled=False)
-        return {"weight": q, "weight_scale": s}
-    if fmt == "fp8_e4m3fn_scaled":
-        q, s = fp8_quantize(w, torch.float8_e4m3fn, scaled=True)
-        return {"weight": q, "weight_scale": s}
-    if fmt == "nvfp4":
-        packed, bscale, glob = nvfp4_quantize(w)
-        return {"weight": packed, "weight_scale": bscale, "weight_scale_2": glob}
-    raise ValueError(f"unknown quantization format {fmt!r} (choose from {FORMATS})")
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = ("blocks",),
-                   exclude: Iterable[str] = (), storage_device=None,
-                   compute_dtype: torch.dtype = torch.bfloat16, allow_scaled_mm: bool = True,
-                   allow_native_fp4: bool = False, fp8_matmul: str = "fast") -> dict:
-    """Replace every nn.Linear whose name is under `include` ("blocks", "text_embedding",
-    "head", ..., or "all"; InfiniteTalk's audio layers live under blocks and are included) by a
-    QuantLinear. `device` is the compute device (it decides the compute path); quantized
-    tensors are stored on `storage_device` (default: `device`; BlockSwap passes "cpu").
-    The math runs on the compute device one layer at a time. `fp8_matmul`: see FP8_MATMUL.
-    Returns quant_report(model)."""
-    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
-    if fmt == "none":
-        return quant_report(model)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r} (choose from {FORMATS})")
-    device = torch.device(device)
-    storage = device if storage_device is None else torch.device(storage_device)
-    include, exclude = tuple(include), tuple(exclude)
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and _matches(n, include) and not _matches(n, exclude)]
-    for name, lin in targets:
-        w = placement.fresh_copy(lin.weight, device=device) if device.type != "meta" else lin.weight
-        parts = quantize_weight(w, fmt)
-        layer = QuantLinear.build(fmt=fmt, bias=lin.bias, shape=tuple(lin.weight.shape),
-                                  device=storage, compute_device=device,
-                                  compute_dtype=compute_dtype, allow_scaled_mm=allow_scaled_mm,
-                                  allow_native_fp4=allow_native_fp4, fast_accum=fast_accum, **parts)
-        _replace(model, name, layer)
-        del w, parts
-    placement.verify(model, f"quantize_model({fmt})")
-    report = quant_report(model)
-    log.info("quantized %d linear layers to %s: %s", len(targets), fmt, report["paths"])
-    return report
-
-
-def quant_report(model: nn.Module) -> dict:
-    """Counts per format and compute path, quantized weight bytes, and (when some layer runs
-    `_scaled_mm`) its accumulation: "fast", "accurate" or "mixed"."""
-    fmts: dict[str, int] = {}
-    paths: dict[str, int] = {}
-    accum: set[bool] = set()
-    nbytes = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            fmts[m.fmt] = fmts.get(m.fmt, 0) + 1
-            paths[m.path] = paths.get(m.path, 0) + 1
-            nbytes += sum(t.numel() * t.element_size() for t in m.buffers())
-            if m.path == "scaled_mm":
-                accum.add(m.fast_accum)
-    report = {"formats": fmts, "paths": paths, "quantized_bytes": nbytes}
-    if accum:
-        report["fp8_matmul"] = "mixed" if len(accum) > 1 else ("fast" if accum.pop() else "accurate")
-    return report
-
-
-def _get(sd: Mapping[str, torch.Tensor], by_norm: dict, key: str):
-    orig = by_norm.get(key)
-    return None if orig is None else sd[orig]
-
-
-@torch.no_grad()
-def load_quantized_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                         metadata: Mapping[str, str] | None, device, storage_device=None,
-                         compute_dtype: torch.dtype = torch.bfloat16, detected: dict | None = None,
-                         allow_scaled_mm: bool = True, allow_native_fp4: bool = False,
-                         materialize_rest: bool = False, dtype_for=None,
-                         fp8_matmul: str = "fast") -> dict:
-    """Build the quantized layers of `model` from a pre-quantized file, as they are.
-
-    `model` may be meta-built (the loader's case). For every quantized layer found by
-    detect_quantization, its nn.Linear is replaced by a QuantLinear holding fresh aligned copies
-    of the file's tensors (a view of a memory-mapped file is never kept). Quantized buffers are
-    registered NON-persistent, so a later placement.materialize(model, rest, ...) does not ask
-    for them (it re-homes them on its device as they are, no cast). The bias stays a normal
-    parameter and is filled from the file by that materialize.
-
-    Order for the loader: detected = detect_quantization(sd, metadata); build the meta model;
-    res = load_quantized_state(model, sd, metadata, device, storage_device=...);
-    rest = {k: v for k, v in sd.items() if k not in res["consumed_keys"]};
-    placement.materialize(model, rest, device, dtype_for=...). Or pass materialize_rest=True.
-    `fp8_matmul`: see FP8_MATMUL.
-    Returns {"consumed_keys": set, "layers": n, "detected": ..., "report": quant_report}."""
-    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
-    device = torch.device(device)
-    storage = device if storage_device is None else torch.device(storage_device)
-    det = detect_quantization(state_dict, metadata) if detected is None else detected
-    by_norm = {strip_prefix(k): k for k in state_dict}
-    modules = dict(model.named_modules())
-    for layer, conf in det["layers"].items():
-        fmt = conf["format"]
-        lin = modules.get(layer)
-        if lin is None or not isinstance(lin, (nn.Linear, QuantLinear)):
-            raise QuantFormatError(f"quantized layer {layer!r} ({fmt}) is not a Linear layer of "
-                                   f"this model")
-        if fmt == "unknown":
-            raise QuantFormatError(f"layer {layer!r}: format unknown (pass the tensors, not keys)")
-        shape = (lin.out_features, lin.in_features)
-        weight = _get(state_dict, by_norm, layer + ".weight")
-        ws = _get(state_dict, by_norm, layer + ".weight_scale")
-        if ws is None:
-            ws = _get(state_dict, by_norm, layer + ".scale_weight")
-        inp = _get(state_dict, by_norm, layer + ".input_scale")
-        if inp is None:
-            inp = _get(state_dict, by_norm, layer + ".scale_input")
-        ws2 = _get(state_dict, by_norm, layer + ".weight_scale_2")
-        if fmt == "nvfp4":
-            if ws is None or ws2 is None:
-                raise QuantFormatError(f"layer {layer!r}: nvfp4 needs weight_scale and weight_scale_2")
-            npad, kpad = weight.shape[0], weight.shape[1] * 2
-            ws = unswizzle_block_scales(placement.fresh_copy(ws), npad, kpad // 16)
-        elif tuple(weight.shape) != shape:
-            raise QuantFormatError(f"layer {layer!r}: weight shape {tuple(weight.shape)}, model "
-                                   f"expects {shape}")
-        use_mm = allow_scaled_mm and not conf.get("full_precision_mm", False)
-        q = QuantLinear.build(fmt=fmt, weight=weight, weight_scale=ws, weight_scale_2=ws2,
-                              input_scale=inp if use_mm else None, bias=None, shape=shape,
-                              device=storage, compute_device=device, compute_dtype=compute_dtype,
-                              allow_scaled_mm=use_mm, allow_native_fp4=allow_native_fp4,
-                              fast_accum=fast_accum)
-        for name in list(q._buffers):
-            q._non_persistent_buffers_set.add(name)
-        q.register_parameter("bias", None if lin.bias is None else nn.Parameter(
-            torch.empty(lin.out_features, device="meta", dtype=compute_dtype),
-            requires_grad=False))
-        _replace(model, layer, q)
-    consumed = set(det["consumed_keys"])
-    if materialize_rest:
-        rest = {k: v for k, v in state_dict.items() if k not in consumed}
-        rest = {strip_prefix(k): v for k, v in rest.items()}
-        if dtype_for is None:
-            def dtype_for(name, t):  # noqa: ARG001
-                return compute_dtype if t.is_floating_point() else None
-        placement.materialize(model, rest, storage, dtype_for=dtype_for, where="quantized file")
-    placement.verify(model, "load_quantized_state")
-    return {"consumed_keys": consumed, "layers": len(det["layers"]), "detected": det,
-            "report": quant_report(model)}
+           "FP8_MATMUL", "quantize_weight", "check_fp8_matmul", "strip_prefix", "fp8_quantize",
+           "nvfp4_quantize", "unswizzle_block_scales"]

@@ -144,6 +144,7 @@ class WanVideoModelLoader(io.ComfyNode):
     def execute(cls, model: str, base_precision: str = "bf16", attention: str = "sdpa",
                 load_device: str = "offload_device", quantization: str = "none",
                 fp8_matmul: str = "fast", infinitetalk=None, lora=None) -> io.NodeOutput:
+        from ..multitalk.inject import apply_infinitetalk_from_checkpoints
         from ..wanvideo.loader import load_model
 
         for name, value, options in (("base_precision", base_precision, list(PRECISIONS)),
@@ -162,7 +163,8 @@ class WanVideoModelLoader(io.ComfyNode):
         # and reach ComfyUI unchanged as this node's execution_error.
         loaded = load_model([path], device=device, base_dtype=PRECISIONS[base_precision],
                             attention=attention, patch=patch, quantization=quantization,
-                            loras=loras, compute_device=compute, fp8_matmul=fp8_matmul)
+                            loras=loras, compute_device=compute, fp8_matmul=fp8_matmul,
+                            inject=apply_infinitetalk_from_checkpoints)
         report = dict(loaded.report or {})
         log.info("WanVideo Model Loader: %s -> %s (compute %s, %s, attention=%s, quantization=%s, "
                  "fp8_matmul=%s, InfiniteTalk patch=%s, LoRAs=%s)", model, device, compute,

@@ -1,6 +1,8 @@
 """InfiniteTalk injection: key set, dtypes, layout invariant, errors, and a tiny forward."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,15 @@ from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput
 from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.checkpoint import CheckpointError, open_checkpoint
 from wanvideo_infinitetalk.wanvideo.config import WAN21_14B_I2V
-from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, load_model
+from wanvideo_infinitetalk.wanvideo.loader import build_meta_model
+from wanvideo_infinitetalk.wanvideo.loader import load_model as load_base_model
 from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict, write_checkpoint
+
+
+def load_model(*args, **kwargs):
+    """The loader as the nodes call it: with multitalk's InfiniteTalk injector."""
+    return load_base_model(*args, inject=inject.apply_infinitetalk_from_checkpoints, **kwargs)
+
 
 KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                          "wan21_i2v_14b_infinitetalk_keys.json")
@@ -141,3 +150,26 @@ def test_injection_from_misaligned_views_lands_aligned(dtype):
     assert placement.check_layout(model) == []
     torch.testing.assert_close(model.blocks[1].audio_cross_attn.kv_linear.weight.float(),
                                want["blocks.1.audio_cross_attn.kv_linear.weight"].to(dtype).float())
+
+
+def test_loader_without_injector_refuses_patch_and_reports_merged_keys(tmp_path, base_file):
+    patch = tiny.write_infinitetalk_patch(str(tmp_path / "it.safetensors"), TINY_I2V.dim,
+                                          TINY_I2V.num_layers)
+    with pytest.raises(CheckpointError, match="injector"):
+        load_base_model(base_file, patch=patch)
+    sd = random_state_dict(TINY_I2V, seed=0)
+    sd.update(tiny.infinitetalk_state_dict(TINY_I2V.dim, TINY_I2V.num_layers))
+    merged = str(tmp_path / "merged.safetensors")
+    write_checkpoint(sd, merged)
+    report = load_base_model(merged, base_dtype="fp32").report
+    assert report["infinitetalk"] is None and report["unused_keys"]["count"] == 26
+
+
+def test_inspect_cli_injects_the_patch(tmp_path, base_file):
+    patch = tiny.write_infinitetalk_patch(str(tmp_path / "it.safetensors"), TINY_I2V.dim,
+                                          TINY_I2V.num_layers)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "wanvideo.inspect", base_file, "--patch", patch,
+                          "--dtype", "fp32"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["infinitetalk"]["blocks_patched"] == TINY_I2V.num_layers

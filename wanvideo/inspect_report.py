@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .loader import BASE_DTYPES, load_model
+from .loader import BASE_DTYPES, LayerInjector, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,16 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def inspect(paths, patch=None, device="cpu", dtype="bf16", attention="sdpa") -> dict:
+def inspect(paths, patch=None, device="cpu", dtype="bf16", attention="sdpa",
+            inject: LayerInjector | None = None) -> dict:
     loaded = load_model(paths if len(paths) > 1 else paths[0], device=device, base_dtype=dtype,
-                        attention=attention, patch=patch)
+                        attention=attention, patch=patch, inject=inject)
     return loaded.report
 
 
-def main(argv=None) -> int:
+def main(argv=None, inject: LayerInjector | None = None) -> int:
+    """`inject`: the InfiniteTalk injector (see loader.load_model), handed in by the launcher."""
     args = build_parser().parse_args(argv)
     try:
-        report = inspect(args.checkpoint, args.patch, args.device, args.dtype, args.attention)
+        report = inspect(args.checkpoint, args.patch, args.device, args.dtype, args.attention,
+                         inject=inject)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)

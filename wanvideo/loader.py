@@ -13,8 +13,10 @@ from . import placement
 from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
+from .lora import merge_loras
 from .model import WanModel
 from .quant_linear import check_fp8_matmul
+from .quantize import FORMATS, detect_quantization, load_quantized_state, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ def storage_dtype_policy(base_dtype: torch.dtype) -> Callable[[str, torch.Tensor
             return None
         return torch.float32 if name.endswith(FP32_SUFFIXES) else base_dtype
     return dtype_for
+
+
+# (model, checkpoint, unused keys, patch checkpoint or None, device, base dtype)
+#   -> (report of the layers added or None, keys still unused).
+# InfiniteTalk's layers are known only to multitalk/, which sits above wanvideo/, so callers hand
+# the injector in (multitalk.inject.apply_infinitetalk_from_checkpoints) instead of the loader
+# importing upwards.
+LayerInjector = Callable[[WanModel, Checkpoint, list, Checkpoint | None, torch.device, torch.dtype],
+                         tuple[dict | None, list]]
 
 
 @dataclass
@@ -63,13 +74,13 @@ def base_report(ckpt: Checkpoint, cfg: WanConfig) -> dict:
     }
 
 
-QUANTIZE_CHOICES = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
+QUANTIZE_CHOICES = FORMATS
 
 
 def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", attention: str = "sdpa",
                patch: str | Sequence[str] | None = None, quantization: str = "none",
                loras: Sequence[tuple[str, float]] = (), compute_device=None,
-               fp8_matmul: str = "fast") -> LoadedModel:
+               fp8_matmul: str = "fast", inject: LayerInjector | None = None) -> LoadedModel:
     """Load a Wan2.1 transformer (T2V or I2V) from any supported layout/dtype.
 
     `device` is where the weights are materialized (GPU or host RAM); `compute_device` is where
@@ -79,13 +90,18 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     `quantization`. `patch` is an optional InfiniteTalk file; `loras` are (file, strength) pairs
     merged into the full-precision weights before any quantization. `fp8_matmul` is how fp8 layers
     multiply on GPUs with fp8 tensor cores: "fast" (default), "accurate" or "dequantize"
-    (fp8_optimization.FP8_MATMUL).
+    (quant_linear.FP8_MATMUL). `inject` adds the InfiniteTalk layers of `patch` or of keys merged
+    into the checkpoint (pass multitalk.inject.apply_infinitetalk_from_checkpoints); without it a
+    `patch` is refused and merged InfiniteTalk keys are reported as unused.
     """
     base_dtype = parse_dtype(base_dtype)
     if quantization not in QUANTIZE_CHOICES:
         raise ValueError(f"quantization {quantization!r} is not supported; expected one of {QUANTIZE_CHOICES}")
     check_fp8_matmul(fp8_matmul)  # before reading the checkpoint
     check_backend(attention)
+    if patch and inject is None:
+        raise CheckpointError("an InfiniteTalk patch needs its injector: pass "
+                              "inject=multitalk.inject.apply_infinitetalk_from_checkpoints")
     device = torch.device(device)
     compute_device = device if compute_device is None else torch.device(compute_device)
     ckpt = open_checkpoint(paths)
@@ -109,19 +125,12 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     model.eval().requires_grad_(False)
     report.update(base_dtype=str(base_dtype).replace("torch.", ""), device=str(device), attention=attention)
     extra = sorted(set(ckpt.tensors) - expected - consumed)
-    _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report)
+    _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report, inject)
     if loras:
         report["loras"] = _merge_loras(model, loras, compute_device)
     if quantization != "none":
-        if report["quantization"]:
-            raise ValueError(f"{ckpt.name} is already quantized ({report['quantization']['kind']}); "
-                             f"choose quantization 'none' to load it as it is")
-        from ..fp8_optimization import quantize_model
-
-        report["quantization"] = dict(quantize_model(model, quantization, compute_device,
-                                                     storage_device=device, compute_dtype=base_dtype,
-                                                     fp8_matmul=fp8_matmul),
-                                      kind=quantization, source="quantized on load")
+        _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
+                          fp8_matmul)
     report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
     log.info("WanVideo loader: %s", summarize(report))
@@ -131,8 +140,6 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
 def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
                        fp8_matmul: str) -> set[str]:
     """Quantized layers of the file become QuantLinear modules holding the file's own tensors."""
-    from ..fp8_optimization import detect_quantization, load_quantized_state
-
     dtypes = {k: info.dtype for k, info in ckpt.tensors.items()}
     detected = detect_quantization(ckpt.lazy(), ckpt.metadata, dtypes=dtypes)
     if not detected["layers"]:
@@ -145,9 +152,18 @@ def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
     return set(result["consumed_keys"])
 
 
-def _merge_loras(model, loras, device) -> list[dict]:
-    from .lora import merge_loras
+def _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
+                      fp8_matmul: str) -> None:
+    if report["quantization"]:
+        raise ValueError(f"{ckpt.name} is already quantized ({report['quantization']['kind']}); "
+                         f"choose quantization 'none' to load it as it is")
+    report["quantization"] = dict(quantize_model(model, quantization, compute_device,
+                                                 storage_device=device, compute_dtype=base_dtype,
+                                                 fp8_matmul=fp8_matmul),
+                                  kind=quantization, source="quantized on load")
 
+
+def _merge_loras(model, loras, device) -> list[dict]:
     results = merge_loras(model, list(loras), device=device)
     return [vars(r) if hasattr(r, "__dict__") else r for r in results]
 
@@ -161,18 +177,12 @@ def _quantized_elements(model) -> int:
     return total
 
 
-def _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report) -> None:
+def _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report,
+                      inject: LayerInjector | None) -> None:
     """InfiniteTalk layers merged in the file or given as a patch; leftover keys are reported."""
-    try:
-        from ..multitalk.inject import apply_infinitetalk_from_checkpoints
-    except ImportError:  # running as a top-level `wanvideo` package: no InfiniteTalk support
-        apply_infinitetalk_from_checkpoints = None
-    if apply_infinitetalk_from_checkpoints is not None:
+    if inject is not None:
         patch_ckpt = open_checkpoint(patch) if patch else None
-        info, extra = apply_infinitetalk_from_checkpoints(model, ckpt, extra, patch_ckpt, device, base_dtype)
-        report["infinitetalk"] = info
-    elif patch:
-        raise CheckpointError("InfiniteTalk patches need the full pack (multitalk) to be importable")
+        report["infinitetalk"], extra = inject(model, ckpt, extra, patch_ckpt, device, base_dtype)
     if extra:
         report["unused_keys"] = {"count": len(extra), "examples": extra[:5]}
         log.warning("WanVideo loader: %s has %d keys the model does not use, e.g. %s",

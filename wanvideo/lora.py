@@ -29,6 +29,8 @@ from torch import nn
 from . import placement
 from .checkpoint import CheckpointError, all_finite, load_tensors
 from .key_layouts import from_diffusers, to_diffusers
+from .quant_linear import QuantLinear
+from .quantize import quantize_weight, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ def _finite(value: torch.Tensor, name: str, strength: float) -> torch.Tensor:
 
 
 def _layer_shapes(model: nn.Module, name: str) -> tuple[tuple[int, ...], torch.Tensor | None]:
-    from .quant_linear import QuantLinear
-
     mod = model.get_submodule(name)
     if isinstance(mod, QuantLinear):
         return (mod.out_features, mod.in_features), mod.bias
@@ -160,8 +160,6 @@ def _layer_shapes(model: nn.Module, name: str) -> tuple[tuple[int, ...], torch.T
 
 
 def _merge_module(model: nn.Module, name: str, parts, strength: float, device) -> None:
-    from .quant_linear import QuantLinear
-
     mod = model.get_submodule(name)
     if isinstance(mod, QuantLinear):
         _merge_quantized(model, name, mod, parts, strength, device)
@@ -169,37 +167,34 @@ def _merge_module(model: nn.Module, name: str, parts, strength: float, device) -
     w = mod.weight
     delta = lora_delta(parts, w.shape, strength, device)
     if delta is not None:
-        new = (w.detach().to(device=device, dtype=torch.float32) + delta).to(w.dtype)
+        master = placement.fresh_copy(w.detach(), device=device, dtype=torch.float32)
+        new = (master + delta).to(w.dtype)
         placement.set_tensor(model, f"{name}.weight", _finite(new, name, strength),
                              device=w.device, dtype=w.dtype)
     if "diff_b" in parts:
         b = mod.bias
-        new = (b.detach().to(device=device, dtype=torch.float32) +
+        new = (placement.fresh_copy(b.detach(), device=device, dtype=torch.float32) +
                parts["diff_b"].to(device=device, dtype=torch.float32) * strength).to(b.dtype)
         placement.set_tensor(model, f"{name}.bias", _finite(new, name, strength),
                              device=b.device, dtype=b.dtype)
 
 
 def _merge_quantized(model, name, mod, parts, strength, device) -> None:
-    from .. import fp8_optimization as fo
-    from .quant_linear import QuantLinear
-
     shape = (mod.out_features, mod.in_features)
-    w = mod.dequantized_weight(torch.float32).to(device)
+    w = placement.fresh_copy(mod.dequantized_weight(torch.float32), device=device)
     delta = lora_delta(parts, shape, strength, device)
     if delta is not None:
         w = _finite(w + delta, name, strength)
     bias = mod.bias
     if "diff_b" in parts and bias is not None:
-        bias = _finite(bias.detach().float().to(device) + parts["diff_b"].float().to(device) * strength,
-                       name, strength)
+        bias = _finite(placement.fresh_copy(bias.detach(), device=device, dtype=torch.float32)
+                       + parts["diff_b"].float().to(device) * strength, name, strength)
     new = QuantLinear.build(fmt=mod.fmt, bias=bias, shape=shape, device=mod.weight.device,
                             compute_device=device, compute_dtype=mod.compute_dtype,
                             allow_scaled_mm=mod.path == "scaled_mm", fast_accum=mod.fast_accum,
-                            **fo.quantize_weight(w, mod.fmt if mod.fmt != "fp8_e5m2"
-                                                 else "fp8_e4m3fn_scaled"))
-    owner, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, leaf, new)
+                            **quantize_weight(w, mod.fmt if mod.fmt != "fp8_e5m2"
+                                              else "fp8_e4m3fn_scaled"))
+    replace_module(model, name, new)
 
 
 def read_lora(path: str) -> dict[str, torch.Tensor]:

@@ -90,54 +90,80 @@ def detect_quantization(tensors: Mapping[str, torch.Tensor] | Iterable[str],
     keys = list(tensors.keys()) if has_values else list(tensors)
     by_norm = {strip_prefix(k): k for k in keys}
     layers: dict[str, dict] = {}
-    kind = "none"
+    kind = _comfy_quant_layers(tensors if has_values else None, by_norm, metadata, layers)
     full_prec = False
-
-    meta_layers = _metadata_layers(metadata)
-    for layer, conf in meta_layers.items():
-        layers[layer] = {"format": _internal_format(conf.get("format"), layer),
-                         "full_precision_mm": bool(conf.get("full_precision_matrix_mult", False))}
-        kind = "comfy_quant"
-    for norm, orig in by_norm.items():
-        layer, leaf = _split_layer(norm)
-        if leaf == "comfy_quant":
-            kind = "comfy_quant"
-            if has_values:
-                conf = decode_comfy_quant(tensors[orig])
-                layers[layer] = {"format": _internal_format(conf.get("format"), layer),
-                                 "full_precision_mm": bool(conf.get("full_precision_matrix_mult",
-                                                                    False))}
-            elif layer not in layers:
-                layers[layer] = {"format": "unknown", "full_precision_mm": False}
-
     if MARKER_KEY in by_norm:
         kind = "scaled_fp8" if kind == "none" else kind
         if has_values:
             full_prec = tensors[by_norm[MARKER_KEY]].numel() == 2
-        for norm in by_norm:
-            layer, leaf = _split_layer(norm)
-            if leaf == "scale_weight" and layer not in layers:
-                layers[layer] = {"format": "fp8_e4m3fn_scaled", "full_precision_mm": full_prec}
-
+        _scaled_fp8_layers(by_norm, full_prec, layers)
     if has_values or dtypes is not None:
-        # Plain fp8 weights (no marker, no scale) and the dtype truth for legacy scaled files.
-        for norm, orig in by_norm.items():
-            layer, leaf = _split_layer(norm)
-            if leaf != "weight":
-                continue
-            dt = dtypes[orig] if dtypes is not None else tensors[orig].dtype
-            if dt not in (torch.float8_e4m3fn, torch.float8_e5m2):
-                if layer in layers and layers[layer]["format"].startswith("fp8"):
-                    # legacy files carry scale_weight on layers kept in high precision too
-                    del layers[layer]
-                continue
-            if layer not in layers:
-                layers[layer] = {"format": "fp8_e4m3fn" if dt == torch.float8_e4m3fn
-                                 else "fp8_e5m2", "full_precision_mm": False}
-                kind = "fp8" if kind == "none" else kind
-            elif dt == torch.float8_e5m2 and layers[layer]["format"] != "nvfp4":
-                layers[layer]["format"] = "fp8_e5m2"
+        dtype_of = dtypes.__getitem__ if dtypes is not None else (lambda key: tensors[key].dtype)
+        if _plain_fp8_layers(by_norm, dtype_of, layers) and kind == "none":
+            kind = "fp8"
+    counts: dict[str, int] = {}
+    for conf in layers.values():
+        counts[conf["format"]] = counts.get(conf["format"], 0) + 1
+    return {"kind": kind, "layers": layers, "counts": counts,
+            "consumed_keys": _consumed_keys(by_norm, layers), "full_precision_mm": full_prec}
 
+
+def _comfy_layer(conf: Mapping, layer: str) -> dict:
+    return {"format": _internal_format(conf.get("format"), layer),
+            "full_precision_mm": bool(conf.get("full_precision_matrix_mult", False))}
+
+
+def _comfy_quant_layers(values: Mapping[str, torch.Tensor] | None, by_norm: Mapping[str, str],
+                        metadata: Mapping[str, str] | None, layers: dict[str, dict]) -> str:
+    """Adds the layers the comfy_quant convention names (metadata table, then per-layer
+    `.comfy_quant` tensors, which win); returns the kind found so far."""
+    kind = "none"
+    for layer, conf in _metadata_layers(metadata).items():
+        layers[layer] = _comfy_layer(conf, layer)
+        kind = "comfy_quant"
+    for norm, orig in by_norm.items():
+        layer, leaf = _split_layer(norm)
+        if leaf != "comfy_quant":
+            continue
+        kind = "comfy_quant"
+        if values is not None:
+            layers[layer] = _comfy_layer(decode_comfy_quant(values[orig]), layer)
+        elif layer not in layers:
+            layers[layer] = {"format": "unknown", "full_precision_mm": False}
+    return kind
+
+
+def _scaled_fp8_layers(by_norm: Mapping[str, str], full_prec: bool, layers: dict[str, dict]) -> None:
+    for norm in by_norm:
+        layer, leaf = _split_layer(norm)
+        if leaf == "scale_weight" and layer not in layers:
+            layers[layer] = {"format": "fp8_e4m3fn_scaled", "full_precision_mm": full_prec}
+
+
+def _plain_fp8_layers(by_norm: Mapping[str, str], dtype_of, layers: dict[str, dict]) -> bool:
+    """Plain fp8 weights (no marker, no scale), and the dtype truth for legacy scaled files.
+    True when a layer was found that nothing else had declared quantized."""
+    found = False
+    for norm, orig in by_norm.items():
+        layer, leaf = _split_layer(norm)
+        if leaf != "weight":
+            continue
+        dt = dtype_of(orig)
+        if dt not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if layer in layers and layers[layer]["format"].startswith("fp8"):
+                # legacy files carry scale_weight on layers kept in high precision too
+                del layers[layer]
+            continue
+        if layer not in layers:
+            layers[layer] = {"format": "fp8_e4m3fn" if dt == torch.float8_e4m3fn
+                             else "fp8_e5m2", "full_precision_mm": False}
+            found = True
+        elif dt == torch.float8_e5m2 and layers[layer]["format"] != "nvfp4":
+            layers[layer]["format"] = "fp8_e5m2"
+    return found
+
+
+def _consumed_keys(by_norm: Mapping[str, str], layers: Mapping[str, dict]) -> list[str]:
     consumed = []
     for norm, orig in by_norm.items():
         layer, leaf = _split_layer(norm)
@@ -146,11 +172,7 @@ def detect_quantization(tensors: Mapping[str, torch.Tensor] | Iterable[str],
             consumed.append(orig)
         elif leaf in LAYER_SUFFIXES and leaf in ("scale_weight", "scale_input"):
             consumed.append(orig)  # dummy scales on high-precision layers of legacy files
-    counts: dict[str, int] = {}
-    for conf in layers.values():
-        counts[conf["format"]] = counts.get(conf["format"], 0) + 1
-    return {"kind": kind, "layers": layers, "counts": counts, "consumed_keys": sorted(consumed),
-            "full_precision_mm": full_prec}
+    return sorted(consumed)
 
 
 # --------------------------------------------------------------------------------- writer
