@@ -1,4 +1,6 @@
-"""Tiny, deterministic InfiniteTalk patches and wav2vec2 folders for tests and smoke runs.
+"""Tiny, deterministic InfiniteTalk patches and wav2vec2 folders for tests and smoke runs, and
+`write_all_tiny_models`, which writes them next to wanvideo's tiny models (the full set the nodes
+read; `python -m wanvideo.make_tiny` and tests/comfy_harness.py use it).
 
 The patch has exactly the InfiniteTalk keys (2 per block norm, 6 per block attention, 10 for the
 audio projection) for a base model of the given dim / num_layers. The audio projection keeps the
@@ -13,7 +15,7 @@ import os
 import torch
 
 from ..wanvideo.safetensors_writer import write_safetensors
-from ..wanvideo.tiny_models import exact_in_all_dtypes
+from ..wanvideo.tiny_models import TINY_I2V, exact_in_all_dtypes, write_tiny_models
 from .audio_proj import AUDIO_TOKEN_DIM, TOKENS_PER_SPEAKER, WAV2VEC_DIM, WAV2VEC_LAYERS
 from .audio_windows import LATER_ENTRIES, WINDOW
 
@@ -147,3 +149,30 @@ def write_tiny_wav2vec2(folder: str, seed: int = 0, pos_style: str = "old", **co
     sd = {k: v.contiguous() for k, v in tiny_wav2vec2_state_dict(cfg, seed, pos_style).items()}
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+# As wide as the audio projection of the tiny patches reads (channels of proj1).
+TINY_WAV2VEC_HIDDEN = 32
+
+
+def write_tiny_audio_models(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """InfiniteTalk patches (single/multi speaker) sized for wanvideo's tiny I2V model and a tiny
+    wav2vec2 folder; the patch's audio projection is sized to that encoder's width."""
+    out = {}
+    dm = os.path.join(models_dir, "infinitetalk")
+    for speakers, name in ((1, "infinitetalk_tiny_single.safetensors"),
+                           (2, "infinitetalk_tiny_multi.safetensors")):
+        out[name] = write_infinitetalk_patch(os.path.join(dm, name), TINY_I2V.dim, TINY_I2V.num_layers,
+                                             speakers=speakers, seed=seed,
+                                             channels=TINY_WAV2VEC_HIDDEN)
+    folder = os.path.join(models_dir, "wav2vec2", "tiny-wav2vec2")
+    write_tiny_wav2vec2(folder, seed=seed, hidden=TINY_WAV2VEC_HIDDEN)
+    out["tiny-wav2vec2"] = folder
+    return out
+
+
+def write_all_tiny_models(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """Every tiny file the pack's nodes read, in a ComfyUI-style models folder: name -> path."""
+    written = write_tiny_models(models_dir, seed)
+    written.update(write_tiny_audio_models(models_dir, seed))
+    return written

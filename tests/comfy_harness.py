@@ -86,19 +86,20 @@ def install_pack(base: str, pack_name: str = PACK_NAME) -> str:
 
 def write_models(base: str) -> tuple[dict[str, str], str | None]:
     """Write the tiny models into BASE/models. Returns ({name: path}, problem): the transformer
-    generator (wanvideo.tiny_models) may not exist yet; `problem` says why nothing was written."""
+    generators (wanvideo.tiny_models, multitalk.tiny) may not exist yet; `problem` says why
+    nothing was written."""
     models = os.path.join(base, "models")
     load_pack()
     from wanvideo_infinitetalk.wanvideo.tiny_vae import write_tiny_wan_vae
 
     written = {"wan21_tiny_vae": write_tiny_wan_vae(os.path.join(models, "vae", TINY_VAE_NAME))}
     try:
-        from wanvideo_infinitetalk.wanvideo.tiny_models import write_tiny_models
+        from wanvideo_infinitetalk.multitalk.tiny import write_all_tiny_models
     except ModuleNotFoundError as e:  # only its absence is tolerated; a broken module raises
-        if not (e.name or "").endswith("tiny_models"):
+        if not (e.name or "").endswith(("tiny_models", ".tiny")):
             raise
-        return written, f"wanvideo.tiny_models is not available yet ({e})"
-    written.update(write_tiny_models(models))
+        return written, f"the tiny model generators are not available yet ({e})"
+    written.update(write_all_tiny_models(models))
     return written, None
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .config import WanConfig
 from .key_layouts import to_diffusers
 from .model import WanModel
+from .tiny_vae import write_tiny_wan_vae
 
 TINY_I2V = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16,
                      has_image_embedding=True)
@@ -106,7 +107,9 @@ VARIANTS = (
 
 
 def write_tiny_models(models_dir: str, seed: int = 0) -> dict[str, str]:
-    """Write every tiny model into a ComfyUI-style models folder; returns name -> path."""
+    """Write wanvideo's tiny models (transformers, LoRAs, VAE) into a ComfyUI-style models folder;
+    returns name -> path. multitalk.tiny.write_all_tiny_models adds the InfiniteTalk patches and
+    the wav2vec2 folder the nodes also need."""
     written = {}
     i2v = random_state_dict(TINY_I2V, seed)
     dm = os.path.join(models_dir, "diffusion_models")
@@ -153,39 +156,10 @@ def _write_loras(models_dir: str, seed: int) -> dict[str, str]:
 
 
 def _write_companions(models_dir: str, seed: int) -> dict[str, str]:
-    """Files owned by other parts of the pack (VAE, InfiniteTalk, wav2vec2, LoRA), when present."""
+    """The LoRAs and the VAE that go with the tiny transformers."""
     out = _write_loras(models_dir, seed)
-    try:
-        from .tiny_vae import write_tiny_wan_vae
-    except ImportError:
-        write_tiny_wan_vae = None
-    if write_tiny_wan_vae is not None:
-        path = os.path.join(models_dir, "vae", "wan21_tiny_vae.safetensors")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_tiny_wan_vae(path, seed=seed)
-        out["wan21_tiny_vae.safetensors"] = path
-    out.update(_write_audio_models(models_dir, seed))
-    return out
-
-
-TINY_WAV2VEC_HIDDEN = 32
-
-
-def _write_audio_models(models_dir: str, seed: int) -> dict[str, str]:
-    """InfiniteTalk patches (single/multi speaker) sized for the tiny model and a tiny wav2vec2
-    folder; the patch's audio projection is sized to that encoder's width."""
-    try:
-        from ..multitalk.tiny import write_infinitetalk_patch, write_tiny_wav2vec2
-    except ImportError:  # top-level `wanvideo` without the rest of the pack
-        return {}
-    out = {}
-    dm = os.path.join(models_dir, "infinitetalk")
-    for speakers, name in ((1, "infinitetalk_tiny_single.safetensors"),
-                           (2, "infinitetalk_tiny_multi.safetensors")):
-        out[name] = write_infinitetalk_patch(os.path.join(dm, name), TINY_I2V.dim, TINY_I2V.num_layers,
-                                             speakers=speakers, seed=seed,
-                                             channels=TINY_WAV2VEC_HIDDEN)
-    folder = os.path.join(models_dir, "wav2vec2", "tiny-wav2vec2")
-    write_tiny_wav2vec2(folder, seed=seed, hidden=TINY_WAV2VEC_HIDDEN)
-    out["tiny-wav2vec2"] = folder
+    path = os.path.join(models_dir, "vae", "wan21_tiny_vae.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_tiny_wan_vae(path, seed=seed)
+    out["wan21_tiny_vae.safetensors"] = path
     return out
