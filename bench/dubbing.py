@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 from window import stand_in_vae  # noqa: E402
 
-from wanvideo_infinitetalk.multitalk.dubbing import dubbing_conditions  # noqa: E402
+from wanvideo_infinitetalk.multitalk.dubbing import WindowCondition, dubbing_conditions  # noqa: E402,E501
 from wanvideo_infinitetalk.multitalk.frame_source import TensorFrames  # noqa: E402
 from wanvideo_infinitetalk.multitalk.long_video import plan_long_video  # noqa: E402
 from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402
@@ -33,10 +33,12 @@ from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
 def comfy_wan_vae(comfy_dir: str, device):
     """encode/decode with ComfyUI's Wan 2.1 VAE architecture (random weights)."""
     sys.path.insert(0, os.path.abspath(comfy_dir))
-    sys.argv = sys.argv[:1]
     from comfy.ldm.wan.vae import WanVAE
 
-    vae = WanVAE().to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+    # ComfyUI's own settings for the Wan 2.1 VAE file (comfy/sd.py)
+    vae = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
+    vae = vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(frames):
@@ -68,7 +70,7 @@ def clip_stand_in(device):
     return encode
 
 
-def request_for(frames: int, width: int, height: int, steps: int, device, encode):
+def request_for(frames: int, width: int, height: int, steps: int, device, encode, passes: int):
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(height, width, 3, generator=g)
     from wanvideo_infinitetalk.multitalk.pipeline import condition_frames, condition_y
@@ -77,8 +79,9 @@ def request_for(frames: int, width: int, height: int, steps: int, device, encode
     return VideoRequest(
         reference=ref, y=y, clip_fea=torch.randn(1, 257, 1280, generator=g),
         positive=torch.randn(1, 512, 4096, generator=g), negative=torch.randn(1, 512, 4096, generator=g),
-        features=[torch.randn(frames, 12, 768, generator=g)], steps=steps, text_scale=1.0,
-        audio_scale=1.0, device=device, seed=0, audio_frames=frames)
+        features=[torch.randn(frames, 12, 768, generator=g)], steps=steps,
+        text_scale=1.0 if passes == 1 else 5.0, audio_scale=1.0 if passes == 1 else 4.0,
+        device=device, seed=0, audio_frames=frames)
 
 
 def run(model, request, encode, decode, sync) -> dict:
@@ -96,6 +99,8 @@ def main(argv=None):
     p.add_argument("--comfy", help="ComfyUI source folder (for its Wan VAE class)")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--passes", type=int, default=1, choices=(1, 3),
+                   help="1: the distilled-LoRA recipe (guidance 1/1); 3: text 5 + audio 4")
     p.add_argument("--blocks", type=int, default=40)
     p.add_argument("--size", default="832x480")
     p.add_argument("--out")
@@ -109,19 +114,22 @@ def main(argv=None):
     clip = clip_stand_in(dev)
     frames = 81 + 72 * (args.windows - 1)
     sync = torch.cuda.synchronize
-    image = request_for(frames, width, height, args.steps, dev, encode)
+    image = request_for(frames, width, height, args.steps, dev, encode, args.passes)
     run(model, image, encode, decode, sync)            # warm-up: kernels, allocator, slots
     image_mode = run(model, image, encode, decode, sync)
-    dub = request_for(frames, width, height, args.steps, dev, encode)
+    dub = request_for(frames, width, height, args.steps, dev, encode, args.passes)
     source = TensorFrames(torch.rand(frames, height, width, 3), 25.0)
     plan = plan_long_video(frames)
     schedule = reference_schedule(plan, source.num_frames, source.fps)
     dub.window_condition = dubbing_conditions(schedule, source.read(schedule.needed(), width,
-                                                                    height), 81, encode, clip)
+                                                                    height), 81, encode, clip,
+                                              device=dev,
+                                              known=WindowCondition(dub.y, dub.clip_fea,
+                                                                    dub.reference, 0))
     dubbing = run(model, dub, encode, decode, sync)
     emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
           "model": "14B-shaped I2V + InfiniteTalk, fp8_e4m3fn_scaled, all 40 blocks swapped",
-          "size": f"{width}x{height}x81", "steps": args.steps, "passes_per_step": 1,
+          "size": f"{width}x{height}x81", "steps": args.steps, "passes_per_step": args.passes,
           "vae": vae_kind, "clip": "ViT-H-sized stand-in", "image_mode": image_mode,
           "dubbing": dubbing, "ratio": dubbing["mean_window_s"] / image_mode["mean_window_s"],
           "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9}, args.out)

@@ -33,23 +33,28 @@ ConditionFn = Callable[[Window], WindowCondition]
 def dubbing_conditions(schedule: ReferenceSchedule, frames: Mapping[int, torch.Tensor],
                        clip_frames: int, vae_encode: Callable[[torch.Tensor], torch.Tensor],
                        clip_encode: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                       clip_tokens: int = 257, clip_dim: int = 1280) -> ConditionFn:
+                       clip_tokens: int = 257, clip_dim: int = 1280, device=None,
+                       known: Optional[WindowCondition] = None) -> ConditionFn:
     """Window -> its WindowCondition. `frames`: source index -> fitted uint8 [H, W, 3] for every
     index the schedule names; `vae_encode(pixels [F, H, W, 3] 0..1) -> normalised latents`;
-    `clip_encode(frame [1, H, W, 3]) -> [1, 257, 1280]` or None for zero tokens."""
+    `clip_encode(frame [1, H, W, 3]) -> [1, 257, 1280]` or None for zero tokens. `device`: where
+    the clip's pixels are assembled (the VAE's device: the grey frames are made there instead of
+    crossing PCIe); `known`: a condition already encoded (the node's frame 0), reused."""
     from .pipeline import condition_frames, condition_y
 
     missing = [i for i in schedule.needed() if i not in frames]
     if missing:
         raise ValueError(f"the schedule needs source frames {missing[:5]} that were not read")
-    cache: dict[int, WindowCondition] = {}
+    cache: dict[int, WindowCondition] = {} if known is None else {known.source_frame: known}
 
     def condition(window: Window) -> WindowCondition:
         index = schedule.frames[window.index]
         if index not in cache:
             cache.clear()      # keep one: windows visit a frame in one run (freeze) or once
             reference = frames[index].float() / 255
-            y = condition_y(vae_encode(condition_frames(reference, int(clip_frames))))
+            pixels = condition_frames(reference.to(device) if device is not None else reference,
+                                      int(clip_frames))
+            y = condition_y(vae_encode(pixels).cpu())
             fea = clip_encode(reference[None]) if clip_encode is not None \
                 else torch.zeros(1, clip_tokens, clip_dim)
             cache[index] = WindowCondition(y.float(), fea.float(), reference, index)

@@ -283,7 +283,7 @@ def _dubbing(request, conditioning, plan) -> None:
     source = getattr(conditioning, "dubbing", None)
     if source is None:
         return
-    from ..multitalk.dubbing import dubbing_conditions
+    from ..multitalk.dubbing import WindowCondition, dubbing_conditions
     from ..multitalk.reference_schedule import reference_schedule
     from .dubbing import clip_encoder
 
@@ -292,9 +292,11 @@ def _dubbing(request, conditioning, plan) -> None:
     for line in schedule.describe(plan):
         log.info("InfiniteTalk dubbing: %s", line)
     fitted = frames.read(schedule.needed(), conditioning.width, conditioning.height)
+    first = WindowCondition(conditioning.y, conditioning.clip_fea, conditioning.reference, 0)
     request.window_condition = dubbing_conditions(
         schedule, fitted, conditioning.clip_frames, lambda px: vae_encode(source.vae, px),
-        clip_encoder(source.clip_vision))
+        clip_encoder(source.clip_vision), device=request.device,
+        known=first if schedule.frames[0] == 0 else None)
     request.color_per_window = source.color_reference == "window_reference"
 
 
