@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .conditions import condition_frames, condition_y, require_finite
 from .long_video import LongVideoPlan, Window
 from .reference_schedule import ReferenceSchedule
 
@@ -40,8 +41,6 @@ def dubbing_conditions(schedule: ReferenceSchedule, frames: Mapping[int, torch.T
     `clip_encode(frame [1, H, W, 3]) -> [1, 257, 1280]` or None for zero tokens. `device`: where
     the clip's pixels are assembled (the VAE's device: the grey frames are made there instead of
     crossing PCIe); `known`: a condition already encoded (the node's frame 0), reused."""
-    from .pipeline import condition_frames, condition_y
-
     missing = [i for i in schedule.needed() if i not in frames]
     if missing:
         raise ValueError(f"the schedule needs source frames {missing[:5]} that were not read")
@@ -66,8 +65,6 @@ def dubbing_conditions(schedule: ReferenceSchedule, frames: Mapping[int, torch.T
 def check_condition(cond: WindowCondition, window: Window, plan: LongVideoPlan,
                     want_y_shape: tuple) -> None:
     """A window's condition must match the first one's geometry and hold finite numbers."""
-    from .pipeline import require_finite
-
     where = f"window {window.index + 1}/{plan.num_windows} (source frame {cond.source_frame})"
     if tuple(cond.y.shape) != tuple(want_y_shape):
         raise ValueError(f"{where}: image condition {tuple(cond.y.shape)} differs from the first "

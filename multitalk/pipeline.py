@@ -37,6 +37,9 @@ from . import audio_windows as aw
 from .audio_proj import AudioInput
 from .audio_windows import reflect_pad
 from .color import match_colors
+from .conditions import (LATENT_CHANNELS, MASK_CHANNELS, NonFiniteError,  # noqa: F401 (API)
+                         condition_frames, condition_y, require_finite)
+from .dubbing import check_condition
 from .frame_sink import FrameSink, MemorySink
 from .framing import fit_image  # noqa: F401  (part of this module's API)
 from .long_video import CLIP_FRAMES, FPS, MOTION_FRAMES, LongVideoPlan, Window, plan_long_video
@@ -45,8 +48,6 @@ log = logging.getLogger(__name__)
 
 VaeEncode = Callable[[torch.Tensor], torch.Tensor]
 VaeDecode = Callable[[torch.Tensor], torch.Tensor]
-LATENT_CHANNELS = 16
-MASK_CHANNELS = 4
 SEED_MASK = 2 ** 63 - 1
 
 
@@ -119,34 +120,6 @@ def validate_size(width: int, height: int, clip_frames: int, motion_frames: int)
         raise ValueError(f"clip length must be 4n+1 frames (5, 9, ..., 81), got {clip_frames}")
     if not 1 <= int(motion_frames) < int(clip_frames):
         raise ValueError(f"motion frames must be in 1..{int(clip_frames) - 1}, got {motion_frames}")
-
-
-def condition_frames(reference: torch.Tensor, clip_frames: int) -> torch.Tensor:
-    """The pixels the y latents encode: the reference then clip_frames - 1 grey frames (0.5 in
-    0..1, i.e. the zeros of the official [-1, 1] tensor)."""
-    rest = torch.full((int(clip_frames) - 1, *reference.shape), 0.5, dtype=reference.dtype)
-    return torch.cat([reference.unsqueeze(0), rest.to(reference.device)], dim=0)
-
-
-def condition_y(latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents [1, 16, F_lat, h, w] of condition_frames -> y [1, 20, F_lat, h, w]."""
-    if latents.ndim != 5 or latents.shape[:2] != (1, LATENT_CHANNELS):
-        raise ValueError(f"expected latents [1, 16, F_lat, h, w], got {tuple(latents.shape)}")
-    mask = torch.zeros((1, MASK_CHANNELS, *latents.shape[2:]), dtype=latents.dtype,
-                       device=latents.device)
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, latents], dim=1)
-
-
-class NonFiniteError(ValueError):
-    """NaN or Inf where a video is being made; the message names the input or the window."""
-
-
-def require_finite(t: torch.Tensor, what: str, hint: str = "") -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{what} holds {bad:,} NaN/Inf value(s) of {t.numel():,}"
-                             f"{'; ' + hint if hint else ''}")
 
 
 def check_model(model) -> None:
@@ -330,8 +303,6 @@ def _window_condition(run: _WindowRun, win: Window):
     r = run.request
     if r.window_condition is None:
         return None
-    from .dubbing import check_condition
-
     cond = r.window_condition(win)
     check_condition(cond, win, run.plan, tuple(r.y.shape))
     return cond
