@@ -226,7 +226,8 @@ def test_cpu_path_never_touches_triton(monkeypatch):
 
     monkeypatch.delenv("WANVIDEO_FUSED", raising=False)
     monkeypatch.setattr(fused_ops, "triton_available", boom)
-    monkeypatch.setattr(fused_ops, "_kernels", boom)
+    monkeypatch.setattr(fused_ops, "_rms_rope_kernel", boom)
+    monkeypatch.setattr(fused_ops, "_layer_norm_kernel", boom)
     assert not fused_ops.enabled(torch.zeros(1))
     sd = random_state_dict(TINY_I2V, seed=3)
     model = ours(TINY_I2V, sd, torch.float32)

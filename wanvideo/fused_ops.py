@@ -50,7 +50,7 @@ def _warps(block: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels():
+def _rms_rope_kernel():
     import triton
     import triton.language as tl
 
@@ -73,6 +73,14 @@ def _kernels():
             s = tl.load(sin_ptr + pos * stride_sl + p * stride_sp, mask=j < HALF_DIM, other=0.0)
             y = tl.reshape(tl.join(ne * c - no * s, ne * s + no * c), (2 * BLOCK,))
         tl.store(y_ptr + row * (2 * HALF_DIM) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return rms_rope
+
+
+@functools.lru_cache(maxsize=1)
+def _layer_norm_kernel():
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def layer_norm(x_ptr, y_ptr, a_ptr, b_ptr, r_ptr, g_ptr, xo_ptr, s_ptr, C, L, stride_x,
@@ -110,7 +118,7 @@ def _kernels():
             if AMAX:  # of the stored (rounded) values, which the fp8 cast will read
                 tl.atomic_max(s_ptr, tl.max(tl.abs(y.to(tl.float32)), axis=0) / FMAX)
 
-    return rms_rope, layer_norm
+    return layer_norm
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,7 @@ def _launch_rms(x, weight, eps, cos, sin, num_heads):
                 sin.stride(0), sin.stride(1))
     else:
         args = (weight, weight, 1, half, 1, x2.stride(0), 0, 0, 0, 0)
-    _kernels()[0][(x2.shape[0],)](x2, weight, args[0], args[1], y, *args[2:], float(eps),
+    _rms_rope_kernel()[(x2.shape[0],)](x2, weight, args[0], args[1], y, *args[2:], float(eps),
                                   ROPE=rope, BLOCK=block, num_warps=_warps(2 * block))
     return y
 
@@ -177,7 +185,7 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
     r2 = dummy if residual is None else _rows(residual)
     g2 = dummy if gate is None else _rows(gate)
     stride_g = g2.stride(0) if gate is not None and g2.shape[0] > 1 else 0
-    _kernels()[1][(x2.shape[0],)](x2, dummy if y is None else y, dummy if a is None else a,
+    _layer_norm_kernel()[(x2.shape[0],)](x2, dummy if y is None else y, dummy if a is None else a,
                                   dummy if b is None else b, r2, g2,
                                   dummy if x_out is None else x_out,
                                   dummy if amax_to is None else amax_to,
