@@ -120,6 +120,16 @@ def imports(module: str) -> list[tuple[str, bool, int]]:
             for target, inside in _targets(module, node)]
 
 
+def imports_of(source: str) -> list[tuple[str, bool]]:
+    """imports() of `source` as if it were a module of wanvideo/ (to check the reader itself)."""
+    TREES["wanvideo.__probe__"] = ast.parse(source)
+    MODULES["wanvideo.__probe__"] = MODULES["wanvideo.loader"]
+    try:
+        return [(target, inside) for target, inside, _ in imports("wanvideo.__probe__")]
+    finally:
+        del TREES["wanvideo.__probe__"], MODULES["wanvideo.__probe__"]
+
+
 def import_graph() -> dict[str, set[str]]:
     return {m: {t for t, inside, _ in imports(m) if inside and t != m} for m in MODULES}
 
@@ -164,7 +174,10 @@ def test_the_reader_sees_known_imports():
     assert "multitalk.inject" in graph["nodes.model_loader"]         # inside execute()
     assert "multitalk.tiny" in graph["wanvideo.make_tiny"]           # import_in_pack("...")
     assert "nodes" in graph[""]                                      # the entry point
-    assert ("nodes", False, 4) in imports_of("import nodes\n")        # ComfyUI's, not ours
+    assert imports_of("import nodes\nimport folder_paths") == [("nodes", False),  # ComfyUI's
+                                                                ("folder_paths", False)]
+    assert imports_of("def f():\n    from ..multitalk import tiny\n    from . import nope") == \
+        [("multitalk.tiny", True), ("wanvideo", True)]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -189,19 +202,10 @@ def test_wanvideo_never_imports_multitalk_or_fp8_optimization():
                      "argument (see loader.load_model's inject). " + "; ".join(bad))
 
 
-def imports_of(source: str) -> list[tuple[str, bool, int]]:
-    TREES["wanvideo.__probe__"] = ast.parse("\n\n\n" + source)
-    MODULES["wanvideo.__probe__"] = MODULES["wanvideo.loader"]
-    try:
-        return imports("wanvideo.__probe__")
-    finally:
-        del TREES["wanvideo.__probe__"], MODULES["wanvideo.__probe__"]
-
-
 def test_front_ends_are_only_launchers():
+    graph = import_graph()
     for module in FRONT_ENDS:
         assert module in MODULES, f"{module} no longer exists; drop it from FRONT_ENDS"
-        graph = import_graph()
         assert not any(module in targets for targets in graph.values()), f"{module} is imported"
 
 
@@ -287,13 +291,15 @@ def copies(module: str) -> list[tuple[str, str, int]]:
     return found
 
 
-def test_the_copy_reader_sees_placement_and_lora_cases():
+def test_the_copy_reader_sees_weight_copies():
     source = ("def f(m, w, x, dst):\n    m.weight.to('cuda')\n    p.data.to(0)\n"
-              "    x.to('cuda')\n    dst.copy_(w)\n    x.float().to(dev, non_blocking=True)\n")
+              "    x.to('cuda')\n    dst.copy_(w)\n    x.float().to(dev, non_blocking=True)\n"
+              "    m.dequantized_weight(torch.float32).to(dev)\n    F.rms_norm(x, m.weight).to(x)\n")
     TREES["__probe__"] = ast.parse(source)
     try:
-        assert [c for _, c, _ in copies("__probe__")] == ["m.weight.to", "p.data.to", "dst.copy_",
-                                                          "x.float().to"]
+        assert [c for _, c, _ in copies("__probe__")] == [
+            "m.weight.to", "p.data.to", "dst.copy_", "x.float().to",
+            "m.dequantized_weight(torch.float32).to"]
     finally:
         del TREES["__probe__"]
     assert any(call == "out.copy_" for _, call, _ in copies("wanvideo.placement"))
