@@ -18,7 +18,7 @@ demo: setup
 
 # Interactive use: http://127.0.0.1:8188 with the pack installed and the tiny models in .cache/base.
 serve: setup
-	$(PY) tests/comfy_harness.py serve .cache/base --port 8188 $(SERVE_FLAGS)
+	$(PY) scripts/comfy_harness.py serve .cache/base --port 8188 $(SERVE_FLAGS)
 
 # Regenerate example_workflows/ (UI format via the real frontend in chromium, plus api/ twins).
 workflows: setup

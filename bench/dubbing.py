@@ -18,7 +18,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 from window import stand_in_vae  # noqa: E402
 

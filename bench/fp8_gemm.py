@@ -11,13 +11,10 @@ operands, so they measure the GEMM's accumulation and bf16 output rounding only.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cuda_ms, emit  # noqa: E402  (also loads the pack)
 
 from wanvideo_infinitetalk.wanvideo.quant_kernels import quantize_tensor_triton  # noqa: E402

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, cuda_ms, emit  # noqa: E402
 from quant import LATENTS, inputs  # noqa: E402
 

@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import struct
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit  # noqa: E402  (also makes the pack importable)
 
 from wanvideo_infinitetalk.wanvideo.checkpoint import (SAFETENSORS_DTYPES, check_finite,  # noqa: E402

@@ -8,12 +8,9 @@ CUDA time (ms per forward, calls, share of the forward).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build  # noqa: E402
 from quant import inputs  # noqa: E402
 

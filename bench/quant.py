@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, emit  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402

@@ -16,15 +16,12 @@ out-of-memory there is reported, not raised. On --device cpu peaks are null (a s
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RandomWeights, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 
 from wanvideo_infinitetalk.multitalk import audio_features as af  # noqa: E402

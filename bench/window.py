@@ -11,14 +11,11 @@ JSON object: seconds per step, peak VRAM, BlockSwap statistics.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 
 from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402

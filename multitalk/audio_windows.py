@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .long_video import FPS, audio_rows  # noqa: F401  (FPS: the video rate, one home)
+
 WINDOW_RADIUS = 2                      # offsets -2..+2
 WINDOW = 2 * WINDOW_RADIUS + 1         # 5 entries per video frame
 VAE_STRIDE_T = 4                       # video frames per latent frame (after the first)
 LATER_ENTRIES = WINDOW + VAE_STRIDE_T - 1  # 8 entries per later latent frame
-FPS = 25
 
 
 def video_frames_for_latents(n_latent: int) -> int:
@@ -65,24 +66,16 @@ def reflect_pad(features: torch.Tensor, needed: int) -> torch.Tensor:
     return out
 
 
-def window_indices(start: int, n_frames: int, total: int) -> torch.Tensor:
-    """[n_frames, 5] feature indices for video frames start..start+n_frames-1, clamped to
-    [0, total-1]."""
-    centers = torch.arange(start, start + n_frames).unsqueeze(1)
-    offsets = torch.arange(-WINDOW_RADIUS, WINDOW_RADIUS + 1).unsqueeze(0)
-    return (centers + offsets).clamp_(0, total - 1)
-
-
 def clip_windows(features: torch.Tensor, start: int, n_frames: int) -> torch.Tensor:
     """Windowed features for one clip: `features` [T, 12, 768] of the whole audio (one speaker),
-    video frames start..start+n_frames-1 -> [n_frames, 5, 12, 768]. Frames past the end of the
-    audio are filled by reflection (see reflect_pad); clamping at the start uses the real
-    preceding audio when start > 0."""
+    video frames start..start+n_frames-1 -> [n_frames, 5, 12, 768], by the one audio rule
+    (long_video.audio_rows: clamped to the mirrored tail, then mapped into the real rows)."""
     if start < 0 or n_frames < 1:
         raise ValueError(f"bad clip window start={start}, n_frames={n_frames}")
-    padded = reflect_pad(features, start + n_frames)
-    idx = window_indices(start, n_frames, padded.shape[0])
-    return padded[idx.to(padded.device)]
+    if features.shape[0] == 0:
+        raise ValueError("cannot window empty audio features")
+    idx = torch.tensor(audio_rows(start, n_frames, features.shape[0], WINDOW_RADIUS))
+    return features[idx.to(features.device)]
 
 
 def latent_windows(windows: torch.Tensor, n_latent: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .conditions import condition_frames, condition_y, require_finite
+from ..wanvideo.config import CLIP_DIM, CLIP_TOKENS
 from .long_video import LongVideoPlan, Window
 from .reference_schedule import ReferenceSchedule
 
@@ -34,7 +35,7 @@ ConditionFn = Callable[[Window], WindowCondition]
 def dubbing_conditions(schedule: ReferenceSchedule, frames: Mapping[int, torch.Tensor],
                        clip_frames: int, vae_encode: Callable[[torch.Tensor], torch.Tensor],
                        clip_encode: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                       clip_tokens: int = 257, clip_dim: int = 1280, device=None,
+                       clip_tokens: int = CLIP_TOKENS, clip_dim: int = CLIP_DIM, device=None,
                        known: Optional[WindowCondition] = None) -> ConditionFn:
     """Window -> its WindowCondition. `frames`: source index -> fitted uint8 [H, W, 3] for every
     index the schedule names; `vae_encode(pixels [F, H, W, 3] 0..1) -> normalised latents`;

@@ -16,13 +16,14 @@ import torch
 
 from ..wanvideo import placement
 from ..wanvideo.checkpoint import CheckpointError
+from ..wanvideo.key_layouts import COMFY_PREFIXES
 from ..wanvideo.model import WanLayerNorm
 from .audio_attention import AudioCrossAttention
 from .audio_proj import WAV2VEC_LAYERS, AudioProjModel
 from .audio_windows import WINDOW
 
 MARKER = "audio_proj.proj1.weight"
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+PREFIXES = COMFY_PREFIXES + ("",)   # ComfyUI-style names first, then bare keys
 _AUDIO_KEY = re.compile(r"^(?:audio_proj\.|blocks\.(\d+)\.(?:norm_x|audio_cross_attn)\.)")
 _SPEAKER_FIELDS = ("speakers", "num_speakers", "n_speakers", "infinitetalk_speakers", "human_num")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FPS = 25
+FPS = 25              # InfiniteTalk's video rate: one audio feature row per frame
 CLIP_FRAMES = 81
 MOTION_FRAMES = 9
 AUDIO_CONTEXT = 2  # the audio projection reads feature rows f-2 .. f+2 for video frame f
@@ -82,17 +82,27 @@ class LongVideoPlan:
         return [reflect_index(i, self.audio_frames) for i in range(self.padded_audio_frames)]
 
     def window_audio_indices(self, window: Window, context: int = AUDIO_CONTEXT) -> list[list[int]]:
-        """Per video frame of `window`, the original feature rows f-context..f+context.
+        """Per video frame of `window`, the original feature rows f-context..f+context."""
+        return audio_rows(window.audio_start, window.frames, self.audio_frames, context)
 
-        As in the official loop: indices are clamped to the padded sequence, then mapped through
-        the mirror extension.
-        """
-        last = self.padded_audio_frames - 1
-        rows = []
-        for f in range(window.audio_start, window.audio_end):
-            near = (min(max(f + d, 0), last) for d in range(-context, context + 1))
-            rows.append([reflect_index(j, self.audio_frames) for j in near])
-        return rows
+
+def padded_length(audio_frames: int, end: int, context: int = AUDIO_CONTEXT) -> int:
+    """Feature rows after the official tail mirroring for a window ending at `end` (exclusive):
+    it appends end - N + context + 1 mirrored rows as soon as the window reaches the end."""
+    return end + context + 1 if end >= audio_frames else audio_frames
+
+
+def audio_rows(start: int, frames: int, audio_frames: int,
+               context: int = AUDIO_CONTEXT) -> list[list[int]]:
+    """The audio rule, in one place: for video frames start..start+frames-1 of audio with
+    `audio_frames` feature rows, the original rows f-context..f+context each reads. As in the
+    official loop, indices are clamped to the mirrored sequence, then mapped through it."""
+    last = padded_length(audio_frames, start + frames, context) - 1
+    rows = []
+    for f in range(start, start + frames):
+        near = (min(max(f + d, 0), last) for d in range(-context, context + 1))
+        rows.append([reflect_index(j, audio_frames) for j in near])
+    return rows
 
 
 def _check_lengths(clip: int, motion: int) -> None:
@@ -137,7 +147,6 @@ def plan_long_video(audio_frames: int, clip: int = CLIP_FRAMES, motion: int = MO
             motion_frames=m_frames, motion_latent_frames=latent_frames(m_frames),
             keep_start=keep_start, keep_end=keep_end,
             out_start=start + keep_start, out_end=start + keep_end))
-    last_end = windows[-1].audio_end
-    padded = last_end + AUDIO_CONTEXT + 1 if last_end >= n else n
+    padded = padded_length(n, windows[-1].audio_end)
     return LongVideoPlan(audio_frames=n, total_frames=total, clip=clip, motion=motion,
                          windows=tuple(windows), padded_audio_frames=padded)

@@ -1,6 +1,6 @@
 """Tiny, deterministic InfiniteTalk patches and wav2vec2 folders for tests and smoke runs, and
 `write_all_tiny_models`, which writes them next to wanvideo's tiny models (the full set the nodes
-read; `python -m wanvideo.make_tiny` and tests/comfy_harness.py use it).
+read; `python -m wanvideo.make_tiny` and scripts/comfy_harness.py use it).
 
 The patch has exactly the InfiniteTalk keys (2 per block norm, 6 per block attention, 10 for the
 audio projection) for a base model of the given dim / num_layers. The audio projection keeps the

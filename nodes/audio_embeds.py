@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from comfy_api.latest import io, ui
 
+from ..multitalk.long_video import FPS
 from .model_files import register_folders, wav2vec2_choices, wav2vec2_path
 from .types import INFINITETALK_AUDIO, WAV2VEC2MODEL, InfiniteTalkAudio
 from .validation import not_listed
 
 CATEGORY = "WanVideo InfiniteTalk"
-FPS = 25                  # InfiniteTalk's video rate; features have 25 rows per second
 MODES = ["para", "add"]
 MASK_SIZE = 512           # default/box masks are drawn at this size; the model resizes them
 

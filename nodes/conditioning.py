@@ -6,10 +6,10 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..wanvideo.config import CLIP_DIM, CLIP_TOKENS
 from .types import INFINITETALK_COND, InfiniteTalkCond
 
 CATEGORY = "WanVideo InfiniteTalk"
-CLIP_TOKENS, CLIP_DIM = 257, 1280
 
 log = logging.getLogger(__name__)
 

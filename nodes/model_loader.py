@@ -7,6 +7,9 @@ import os
 import torch
 from comfy_api.latest import io
 
+from ..wanvideo.attention import BACKENDS
+from ..wanvideo.loader import BASE_DTYPES, QUANTIZE_CHOICES
+from ..wanvideo.quant_linear import FP8_MATMUL
 from .model_files import patch_path
 from .model_handle import WanVideoModelHandle
 from .types import INFINITETALK_PATCH, WANVIDLORA
@@ -15,11 +18,11 @@ from .validation import lora_chain, not_listed, resolve
 CATEGORY = "WanVideo InfiniteTalk"
 WANVIDEOMODEL = io.Custom("WANVIDEOMODEL")
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ATTENTIONS = ["sdpa", "flash_attn", "sageattention"]
+PRECISIONS = dict(BASE_DTYPES)
+ATTENTIONS = list(BACKENDS)
 LOAD_DEVICES = ["main_device", "offload_device"]
-QUANTIZATIONS = ["none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4"]
-FP8_MATMULS = ["fast", "accurate", "dequantize"]
+QUANTIZATIONS = list(QUANTIZE_CHOICES)
+FP8_MATMULS = list(FP8_MATMUL)
 
 log = logging.getLogger(__name__)
 

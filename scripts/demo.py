@@ -8,7 +8,7 @@
 It prepares a base directory under .cache/demo (the pack symlinked into custom_nodes, tiny models
 in models/, a synthetic portrait and an espeak-ng speech WAV in input/, cached text embeddings),
 starts ComfyUI, converts the UI workflow to the API format with the real frontend in chromium
-(tests/browser/frontend.mjs; without a browser it uses the API twin in example_workflows/api/),
+(scripts/browser/frontend.mjs; without a browser it uses the API twin in example_workflows/api/),
 queues it, prints progress as it arrives, then reports the MP4 it wrote (frames, duration, audio)
 and stops the server.
 """
@@ -21,7 +21,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 import comfy_harness as h  # noqa: E402
 import demo_assets  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Writes example_workflows/*.json (UI format) and their API twins (example_workflows/api/).
 
 The graphs are written here as API-format dicts (readable, reviewable), then converted by the real
-ComfyUI frontend in Debian's chromium (tests/browser/frontend.mjs: app.loadApiJson + positions +
+ComfyUI frontend in Debian's chromium (scripts/browser/frontend.mjs: app.loadApiJson + positions +
 Note nodes + app.graph.serialize()), so widget order, link slots and node shapes are exactly what
 the frontend saves. Each result is loaded back and turned into a prompt with app.graphToPrompt();
 that must reproduce the API graph, and it is stored as the API twin (used by scripts/demo.py when
@@ -18,9 +18,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 import comfy_harness as h  # noqa: E402
 import demo_assets as assets  # noqa: E402
+import graph_nodes as gn  # noqa: E402
 from frontend_client import Frontend  # noqa: E402
 
 OUT_DIR = os.path.join(ROOT, "example_workflows")
@@ -123,22 +123,14 @@ def real_workflow(two: bool) -> tuple[dict, dict, list]:
         "10": {"class_type": "CLIPVisionEncode",
                "inputs": {"clip_vision": ["9", 0], "image": ["8", 0], "crop": "none"}},
         "11": {"class_type": "VAELoader", "inputs": {"vae_name": FILES["vae"]}},
-        "12": {"class_type": "InfiniteTalkImageToVideo",
-               "inputs": {"start_image": ["8", 0], "vae": ["11", 0], "width": width,
-                          "height": height, "clip_length": 81, "motion_frames": 9,
-                          "clip_vision_output": ["10", 0]}},
+        "12": gn.image_to_video(["8", 0], ["11", 0], width, height,
+                                clip_vision_output=["10", 0]),
         "13": {"class_type": "LoadAudio", "inputs": {"audio": assets.REAL_INPUTS["audio"]}},
         "14": {"class_type": "Wav2Vec2ModelLoader", "inputs": {"model": FILES["wav2vec2"]}},
-        "15": {"class_type": "InfiniteTalkAudioEmbeds",
-               "inputs": {"wav2vec2": ["14", 0], "audio": ["13", 0], "mode": "para",
-                          "speaker_boxes": ""}},
-        "16": {"class_type": "WanVideoInfiniteTalkSampler",
-               "inputs": {"model": ["3", 0], "positive": ["6", 0], "negative": ["7", 0],
-                          "conditioning": ["12", 0], "audio_embeds": ["15", 0], "vae": ["11", 0],
-                          "steps": 6, "shift": 7.0, "text_guidance": 1.0, "audio_guidance": 1.0,
-                          "scheduler": "euler", "seed": 42, "color_correction": 0.0,
-                          "max_frames": 0, "block_swap_args": ["4", 0], "stream_to_mp4": False,
-                          "filename_prefix": "InfiniteTalk"}},
+        "15": gn.audio_embeds(["14", 0], ["13", 0]),
+        "16": gn.sampler(["3", 0], ["6", 0], ["7", 0], ["12", 0], ["15", 0], ["11", 0], steps=6,
+                         seed=42, block_swap_args=["4", 0], stream_to_mp4=False,
+                         filename_prefix="InfiniteTalk"),
         "17": {"class_type": "CreateVideo",
                "inputs": {"images": ["16", 0], "fps": 25.0, "audio": ["16", 1]}},
         "18": {"class_type": "SaveVideo",
@@ -219,21 +211,13 @@ def tiny_workflow() -> tuple[dict, dict, list]:
         "4": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": assets.EMBEDS}},
         "5": {"class_type": "LoadImage", "inputs": {"image": assets.PORTRAIT}},
         "6": {"class_type": "VAELoader", "inputs": {"vae_name": h.TINY_VAE_NAME}},
-        "7": {"class_type": "InfiniteTalkImageToVideo",
-              "inputs": {"start_image": ["5", 0], "vae": ["6", 0], "width": 128, "height": 128,
-                         "clip_length": 33, "motion_frames": 9}},
+        "7": gn.image_to_video(["5", 0], ["6", 0], 128, 128, clip=33),
         "8": {"class_type": "LoadAudio", "inputs": {"audio": assets.SPEECH}},
         "9": {"class_type": "Wav2Vec2ModelLoader", "inputs": {"model": "tiny-wav2vec2"}},
-        "10": {"class_type": "InfiniteTalkAudioEmbeds",
-               "inputs": {"wav2vec2": ["9", 0], "audio": ["8", 0], "mode": "para",
-                          "speaker_boxes": ""}},
-        "11": {"class_type": "WanVideoInfiniteTalkSampler",
-               "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["4", 1],
-                          "conditioning": ["7", 0], "audio_embeds": ["10", 0], "vae": ["6", 0],
-                          "steps": 3, "shift": 7.0, "text_guidance": 1.0, "audio_guidance": 1.0,
-                          "scheduler": "euler", "seed": 1, "color_correction": 0.0,
-                          "max_frames": 0, "block_swap_args": ["3", 0], "stream_to_mp4": False,
-                          "filename_prefix": "InfiniteTalk"}},
+        "10": gn.audio_embeds(["9", 0], ["8", 0]),
+        "11": gn.sampler(["2", 0], ["4", 0], ["4", 1], ["7", 0], ["10", 0], ["6", 0], steps=3,
+                         seed=1, block_swap_args=["3", 0], stream_to_mp4=False,
+                         filename_prefix="InfiniteTalk"),
         "12": {"class_type": "CreateVideo",
                "inputs": {"images": ["11", 0], "fps": 25.0, "audio": ["11", 1]}},
         "13": {"class_type": "SaveVideo",

@@ -10,7 +10,6 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 import comfy_harness as h  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "NODES.md")

@@ -16,7 +16,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # Browser tests (tests/test_browser.py, scripts/make_workflows.py): Debian's chromium driven by npm
-# playwright-core pinned in tests/browser/package-lock.json, installed into .cache/node and reused
+# playwright-core pinned in scripts/browser/package-lock.json, installed into .cache/node and reused
 # while that lock is unchanged. No browser build is ever downloaded. Failures only skip those tests.
 if ! command -v chromium >/dev/null; then
   echo "[setup] apt-get install chromium"
@@ -24,13 +24,13 @@ if ! command -v chromium >/dev/null; then
     || echo "[setup] warning: chromium could not be installed; browser tests will skip"
 fi
 node_dir="$root/.cache/node"
-node_sum="$(cat tests/browser/package.json tests/browser/package-lock.json | sha256sum | cut -c1-16)"
+node_sum="$(cat scripts/browser/package.json scripts/browser/package-lock.json | sha256sum | cut -c1-16)"
 if ! command -v npm >/dev/null; then
   echo "[setup] warning: npm not found; browser tests will skip"
 elif [ "$(cat "$node_dir/.stamp" 2>/dev/null)" != "$node_sum" ] || [ ! -d "$node_dir/node_modules/playwright-core" ]; then
   echo "[setup] npm ci playwright-core into $node_dir"
   rm -rf "$node_dir" && mkdir -p "$node_dir"
-  cp tests/browser/package.json tests/browser/package-lock.json "$node_dir/"
+  cp scripts/browser/package.json scripts/browser/package-lock.json "$node_dir/"
   if (cd "$node_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --ignore-scripts --no-audit --no-fund --silent); then
     echo "$node_sum" > "$node_dir/.stamp"
   else

@@ -12,6 +12,8 @@ import _pack  # type: ignore  # noqa: E402
 
 sys.path.pop(0)
 PACK = _pack.load_pack()  # importable as `wanvideo_infinitetalk` in every test
+# The ComfyUI harness, demo inputs and browser driver are tools in scripts/ that tests use too.
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
 def pytest_configure(config):
@@ -33,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ----------------------------------------------------------------------------- real ComfyUI server
-# (tests/comfy_harness.py does the work; these fixtures give it a session lifetime)
+# (scripts/comfy_harness.py does the work; these fixtures give it a session lifetime)
 
 def _skip_unless_ci(reason: str):
     """Missing prerequisites skip locally but fail in CI, where setup must have provided them."""

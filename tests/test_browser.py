@@ -1,5 +1,5 @@
 """The example workflows in the real ComfyUI frontend (Debian chromium + playwright-core, driven by
-tests/browser/frontend.mjs): each opens with no missing node types and no node errors, its
+scripts/browser/frontend.mjs): each opens with no missing node types and no node errors, its
 graphToPrompt is the stored API twin and is accepted by the server, the tiny one runs from the
 Run button, and a screenshot of each is written to artifacts/browser/.
 
@@ -44,7 +44,6 @@ def browser(comfy):
         pytest.skip(f"browser tests need chromium + playwright-core: {reason}")
     if comfy.models_problem or not comfy.valid_model:
         pytest.skip(comfy.models_problem or "no tiny diffusion model was written")
-    sys.path.insert(0, os.path.join(h.ROOT, "scripts"))
     import make_workflows  # the graphs' source: public file names, tiny stand-ins, comparison
 
     if not hasattr(comfy, "demo_inputs"):

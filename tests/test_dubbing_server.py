@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import comfy_harness as h
+import demo_assets
+import graph_nodes as gn
 import hostile_files as hf
 
 pytestmark = pytest.mark.comfy
@@ -18,37 +20,17 @@ pytestmark = pytest.mark.comfy
 EMBEDS = "dub_prompt.safetensors"
 
 
-def _source_video(path: str, seconds: float, fps: int, size=(48, 64), audio=True) -> str:
-    """A moving pattern at `fps` with a 440 Hz tone as its own audio (never used by dubbing)."""
-    import av
-
+def _source_video(path: str, seconds: float, fps: int, size=(48, 64)) -> str:
+    """A moving pattern at `fps`, with a tone as its own audio (which dubbing must ignore)."""
     h_, w_ = size
-    with av.open(path, "w") as c:
-        vs = c.add_stream("mpeg4", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w_, h_, "yuv420p"
-        a = c.add_stream("aac", rate=16000) if audio else None
-        if a is not None:
-            a.layout = "mono"
-        n = int(seconds * fps)
-        for i in range(n):
-            x = np.broadcast_to((np.arange(w_)[None, :] + 3 * i) % w_, (h_, w_))
-            img = np.stack([x * 255 // w_, np.full((h_, w_), 128), 255 - x * 255 // w_], -1)
-            img = img.astype(np.uint8)
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), "rgb24")):
-                c.mux(p)
-        for p in vs.encode(None):
-            c.mux(p)
-        if a is not None:
-            t = np.arange(int(seconds * 16000)) / 16000
-            tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-            for k in range(0, tone.size, 1024):
-                f = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
-                f.sample_rate, f.pts = 16000, k
-                for p in a.encode(f):
-                    c.mux(p)
-            for p in a.encode(None):
-                c.mux(p)
-    return path
+
+    def frame(i):
+        x = np.broadcast_to((np.arange(w_)[None, :] + 3 * i) % w_, (h_, w_))
+        return np.stack([x * 255 // w_, np.full((h_, w_), 128), 255 - x * 255 // w_],
+                        -1).astype(np.uint8)
+
+    return demo_assets.write_video(path, (frame(i) for i in range(int(seconds * fps))), fps,
+                                   seconds, tone_hz=440.0)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +72,7 @@ def graph(video="dub_source_30fps.mp4", images=False, fps=25.0, width=64, height
     g = {
         "1": {"class_type": "LoadAudio", "inputs": {"audio": "dub_speech.wav"}},
         "2": {"class_type": "Wav2Vec2ModelLoader", "inputs": {"model": "tiny-wav2vec2"}},
-        "3": {"class_type": "InfiniteTalkAudioEmbeds",
-              "inputs": {"wav2vec2": ["2", 0], "audio": ["1", 0], "mode": "para"}},
+        "3": gn.audio_embeds(["2", 0], ["1", 0]),
         "10": {"class_type": "LoadVideo", "inputs": {"file": video}},
         "11": {"class_type": "VAELoader", "inputs": {"vae_name": h.TINY_VAE_NAME}},
         "12": {"class_type": "InfiniteTalkVideoToVideo",
@@ -100,21 +81,12 @@ def graph(video="dub_source_30fps.mp4", images=False, fps=25.0, width=64, height
                           "motion_frames": 5, "past_end": past_end,
                           "color_reference": "source_frame_0"}},
         "13": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": EMBEDS}},
-        "14": {"class_type": "WanVideoModelLoader",
-               "inputs": {"model": "wan21_tiny_i2v.safetensors", "base_precision": "fp32",
-                          "attention": "sdpa", "load_device": "main_device",
-                          "infinitetalk": ["15", 0]}},
+        "14": gn.model_loader("wan21_tiny_i2v.safetensors", infinitetalk=["15", 0]),
         "15": {"class_type": "InfiniteTalkModelLoader",
                "inputs": {"model": "infinitetalk_tiny_single.safetensors"}},
-        "16": {"class_type": "WanVideoInfiniteTalkSampler",
-               "inputs": {"model": ["14", 0], "positive": ["13", 0], "negative": ["13", 1],
-                          "conditioning": ["12", 0], "audio_embeds": ["3", 0], "vae": ["11", 0],
-                          "steps": 1, "shift": 7.0, "text_guidance": 1.0, "audio_guidance": 1.0,
-                          "scheduler": "euler", "seed": seed, "color_correction": 0.5,
-                          "max_frames": 0}},
-        "17": {"class_type": "SaveVideo", "inputs": {"video": ["16", 2],
-                                                     "filename_prefix": f"dub/out{seed}",
-                                                     "format": "auto", "codec": "auto"}},
+        "16": gn.sampler(["14", 0], ["13", 0], ["13", 1], ["12", 0], ["3", 0], ["11", 0],
+                         seed=seed, color_correction=0.5),
+        "17": gn.save_video(["16", 2], f"dub/out{seed}"),
     }
     if images:   # the source as an IMAGE batch (GetVideoComponents) with an explicit rate
         g["18"] = {"class_type": "GetVideoComponents", "inputs": {"video": ["10", 0]}}

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import comfy_harness as h
+import graph_nodes as gn
 import hostile_files as hf
 
 pytestmark = pytest.mark.comfy
@@ -195,21 +196,13 @@ def sampler(model=I2V, patch=PATCH, wav="speech.wav", width=64, height=48, clip=
     g.update({
         "10": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
         "11": {"class_type": "VAELoader", "inputs": {"vae_name": h.TINY_VAE_NAME}},
-        "12": {"class_type": "InfiniteTalkImageToVideo",
-               "inputs": {"start_image": ["10", 0], "vae": ["11", 0], "width": width,
-                          "height": height, "clip_length": clip, "motion_frames": motion}},
+        "12": gn.image_to_video(["10", 0], ["11", 0], width, height, clip, motion),
         "13": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": te}},
-        "14": {"class_type": "WanVideoModelLoader",
-               "inputs": {"model": model, "base_precision": "fp32", "attention": "sdpa",
-                          "load_device": "main_device", "infinitetalk": ["15", 0]}},
+        "14": gn.model_loader(model, infinitetalk=["15", 0]),
         "15": {"class_type": "InfiniteTalkModelLoader", "inputs": {"model": patch}},
-        "16": {"class_type": "WanVideoInfiniteTalkSampler",
-               "inputs": {"model": ["14", 0], "positive": ["13", 0], "negative": ["13", 1],
-                          "conditioning": ["12", 0], "audio_embeds": ["3", 0], "vae": ["11", 0],
-                          "steps": steps, "shift": shift, "text_guidance": guidance,
-                          "audio_guidance": guidance, "scheduler": "euler",
-                          "seed": random.randrange(10 ** 6), "color_correction": 0.0,
-                          "max_frames": 0}},
+        "16": gn.sampler(["14", 0], ["13", 0], ["13", 1], ["12", 0], ["3", 0], ["11", 0],
+                         steps=steps, seed=random.randrange(10 ** 6), shift=shift,
+                         text_guidance=guidance, audio_guidance=guidance),
         "17": {"class_type": "PreviewImage", "inputs": {"images": ["16", 0]}},
     })
     return g

@@ -11,7 +11,7 @@ from wanvideo_infinitetalk import fp8_optimization as fo
 from wanvideo_infinitetalk.wanvideo import lora, placement
 from wanvideo_infinitetalk.wanvideo.quant_linear import QuantLinear
 
-from test_quant_support import tiny_model
+from quant_support import tiny_model
 
 RANK = 4
 

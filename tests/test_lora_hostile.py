@@ -12,7 +12,7 @@ from wanvideo_infinitetalk import fp8_optimization as fo
 from wanvideo_infinitetalk.wanvideo import lora
 from wanvideo_infinitetalk.wanvideo.safetensors_writer import write_safetensors
 
-from test_quant_support import tiny_model
+from quant_support import tiny_model
 
 Q = "blocks.0.self_attn.q"  # Linear(64, 64)
 FFN = "blocks.0.ffn.2"      # Linear(128, 64): weight [64, 128]

@@ -17,12 +17,13 @@ from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_di
 SIZE = 64
 
 
-def tiny_model():
-    model = build_meta_model(TINY_I2V)
-    placement.materialize(model, random_state_dict(TINY_I2V, seed=5), torch.device("cpu"),
+def tiny_model(cfg=TINY_I2V, seed: int = 5):
+    """A tiny Wan2.1 model (I2V unless `cfg` says otherwise) with InfiniteTalk layers, fp32."""
+    model = build_meta_model(cfg)
+    placement.materialize(model, random_state_dict(cfg, seed=seed), torch.device("cpu"),
                           dtype_for=storage_dtype_policy(torch.float32))
     model.compute_dtype = torch.float32
-    inject.inject_infinitetalk(model, tiny.infinitetalk_state_dict(TINY_I2V.dim, TINY_I2V.num_layers),
+    inject.inject_infinitetalk(model, tiny.infinitetalk_state_dict(cfg.dim, cfg.num_layers),
                                "cpu", where="tiny patch", dtype=torch.float32)
     return model.eval()
 

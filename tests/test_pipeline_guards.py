@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from test_pipeline import SHORT, StandInVAE, make_request, tiny_model
-from wanvideo_infinitetalk.multitalk import inject, tiny
 from wanvideo_infinitetalk.multitalk.pipeline import (NonFiniteError, VideoRequest, generate_video,
                                                       preflight)
 from wanvideo_infinitetalk.wanvideo import placement
@@ -23,20 +22,10 @@ def model():
     return tiny_model()
 
 
-def _t2v_with_patch():
-    m = build_meta_model(TINY_T2V)
-    placement.materialize(m, random_state_dict(TINY_T2V, seed=2), torch.device("cpu"),
-                          dtype_for=storage_dtype_policy(torch.float32))
-    m.compute_dtype = torch.float32
-    inject.inject_infinitetalk(m, tiny.infinitetalk_state_dict(TINY_T2V.dim, TINY_T2V.num_layers),
-                               "cpu", where="tiny patch", dtype=torch.float32)
-    return m.eval()
-
-
 def test_t2v_model_with_the_patch_is_refused_naming_the_type():
     vae = StandInVAE()
     with pytest.raises(ValueError, match=r"T2V .*image-to-video"):
-        generate_video(_t2v_with_patch(), make_request(vae, **SHORT), vae.encode, vae.decode)
+        generate_video(tiny_model(TINY_T2V, seed=2), make_request(vae, **SHORT), vae.encode, vae.decode)
 
 
 def test_model_without_audio_layers_is_refused(model):

@@ -13,7 +13,7 @@ from wanvideo_infinitetalk import fp8_optimization as fo
 from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.quant_linear import QuantLinear
 
-from test_quant_support import TinyWan, cosine, tiny_inputs, tiny_model
+from quant_support import TinyWan, cosine, tiny_inputs, tiny_model
 
 FILE_FORMATS = {  # writer format -> (internal format, detected kind, cosine bound)
     "fp8_e4m3fn": ("fp8_e4m3fn", "fp8", 0.99),

@@ -9,7 +9,7 @@ from wanvideo_infinitetalk import fp8_optimization as fo
 from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.quant_linear import QuantLinear
 
-from test_quant_support import cosine, tiny_inputs, tiny_model
+from quant_support import cosine, tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.gpu
 

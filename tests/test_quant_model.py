@@ -9,7 +9,7 @@ from wanvideo_infinitetalk import fp8_optimization as fo
 from wanvideo_infinitetalk.wanvideo import placement
 from wanvideo_infinitetalk.wanvideo.quant_linear import QuantLinear
 
-from test_quant_support import cosine, tiny_inputs, tiny_model
+from quant_support import cosine, tiny_inputs, tiny_model
 
 # Per-layer relative (Frobenius) error of the dequantized weight vs the bf16 weight:
 # - fp8 scaled: 3 mantissa bits -> <= 2^-4 per element, RMS ~0.036 for Gaussian-like weights.

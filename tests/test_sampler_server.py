@@ -20,6 +20,7 @@ import time
 import pytest
 
 import comfy_harness as h
+import graph_nodes as gn
 import demo_assets
 
 pytestmark = pytest.mark.comfy
@@ -151,21 +152,13 @@ def graph(audio="speech3s.wav", width=64, height=64, clip=81, motion=9, steps=2,
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "portrait.png"}},
         "2": {"class_type": "VAELoader", "inputs": {"vae_name": h.TINY_VAE_NAME}},
-        "3": {"class_type": "InfiniteTalkImageToVideo",
-              "inputs": {"start_image": ["1", 0], "vae": ["2", 0], "width": width,
-                         "height": height, "clip_length": clip, "motion_frames": motion}},
+        "3": gn.image_to_video(["1", 0], ["2", 0], width, height, clip, motion),
         "4": {"class_type": "WanVideoLoadTextEmbeds", "inputs": {"embeds": embeds}},
-        "5": {"class_type": "WanVideoModelLoader",
-              "inputs": {"model": MODEL, "base_precision": "fp32", "attention": "sdpa",
-                         "load_device": "main_device"}},
+        "5": gn.model_loader(MODEL),
         "6": {"class_type": "LoadAudio", "inputs": {"audio": audio}},
         "7": {"class_type": "TestInfiniteTalkAudioStub", "inputs": {"audio": ["6", 0]}},
-        "8": {"class_type": "WanVideoInfiniteTalkSampler",
-              "inputs": {"model": ["5", 0], "positive": ["4", 0], "negative": ["4", 1],
-                         "conditioning": ["3", 0], "audio_embeds": ["7", 0], "vae": ["2", 0],
-                         "steps": steps, "shift": 7.0, "text_guidance": 5.0,
-                         "audio_guidance": 4.0, "scheduler": "euler", "seed": seed,
-                         "color_correction": 0.5, "max_frames": 0}},
+        "8": gn.sampler(["5", 0], ["4", 0], ["4", 1], ["3", 0], ["7", 0], ["2", 0], steps=steps,
+                        seed=seed, text_guidance=5.0, audio_guidance=4.0, color_correction=0.5),
         "9": {"class_type": "TestVideoSummary", "inputs": {"images": ["8", 0], "audio": ["8", 1]}},
     } | (_real_audio_nodes() if graph.real_audio else {})
 

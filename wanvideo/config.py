@@ -5,6 +5,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
+# I2V image conditioning: CLIP ViT-H penultimate hidden states, 257 tokens of width 1280.
+CLIP_TOKENS = 257
+CLIP_DIM = 1280
+
 HEAD_DIM = 128
 
 

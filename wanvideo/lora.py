@@ -28,13 +28,13 @@ from torch import nn
 
 from . import placement
 from .checkpoint import CheckpointError, all_finite, load_tensors
-from .key_layouts import from_diffusers, to_diffusers
+from .key_layouts import COMFY_PREFIXES, from_diffusers, to_diffusers
 from .quant_linear import QuantLinear
 from .quantize import quantize_weight, replace_module
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
+PREFIXES = COMFY_PREFIXES + ("transformer.", "lora_unet_")
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down",
             ".lora_B.weight": "up", ".alpha": "alpha", ".diff": "diff", ".diff_b": "diff_b"}
 

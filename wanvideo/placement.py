@@ -79,7 +79,8 @@ def attention_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+def owner_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Dotted `name` -> (the submodule that holds it, its attribute name there)."""
     owner, _, leaf = name.rpartition(".")
     return (module.get_submodule(owner) if owner else module), leaf
 
@@ -87,7 +88,7 @@ def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 def set_tensor(module: nn.Module, name: str, value: torch.Tensor, device=None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Replace parameter or buffer `name` (dotted) with a fresh copy of `value`."""
-    owner, leaf = _split(module, name)
+    owner, leaf = owner_of(module, name)
     new = fresh_copy(value, device=device, dtype=dtype)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(new, requires_grad=False)
@@ -100,14 +101,17 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor, device=None,
 
 def adopt_tensor(module: nn.Module, name: str, storage: torch.Tensor) -> None:
     """Point parameter or buffer `name` at `storage` without copying. Used by BlockSwap to map a
-    block onto a pre-allocated device slot; `storage` must already meet the invariant."""
+    block onto a pre-allocated device slot; `storage` must already meet the invariant. A
+    parameter given as an nn.Parameter is adopted as that very object (BlockSwap prepares its
+    host-master parameters once instead of wrapping them again after every block)."""
     if not is_ready(storage):
         raise LayoutError(f"refusing to adopt misaligned or strided storage for {name!r} "
                           f"(ptr % {ALIGNMENT} = {storage.data_ptr() % ALIGNMENT}, "
                           f"contiguous={storage.is_contiguous()})")
-    owner, leaf = _split(module, name)
+    owner, leaf = owner_of(module, name)
     if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(storage, requires_grad=False)
+        owner._parameters[leaf] = (storage if isinstance(storage, nn.Parameter)
+                                   else nn.Parameter(storage, requires_grad=False))
     elif leaf in owner._buffers:
         owner._buffers[leaf] = storage
     else:
@@ -190,6 +194,21 @@ def view_in(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor
     """The sub-view of a pack_flat buffer shaped like `like` (aligned by construction)."""
     nbytes = like.numel() * like.element_size()
     return flat[offset:offset + nbytes].view(like.dtype).view(like.shape)
+
+
+def empty_flat(nbytes: int, device) -> torch.Tensor:
+    """An uninitialised flat byte buffer of at least `nbytes`, rounded up to PACK_ALIGNMENT (so
+    any dtype can view it) and as aligned as every fresh allocation: the device buffers that
+    BlockSwap copies pack_flat buffers into."""
+    size = max(-(-nbytes // PACK_ALIGNMENT) * PACK_ALIGNMENT, PACK_ALIGNMENT)
+    return torch.empty(size, dtype=torch.uint8, device=torch.device(device))
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor, overlap: bool = False) -> None:
+    """Copy the flat byte buffer `src` (a pack_flat buffer, or its used prefix) into the start of
+    flat buffer `dst`, usually host to device. `overlap`: queue it asynchronously on the current
+    stream (pinned source); the caller orders readers and reuse with events."""
+    dst[:src.numel()].copy_(src, non_blocking=overlap)
 
 
 def plain_tensor_attributes(module: nn.Module) -> list[str]:

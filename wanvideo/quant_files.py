@@ -23,13 +23,14 @@ from typing import Iterable, Mapping
 import torch
 
 from .checkpoint import SAFETENSORS_DTYPES
+from .key_layouts import COMFY_PREFIXES
 from .safetensors_writer import write_safetensors
 from .quant_formats import (FP8_DTYPES, encode_comfy_quant, decode_comfy_quant, fp8_quantize,
                             nvfp4_quantize, swizzle_block_scales)
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+PREFIXES = COMFY_PREFIXES
 LAYER_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant", "scale_weight",
                   "scale_input")
 METADATA_KEY = "_quantization_metadata"

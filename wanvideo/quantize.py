@@ -44,8 +44,8 @@ def _matches(name: str, include: Iterable[str]) -> bool:
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the submodule `name` (dotted) was."""
-    owner, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, leaf, new)
+    owner, leaf = placement.owner_of(model, name)
+    setattr(owner, leaf, new)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str) -> dict:

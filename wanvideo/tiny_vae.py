@@ -61,6 +61,19 @@ def _middle(shapes: dict, name: str, dim: int) -> None:
     _residual(shapes, f"{name}.2", dim, dim)
 
 
+def _level(shapes, prefix: str, idx: int, c_in: int, c_out: int, blocks: int,
+           resample: str | None) -> int:
+    """One resolution level: `blocks` residual blocks, then the resampling layer if any.
+    Returns the next layer index."""
+    for _ in range(blocks):
+        _residual(shapes, f"{prefix}.{idx}", c_in, c_out)
+        c_in, idx = c_out, idx + 1
+    if resample is not None:
+        _resample(shapes, f"{prefix}.{idx}", c_out, resample)
+        idx += 1
+    return idx
+
+
 def wan21_vae_shapes(dim: int = 8, z_dim: int = Z_DIM) -> dict[str, tuple[int, ...]]:
     """Every key of a Wan 2.1 VAE state dict with base width `dim` (the real one has 96)."""
     if dim < 2 or dim % 2:
@@ -71,13 +84,9 @@ def wan21_vae_shapes(dim: int = 8, z_dim: int = Z_DIM) -> dict[str, tuple[int, .
     _conv(s, "encoder.conv1", dims[0], 3, (3, 3, 3))
     idx = 0
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(NUM_RES_BLOCKS):
-            _residual(s, f"encoder.downsamples.{idx}", c_in, c_out)
-            c_in, idx = c_out, idx + 1
-        if i != len(DIM_MULT) - 1:
-            mode = "downsample3d" if TEMPORAL_DOWNSAMPLE[i] else "downsample2d"
-            _resample(s, f"encoder.downsamples.{idx}", c_out, mode)
-            idx += 1
+        resample = None if i == len(DIM_MULT) - 1 else \
+            ("downsample3d" if TEMPORAL_DOWNSAMPLE[i] else "downsample2d")
+        idx = _level(s, "encoder.downsamples", idx, c_in, c_out, NUM_RES_BLOCKS, resample)
     _middle(s, "encoder.middle", dims[-1])
     _rms(s, "encoder.head.0", dims[-1])
     _conv(s, "encoder.head.2", z_dim * 2, dims[-1], (3, 3, 3))
@@ -91,15 +100,10 @@ def wan21_vae_shapes(dim: int = 8, z_dim: int = Z_DIM) -> dict[str, tuple[int, .
     _middle(s, "decoder.middle", dims[0])
     idx = 0
     for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
-        if i > 0:
-            c_in //= 2
-        for _ in range(NUM_RES_BLOCKS + 1):
-            _residual(s, f"decoder.upsamples.{idx}", c_in, c_out)
-            c_in, idx = c_out, idx + 1
-        if i != len(DIM_MULT) - 1:
-            mode = "upsample3d" if temporal_up[i] else "upsample2d"
-            _resample(s, f"decoder.upsamples.{idx}", c_out, mode)
-            idx += 1
+        resample = None if i == len(DIM_MULT) - 1 else \
+            ("upsample3d" if temporal_up[i] else "upsample2d")
+        idx = _level(s, "decoder.upsamples", idx, c_in // 2 if i > 0 else c_in, c_out,
+                     NUM_RES_BLOCKS + 1, resample)
     _rms(s, "decoder.head.0", dims[-1])
     _conv(s, "decoder.head.2", 3, dims[-1], (3, 3, 3))
     return s

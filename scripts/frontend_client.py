@@ -1,4 +1,4 @@
-"""Python side of tests/browser/frontend.mjs: the real ComfyUI frontend of a running server in
+"""Python side of scripts/browser/frontend.mjs: the real ComfyUI frontend of a running server in
 Debian's chromium, one page kept open, commands sent as JSON lines.
 
     with Frontend(server.url) as fe:
@@ -17,7 +17,7 @@ import subprocess
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "browser", "frontend.mjs")
+SCRIPT = os.path.join(ROOT, "scripts", "browser", "frontend.mjs")
 NODE_DIR = os.path.join(ROOT, ".cache", "node")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 

@@ -1,7 +1,7 @@
 // Drives the real ComfyUI frontend of a running server in Debian's chromium (playwright-core from
 // .cache/node, installed by scripts/setup.sh; no browser download).
 //
-//   node tests/browser/frontend.mjs http://127.0.0.1:PORT  < commands.jsonl  > results.jsonl
+//   node scripts/browser/frontend.mjs http://127.0.0.1:PORT  < commands.jsonl  > results.jsonl
 //
 // One JSON command per stdin line, one JSON result per stdout line ({"ok": true, ...} or
 // {"ok": false, "error": "..."}), in order; the page stays open between commands, so a session

@@ -135,30 +135,25 @@ def prepare_real_inputs(base: str) -> dict[str, str]:
     return out
 
 
-def write_source_video(path: str, portrait: str, seconds: float = 3.0, fps: int = 30) -> str:
-    """A video to dub: the portrait panning slowly, 30 fps, with its own audio (a tone, which
-    dubbing replaces by the new speech)."""
+def write_video(path: str, frames, fps: int, tone_seconds: float, tone_hz: float = 330.0) -> str:
+    """An MPEG-4 video of `frames` (uint8 [H, W, 3] arrays, even sizes) at `fps`, with a tone of
+    its own as audio (16 kHz AAC): a source for dubbing, whose audio must be ignored."""
     import av
     import numpy as np
-    from PIL import Image
 
-    img = np.asarray(Image.open(portrait).convert("RGB"))
-    h, w = img.shape[0] - img.shape[0] % 16, img.shape[1] - 16 - img.shape[1] % 16
     with av.open(path, "w") as c:
         vs = c.add_stream("mpeg4", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         au = c.add_stream("aac", rate=16000)
         au.layout = "mono"
-        n = int(seconds * fps)
-        for i in range(n):
-            dx = int(8 + 8 * math.sin(2 * math.pi * i / n))
-            frame = np.ascontiguousarray(img[:h, dx:dx + w])
-            for p in vs.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for i, frame in enumerate(frames):
+            if i == 0:
+                vs.height, vs.width, vs.pix_fmt = frame.shape[0], frame.shape[1], "yuv420p"
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")):
                 c.mux(p)
         for p in vs.encode(None):
             c.mux(p)
-        t = np.arange(int(seconds * 16000)) / 16000
-        tone = (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+        t = np.arange(int(tone_seconds * 16000)) / 16000
+        tone = (0.2 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
         for k in range(0, tone.size, 1024):
             f = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
             f.sample_rate, f.pts = 16000, k
@@ -167,3 +162,16 @@ def write_source_video(path: str, portrait: str, seconds: float = 3.0, fps: int 
         for p in au.encode(None):
             c.mux(p)
     return path
+
+
+def write_source_video(path: str, portrait: str, seconds: float = 3.0, fps: int = 30) -> str:
+    """A video to dub: the portrait panning slowly at 30 fps, with a tone as its own audio."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(portrait).convert("RGB"))
+    h, w = img.shape[0] - img.shape[0] % 16, img.shape[1] - 16 - img.shape[1] % 16
+    n = int(seconds * fps)
+    frames = (img[:h, dx:dx + w] for dx in
+              (int(8 + 8 * math.sin(2 * math.pi * i / n)) for i in range(n)))
+    return write_video(path, frames, fps, seconds)

@@ -2,8 +2,8 @@
 and websocket, stop. Used by the `comfy` pytest fixture, scripts/demo.py and `make serve`.
 
 No pytest and no ComfyUI import here (the server is a child process). Command line:
-  python tests/comfy_harness.py prepare BASE          # symlink the pack, write the tiny models
-  python tests/comfy_harness.py serve BASE [--port P] # prepare, then run ComfyUI in the foreground
+  python scripts/comfy_harness.py prepare BASE          # symlink the pack, write the tiny models
+  python scripts/comfy_harness.py serve BASE [--port P] # prepare, then run ComfyUI in the foreground
 """
 from __future__ import annotations
 
