@@ -78,22 +78,20 @@ def block_swap_kwargs(args, tokens: int | None = None) -> dict:
 
 
 def prepare_block_swap(model, args, device, tokens: int | None = None):
-    """Install (or re-size) BlockSwap on the model when settings are connected; returns the
-    streamer in use (None when the model runs resident). The streamer stays attached to the
+    """Make the model stream with this prompt's BlockSwap settings (wanvideo.block_swap.install:
+    a new streamer, or the one a previous prompt left on this cached model re-configured, e.g.
+    for another prefetch, pinning, non-block offload, blocks_to_swap or, in auto mode, this
+    resolution); returns the streamer in use (None when no settings apply and none is attached).
+    Settings missing from a plain dict take their defaults. The streamer stays attached to the
     cached model (host masters only); its device slots are released after every run."""
-    streamer = getattr(model, "block_streamer", None)
     kwargs = block_swap_kwargs(args, tokens)
     if not kwargs:
-        return streamer
-    from ..wanvideo.block_swap import BlockSwap
+        return getattr(model, "block_streamer", None)
+    from ..wanvideo.block_swap import install
 
     kwargs.pop("device", None)
-    if streamer is None:
-        return BlockSwap(device=device, **kwargs).attach(model)
-    n = kwargs.get("blocks_to_swap")
-    if isinstance(n, int) and n != streamer.blocks_to_swap:
-        streamer.set_blocks_to_swap(n)
-    return streamer
+    kwargs.setdefault("tokens", tokens)
+    return install(model, device=device, **kwargs)
 
 
 def free_device_memory(device) -> None:
@@ -304,14 +302,18 @@ def _block_swap(model, block_swap_args, device, y_shape):
     wan = model.model
     _, _, f_lat, lat_h, lat_w = y_shape
     tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
-    if block_swap_args is None and getattr(wan, "block_streamer", None) is None \
-            and model.device is not None \
-            and torch.device(model.device).type != torch.device(device).type:
-        # Weights parked on the offload device and no settings connected: stream with
-        # automatic sizing (0 swapped blocks when the whole model fits the free VRAM).
-        log.info("WanVideo InfiniteTalk Sampler: model is on %s, computing on %s; "
-                 "installing BlockSwap with automatic sizing", model.device, device)
-        block_swap_args = {"blocks_to_swap": "auto", "tokens": tokens}
+    if block_swap_args is None:
+        attached = getattr(wan, "block_streamer", None) is not None
+        parked = model.device is not None and \
+            torch.device(model.device).type != torch.device(device).type
+        if attached or parked:
+            # No settings connected, but the weights live on the offload device or a previous
+            # prompt left a streamer on this cached model: stream with automatic sizing for
+            # this prompt's resolution (0 swapped blocks when the whole model fits).
+            log.info("WanVideo InfiniteTalk Sampler: %s; BlockSwap with automatic sizing",
+                     "BlockSwap settings disconnected" if attached
+                     else f"model is on {model.device}, computing on {device}")
+            block_swap_args = {"blocks_to_swap": "auto", "tokens": tokens}
     return prepare_block_swap(wan, block_swap_args, device, tokens)
 
 

@@ -74,6 +74,8 @@ class InfiniteTalkPatch:
 @dataclass
 class BlockSwapArgs:
     """Output of "WanVideo BlockSwap": settings the sampler installs wanvideo.block_swap with.
+    Every run applies them in full: on a model ComfyUI kept from an earlier prompt, the attached
+    streamer is re-configured (wanvideo.block_swap.install), rebuilding only what changed.
 
     blocks_to_swap: last N blocks streamed from host RAM; -1 = auto (sized from free VRAM).
     prefetch: blocks copied ahead on the side stream (1..3; slots = prefetch + 1).

@@ -19,6 +19,7 @@ from wanvideo_infinitetalk.wanvideo.block_swap import (BlockSwap, estimate_activ
 from wanvideo_infinitetalk.wanvideo.config import WanConfig
 from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, storage_dtype_policy
 from wanvideo_infinitetalk.wanvideo.model import WanLayerNorm
+from wanvideo_infinitetalk.wanvideo.swap_sizing import free_device_bytes
 from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict
 
 # Small enough for hundreds of forwards on two CPU cores; five blocks so N/prefetch vary.
@@ -98,7 +99,7 @@ class LayoutWatch:
         self.moves += 1
         self.violations += placement.check_layout(module)
         if event == "onload" and index is not None and self.swap is not None:
-            slots = self.swap._run.slots
+            slots = self.swap._stream.run.slots.buffers
             for name, t in placement.named_tensors(module):
                 if not any(s.data_ptr() <= t.data_ptr() < s.data_ptr() + s.numel() for s in slots):
                     self.violations.append(f"block {index} {name} not in a slot")
@@ -114,8 +115,9 @@ def attach(model, n, watch=None, **kw):
 def assert_consistent(model, swap):
     for i in swap.swapped_blocks:
         assert swap.points_at_master(i), f"block {i} does not point at its host master"
-    assert swap._run is None or not swap._run.on_slot
-    assert not swap._nb_on_device
+    run = swap._stream.run
+    assert run is None or not run.on_slot
+    assert not swap._stream.nb_on_device and not swap._stream.in_forward
     assert placement.check_layout(model) == []
 
 
@@ -160,7 +162,7 @@ def test_swapped_forward_bit_identical_tiny_i2v(n, prefetch, offload):
     assert stats["blocks_swapped"] == n and stats["forwards"] == 2
     moved = 2 * sum(swap.master_of(i).used for i in swap.swapped_blocks)
     if offload:
-        moved += 2 * swap._nb_master.used
+        moved += 2 * swap._non_blocks.used
     assert stats["bytes_moved"] == moved
     assert_consistent(model, swap)
     assert set(model.state_dict()) == set(build_meta_model(TINY_I2V).state_dict())
@@ -227,7 +229,7 @@ def test_fuzzed_swap_sequences_keep_layout_and_outputs(n, prefetch, offload, rel
                 forward_interrupted(model, args, *interrupt)
             assert_consistent(model, swap)
             if release:
-                assert swap._run is None and swap._nb_device is None
+                assert swap._stream.run is None and swap._stream.nb_slot is None
         with torch.no_grad():      # whatever happened before, the next run succeeds
             assert torch.equal(model(*args), ref)
         assert watch.violations == []
@@ -249,9 +251,9 @@ def test_interrupt_leaves_model_consistent_and_next_run_succeeds():
         model.state_dict()
         with torch.no_grad():
             assert torch.equal(model(*args), ref)
-        assert swap._run is not None          # kept for the next forward...
+        assert swap._stream.run is not None   # kept for the next forward...
         swap.release()
-        assert swap._run is None              # ...until released
+        assert swap._stream.run is None       # ...until released
     finally:
         swap.detach(model, to="cpu")
 
@@ -300,7 +302,7 @@ def test_host_memory_flat_over_20_forwards():
         gc.collect()
     assert swap.host_buffers_allocated == buffers
     grown = proc.memory_info().rss - rss
-    per_forward_moved = swap.master_of(0).used + swap.master_of(1).used + swap._nb_master.used
+    per_forward_moved = swap.master_of(0).used + swap.master_of(1).used + swap._non_blocks.used
     assert grown < max(16 * 2 ** 20, 2 * per_forward_moved), grown
 
 
@@ -341,7 +343,7 @@ def test_activation_estimate_formula():
     assert 5e9 < big < 10e9
 
 
-def test_auto_mode_uses_free_memory_and_refines():
+def test_auto_mode_uses_free_memory():
     model = build(FUZZ)
     args = inputs(FUZZ)
     with torch.no_grad():
@@ -349,18 +351,14 @@ def test_auto_mode_uses_free_memory_and_refines():
     per_block = block_nbytes(model.blocks[0])
     non_block = sum(t.numel() * t.element_size() for n, t in placement.named_tensors(model)
                     if not n.startswith("blocks."))
-    tokens = 2000       # activations of ~18 blocks: refining them away frees room for all
+    tokens = 2000
     act = estimate_activation_bytes(tokens, FUZZ.dim, FUZZ.ffn_dim, 4, FUZZ.text_len + 257)
     # room for non-blocks, activations, 2 resident blocks and 2 slots -> swap 3 (of 5)
     free = non_block + act + 4 * per_block + 1000
     on_device = non_block + 5 * per_block            # CPU "device": everything counts as placed
     swap = BlockSwap("auto", "cpu", tokens=tokens, reserve_bytes=0,
                      memory_info=lambda: (free - on_device, 10 ** 12)).attach(model)
-    assert swap.blocks_to_swap == 3
-    with torch.no_grad():
-        assert torch.equal(model(*args), ref)
-    # a measured step that needed far less: fewer blocks swapped, outputs unchanged
-    assert swap.refine(measured_activation_bytes=0) == 0 and swap.swapped_blocks == []
+    assert swap.blocks_to_swap == 3 and swap.stats()["auto"]
     with torch.no_grad():
         assert torch.equal(model(*args), ref)
     assert_consistent(model, swap)
@@ -412,7 +410,7 @@ def test_cuda_interrupt_and_vram_returns_to_pre_run_level():
     del out
     torch.cuda.synchronize()
     assert abs(torch.cuda.memory_allocated() - before) <= 0.01 * before + 4096
-    assert swap._run is None
+    assert swap._stream.run is None
     swap.detach(model, to="cuda")
 
 
@@ -459,9 +457,10 @@ def test_cuda_auto_sizing_reads_real_free_memory():
     swap = BlockSwap(blocks_to_swap="auto", device="cuda", tokens=tokens).attach(model)
     assert swap.stats()["blocks_swapped"] == 0
     swap.detach(model, to="cuda")
-    # Reserving everything free now leaves only the model's own bytes minus the activation
-    # estimate: the whole model cannot stay resident, so at least one block must stream.
-    free, _ = torch.cuda.mem_get_info()
+    # Reserving everything free now (the driver's free bytes plus PyTorch's unused cache) leaves
+    # only the model's own bytes minus the activation estimate: the whole model cannot stay
+    # resident, so at least one block must stream.
+    free = free_device_bytes(torch.device("cuda", torch.cuda.current_device()))
     swap = BlockSwap(blocks_to_swap="auto", device="cuda", tokens=tokens,
                      reserve_bytes=free).attach(model)
     assert swap.stats()["blocks_swapped"] >= 1

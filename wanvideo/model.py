@@ -283,7 +283,23 @@ class WanModel(nn.Module):
         return x.reshape(x.shape[0], cfg.out_dim, f * pt, h * ph, w * pw)
 
     def forward(self, x, t, context, clip_fea=None, y=None, audio=None):
-        """x [B,16,F,H,W], t [B] in 0..1000, context [B,L,4096]; see docs/INTERFACES.md."""
+        """x [B,16,F,H,W], t [B] in 0..1000, context [B,L,4096]; see docs/INTERFACES.md.
+
+        A block streamer (BlockSwap) follows the whole forward: begin_forward before the first
+        weight is read, before_block/after_block around each block, end_forward(ok) after the
+        head, also when an error or an interrupt escapes."""
+        streamer, ok = self.block_streamer, False
+        if streamer is None:
+            return self._forward(x, t, context, clip_fea, y, audio, None)
+        streamer.begin_forward(self)
+        try:
+            out = self._forward(x, t, context, clip_fea, y, audio, streamer)
+            ok = True
+        finally:
+            streamer.end_forward(ok)
+        return out
+
+    def _forward(self, x, t, context, clip_fea, y, audio, streamer):
         x, grid = self.patchify(x, y)
         e, e0 = self.embed_time(t.reshape(-1).to(x.device))
         context, image_tokens = self.embed_context(context, clip_fea)
@@ -293,18 +309,10 @@ class WanModel(nn.Module):
             if self.audio_proj is None:
                 raise ValueError("audio was given but the model has no InfiniteTalk layers")
             audio_ctx = self.audio_proj.make_context(audio, grid)
-        streamer, ok = self.block_streamer, False
-        if streamer is not None:
-            streamer.begin_forward(self)
-        try:
-            for i, block in enumerate(self.blocks):
-                if streamer is not None:
-                    streamer.before_block(i)
-                x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx)
-                if streamer is not None:
-                    streamer.after_block(i)
-            ok = True
-        finally:
+        for i, block in enumerate(self.blocks):
             if streamer is not None:
-                streamer.end_forward(ok)
+                streamer.before_block(i)
+            x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx)
+            if streamer is not None:
+                streamer.after_block(i)
         return self.unpatchify(self.head(x, e), grid)
