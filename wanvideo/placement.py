@@ -79,7 +79,8 @@ def attention_ready(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+def owner_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Dotted `name` -> (the submodule that holds it, its attribute name there)."""
     owner, _, leaf = name.rpartition(".")
     return (module.get_submodule(owner) if owner else module), leaf
 
@@ -87,7 +88,7 @@ def _split(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 def set_tensor(module: nn.Module, name: str, value: torch.Tensor, device=None,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Replace parameter or buffer `name` (dotted) with a fresh copy of `value`."""
-    owner, leaf = _split(module, name)
+    owner, leaf = owner_of(module, name)
     new = fresh_copy(value, device=device, dtype=dtype)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(new, requires_grad=False)
@@ -107,7 +108,7 @@ def adopt_tensor(module: nn.Module, name: str, storage: torch.Tensor) -> None:
         raise LayoutError(f"refusing to adopt misaligned or strided storage for {name!r} "
                           f"(ptr % {ALIGNMENT} = {storage.data_ptr() % ALIGNMENT}, "
                           f"contiguous={storage.is_contiguous()})")
-    owner, leaf = _split(module, name)
+    owner, leaf = owner_of(module, name)
     if leaf in owner._parameters:
         owner._parameters[leaf] = (storage if isinstance(storage, nn.Parameter)
                                    else nn.Parameter(storage, requires_grad=False))
