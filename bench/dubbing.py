@@ -1,6 +1,6 @@
 """Dubbing vs image mode, time per window, on a 14B-shaped model (fp8, every block swapped).
 
-    python bench/dubbing.py [--comfy .cache/ComfyUI] [--windows 2] [--steps 4] [--out FILE]
+    python bench/dubbing.py [--comfy .cache/ComfyUI] [--windows 2] [--recipes 4x1,2x3] [--out FILE]
 
 Both modes run the same windows through multitalk.pipeline.generate_video in one process. Dubbing
 adds, per window, what the official code adds: a VAE encode of the window's source frame followed
@@ -70,6 +70,7 @@ def clip_stand_in(device):
 
 
 def request_for(frames: int, width: int, height: int, steps: int, device, encode, passes: int):
+    """A request whose y is encoded from a random reference (image mode's one-time encode)."""
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(height, width, 3, generator=g)
     from wanvideo_infinitetalk.multitalk.pipeline import condition_frames, condition_y
@@ -93,13 +94,33 @@ def run(model, request, encode, decode, sync) -> dict:
             "mean_window_s": sum(per) / len(per), "windows": len(per)}
 
 
+def compare(model, recipe: tuple[int, int], frames: int, width: int, height: int, dev,
+            encode, decode, clip) -> dict:
+    """Image mode then dubbing, same windows; `recipe` = (steps, passes per step)."""
+    steps, passes = recipe
+    sync = torch.cuda.synchronize
+    image = request_for(frames, width, height, steps, dev, encode, passes)
+    run(model, image, encode, decode, sync)            # warm-up: kernels, allocator, slots
+    image_mode = run(model, image, encode, decode, sync)
+    dub = request_for(frames, width, height, steps, dev, encode, passes)
+    source = TensorFrames(torch.rand(frames, height, width, 3), 25.0)
+    schedule = reference_schedule(plan_long_video(frames), source.num_frames, source.fps)
+    first = WindowCondition(dub.y, dub.clip_fea, dub.reference, 0)
+    dub.window_condition = dubbing_conditions(
+        schedule, source.read(schedule.needed(), width, height), 81, encode, clip, device=dev,
+        known=first)
+    dubbing = run(model, dub, encode, decode, sync)
+    return {"steps": steps, "passes_per_step": passes, "image_mode": image_mode,
+            "dubbing": dubbing, "ratio": dubbing["mean_window_s"] / image_mode["mean_window_s"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--comfy", help="ComfyUI source folder (for its Wan VAE class)")
     p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--passes", type=int, default=1, choices=(1, 3),
-                   help="1: the distilled-LoRA recipe (guidance 1/1); 3: text 5 + audio 4")
+    p.add_argument("--recipes", default="4x1",
+                   help="comma list of STEPSxPASSES: passes 1 = the distilled-LoRA recipe "
+                        "(guidance 1/1), 3 = text 5 + audio 4")
     p.add_argument("--blocks", type=int, default=40)
     p.add_argument("--size", default="832x480")
     p.add_argument("--out")
@@ -112,25 +133,13 @@ def main(argv=None):
     encode, decode = comfy_wan_vae(args.comfy, dev) if args.comfy else stand_in_vae(dev)
     clip = clip_stand_in(dev)
     frames = 81 + 72 * (args.windows - 1)
-    sync = torch.cuda.synchronize
-    image = request_for(frames, width, height, args.steps, dev, encode, args.passes)
-    run(model, image, encode, decode, sync)            # warm-up: kernels, allocator, slots
-    image_mode = run(model, image, encode, decode, sync)
-    dub = request_for(frames, width, height, args.steps, dev, encode, args.passes)
-    source = TensorFrames(torch.rand(frames, height, width, 3), 25.0)
-    plan = plan_long_video(frames)
-    schedule = reference_schedule(plan, source.num_frames, source.fps)
-    dub.window_condition = dubbing_conditions(schedule, source.read(schedule.needed(), width,
-                                                                    height), 81, encode, clip,
-                                              device=dev,
-                                              known=WindowCondition(dub.y, dub.clip_fea,
-                                                                    dub.reference, 0))
-    dubbing = run(model, dub, encode, decode, sync)
+    recipes = [tuple(int(v) for v in r.split("x")) for r in args.recipes.split(",")]
+    results = [compare(model, r, frames, width, height, dev, encode, decode, clip)
+               for r in recipes]
     emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
           "model": "14B-shaped I2V + InfiniteTalk, fp8_e4m3fn_scaled, all 40 blocks swapped",
-          "size": f"{width}x{height}x81", "steps": args.steps, "passes_per_step": args.passes,
-          "vae": vae_kind, "clip": "ViT-H-sized stand-in", "image_mode": image_mode,
-          "dubbing": dubbing, "ratio": dubbing["mean_window_s"] / image_mode["mean_window_s"],
+          "size": f"{width}x{height}x81", "windows": args.windows, "vae": vae_kind,
+          "clip": "ViT-H-sized stand-in", "recipes": results,
           "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9}, args.out)
 
 
