@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..wanvideo.config import latent_tokens
 from ..wanvideo.guidance import Guidance, PassSpec
 from ..wanvideo.sampling import SamplingCallbacks, make_noise, sample_window
 from ..wanvideo.schedules import flow_sigmas
@@ -270,7 +271,7 @@ def _check_memory(model, r: VideoRequest, plan: LongVideoPlan, in_memory: bool) 
     if cfg is not None:
         from ..wanvideo.block_swap import estimate_activation_bytes
 
-        tokens = int(f_lat) * (int(h) // 2) * (int(w) // 2)
+        tokens = latent_tokens(r.y.shape, cfg.patch_size)
         item = torch.empty((), dtype=getattr(model, "compute_dtype", torch.bfloat16)).element_size()
         need = estimate_activation_bytes(tokens, cfg.dim, cfg.ffn_dim, item)
         require_device(need, r.device, f"one model pass over {tokens:,} tokens "

@@ -13,6 +13,9 @@ import os
 import torch
 from comfy_api.latest import io
 
+from ..multitalk.audio_features import SAMPLE_RATE
+from ..multitalk.long_video import FPS, frames_for_seconds
+from ..wanvideo.config import latent_tokens
 from .conditioning import vae_encode, wan_latent_format
 from .model_loader import WANVIDEOMODEL
 from .text_embeds import conditioning_tensor
@@ -20,7 +23,6 @@ from .types import BLOCKSWAPARGS, INFINITETALK_AUDIO, INFINITETALK_COND
 
 CATEGORY = "WanVideo InfiniteTalk"
 SCHEDULERS = ["euler", "unipc"]
-FPS = 25
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def video_frames(audio: dict | None, features) -> int:
     """round(seconds x 25) for the audio the video belongs to (feature rows without it)."""
     if audio is None:
         return int(features[0].shape[0])
-    return max(1, int(round(audio["waveform"].shape[-1] / int(audio["sample_rate"]) * FPS)))
+    return max(1, frames_for_seconds(audio["waveform"].shape[-1] / int(audio["sample_rate"])))
 
 
 def trim_audio(audio: dict | None, seconds: float) -> dict | None:
@@ -234,8 +236,8 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
                 streamer.release()
         audio = trim_audio(getattr(audio_embeds, "audio", None), result.seconds)
         if audio is None:
-            audio = {"waveform": torch.zeros(1, 1, int(round(result.seconds * 16000))),
-                     "sample_rate": 16000}
+            audio = {"waveform": torch.zeros(1, 1, int(round(result.seconds * SAMPLE_RATE))),
+                     "sample_rate": SAMPLE_RATE}
         if sink is None:
             return io.NodeOutput(result.frames, audio, _video_in_memory(result.frames, audio))
         from comfy_api.latest import InputImpl, ui
@@ -300,8 +302,7 @@ def _dubbing(request, conditioning, plan) -> None:
 
 def _block_swap(model, block_swap_args, device, y_shape):
     wan = model.model
-    _, _, f_lat, lat_h, lat_w = y_shape
-    tokens = int(f_lat) * (int(lat_h) // 2) * (int(lat_w) // 2)   # patch 1x2x2
+    tokens = latent_tokens(y_shape, wan.config.patch_size)
     if block_swap_args is None:
         attached = getattr(wan, "block_streamer", None) is not None
         parked = model.device is not None and \

@@ -9,6 +9,13 @@ from typing import Mapping, Sequence
 CLIP_TOKENS = 257
 CLIP_DIM = 1280
 
+
+def latent_tokens(latent_shape: Sequence[int], patch: Sequence[int] = (1, 2, 2)) -> int:
+    """Transformer tokens of latents [..., F_lat, h, w] (or a condition y of that shape) under
+    the patch size: the sequence length every block attends over."""
+    f, h, w = (int(v) for v in latent_shape[-3:])
+    return (f // int(patch[0])) * (h // int(patch[1])) * (w // int(patch[2]))
+
 HEAD_DIM = 128
 
 

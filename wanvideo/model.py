@@ -17,6 +17,7 @@ from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
 from .attention import attention
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
+from .sequence_parallel import split_rotations
 
 
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,9 @@ class WanLayerNorm(nn.LayerNorm):
         return torch.addcmul(shift, self(x), 1 + scale).to(out_dtype)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q, k, v, o projections with RMS-normed q and k: what self- and cross-attention share."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -69,8 +72,12 @@ class SelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
-    def forward(self, x, rope, return_qk: bool = False, x_scale=None):
-        """`x_scale`: x's fp8 scale when the kernel that wrote x folded it (fp8_scale_slot)."""
+
+class SelfAttention(_Attention):
+
+    def forward(self, x, rope, return_qk: bool = False, x_scale=None, shard=None):
+        """`x_scale`: x's fp8 scale when the kernel that wrote x folded it (fp8_scale_slot).
+        `shard`: a sequence_parallel.TokenShard when x holds only this rank's tokens."""
         b, seq, _ = x.shape
         shape = (b, seq, self.num_heads, -1)
         # fp8 scaled_mm q, k, v: quantize their common input once (None otherwise)
@@ -85,20 +92,30 @@ class SelfAttention(nn.Module):
             q = apply_rope(self.norm_q(self.q(x, **kw)).view(shape), rope)
             k = apply_rope(self.norm_k(self.k(x, **kw)).view(shape), rope)
         v = self.v(x, **kw).view(shape)
+        if shard is not None:
+            return self._sharded(q, k, v, shard, return_qk)
         out = self.o(attention(q, k, v, self.backend).flatten(2))
         return out, ((q, k) if return_qk else None)
 
+    def _sharded(self, q, k, v, shard, return_qk: bool):
+        """Ulysses attention: one all-to-all of q, k, v together to [all tokens, some heads],
+        attention against the real tokens only (the padding is the sequence's tail), and back.
+        For the audio attention map it returns the local q and the first latent frame's keys
+        with all heads: the map reads nothing else (multitalk.audio_attention.affinity_map)."""
+        qkv = shard.heads_to_tokens(torch.stack([q, k, v], dim=2))   # [B, P, 3, H/w, D]
+        n = shard.length
+        out = attention(qkv[:, :, 0], qkv[:, :n, 1], qkv[:, :n, 2], self.backend)
+        out = self.o(shard.tokens_to_heads(out).flatten(2))
+        if not return_qk:
+            return out, None
+        return out, (q, shard.gather_heads(qkv[:, :shard.frame_tokens, 1]))
 
-class CrossAttention(nn.Module):
+
+class CrossAttention(_Attention):
     """Text cross-attention; I2V adds a second attention over the 257 CLIP tokens."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, with_image: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.backend = "sdpa"
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
         self.with_image = with_image
         if with_image:
             self.k_img = nn.Linear(dim, dim)
@@ -137,17 +154,20 @@ class WanBlock(nn.Module):
         self.register_module("norm_x", None)
         self.register_module("audio_cross_attn", None)
 
-    def forward(self, x, e, grid, rope, context, image_tokens, dtype, audio_ctx=None):
-        """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual."""
+    def forward(self, x, e, grid, rope, context, image_tokens, dtype, audio_ctx=None, shard=None):
+        """x: fp32 residual [B, L, C]; e: fp32 [B, 6, C]; returns the new fp32 residual.
+        With `shard` (sequence parallel) x and rope hold this rank's tokens only."""
         shift0, scale0, gate0, shift1, scale1, gate1 = (self.modulation.float() + e).chunk(6, dim=1)
         need_qk = audio_ctx is not None and getattr(audio_ctx, "needs_attention_map", False)
         if not fused_ops.enabled(x):  # torch reference (CPU, WANVIDEO_FUSED=0)
-            y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk)
+            y, qk = self.self_attn(self.norm1.modulate(x, shift0, scale0, dtype), rope, need_qk,
+                                   shard=shard)
             # addcmul keeps each gated residual one fused pass over the activations
             x = torch.addcmul(x, y, gate0)
             x = x.add_(self.cross_attn(self.norm3(x, dtype), context, image_tokens))
             if audio_ctx is not None and self.audio_cross_attn is not None:
-                x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk))
+                x = x.add_(self.audio_cross_attn(self.norm_x(x, dtype), audio_ctx, grid, qk=qk,
+                                                 **_sharded(shard)))
             y = ffn_forward(self.ffn, self.norm2.modulate(x, shift1, scale1, dtype))
             return x.addcmul_(y, gate1)
         # The same steps through fused_ops: each residual update also writes the next norm's input
@@ -156,7 +176,7 @@ class WanBlock(nn.Module):
         sa, ca, n3, n2 = self.self_attn, self.cross_attn, self.norm3, self.norm2
         s = fp8_scale_slot((sa.q, sa.k, sa.v), x)
         h = fused_ops.modulated_layer_norm(x, shift0, scale0, dtype, self.norm1.eps, amax_to=s)
-        y, qk = sa(h, rope, need_qk, x_scale=s)
+        y, qk = sa(h, rope, need_qk, x_scale=s, shard=shard)
         s = fp8_scale_slot((ca.q,), x)
         x, h = fused_ops.residual_layer_norm(x, y, gate0, dtype, n3.eps, n3.weight, n3.bias,
                                              inplace=False, amax_to=s)
@@ -164,11 +184,17 @@ class WanBlock(nn.Module):
         if audio_ctx is not None and self.audio_cross_attn is not None:
             nx = self.norm_x
             _, h = fused_ops.residual_layer_norm(x, y, None, dtype, nx.eps, nx.weight, nx.bias)
-            y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk)
+            y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk, **_sharded(shard))
         s = fp8_scale_slot((self.ffn[0],), x)
         _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1,
                                              amax_to=s)
         return fused_ops.gated_residual_(x, ffn_forward(self.ffn, h, s), gate1)
+
+
+def _sharded(shard) -> dict:
+    # Only a sharded forward passes the keyword, so audio layers written before sequence
+    # parallelism keep working in one process.
+    return {} if shard is None else {"shard": shard}
 
 
 class Head(nn.Module):
@@ -220,6 +246,8 @@ class WanModel(nn.Module):
         self.register_buffer("rope_angles", angle_table(cfg.head_dim), persistent=False)
         self.compute_dtype: torch.dtype | None = None
         self.block_streamer = None
+        # sequence_parallel.SequenceParallel, or None for a single-process forward
+        self.sequence_parallel = None
         self.set_attention(attention_backend)
 
     def set_attention(self, backend: str) -> None:
@@ -304,6 +332,9 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(t.reshape(-1).to(x.device))
         context, image_tokens = self.embed_context(context, clip_fea)
         rope = rotations(grid_angles(self.rope_table(), grid, self.config.head_dim), x.device)
+        shard = self._shard(grid)
+        if shard is not None:
+            x, rope = shard.local(x, 1), split_rotations(shard, rope)
         audio_ctx = None
         if audio is not None:
             if self.audio_proj is None:
@@ -312,7 +343,17 @@ class WanModel(nn.Module):
         for i, block in enumerate(self.blocks):
             if streamer is not None:
                 streamer.before_block(i)
-            x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx)
+            x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx, shard)
             if streamer is not None:
                 streamer.after_block(i)
-        return self.unpatchify(self.head(x, e), grid)
+        out = self.head(x, e)
+        if shard is not None:
+            out = shard.gather_tokens(out)
+        return self.unpatchify(out, grid)
+
+    def _shard(self, grid):
+        sp = getattr(self, "sequence_parallel", None)
+        if sp is None or sp.world == 1:
+            return None
+        sp.check_heads(self.config.num_heads)
+        return sp.shard(grid)
