@@ -371,14 +371,22 @@ def _cuda_model(cfg=TINY_I2V):
     return build(cfg, torch.bfloat16, "cuda")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("prefetch,offload", [(1, False), (2, True), (3, False)])
-def test_cuda_bf16_swapped_bit_identical(prefetch, offload):
+def cuda_bf16_model():
+    """(model, inputs, resident output): the fuzz model with InfiniteTalk-shaped layers in bf16
+    on the GPU, for the CUDA tests here and in test_block_swap_reconfigure."""
     model = add_fake_audio_layers(build(FUZZ, torch.bfloat16, "cuda"))
     placement.move_module(model, "cuda", torch.bfloat16)
     args = inputs(FUZZ, "cuda", torch.bfloat16, lat=3, size=(8, 12))
     with torch.no_grad():
         ref = model(*args)
+    return model, args, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch,offload", [(1, False), (2, True), (3, False)])
+def test_cuda_bf16_swapped_bit_identical(prefetch, offload):
+    model, args, ref = cuda_bf16_model()
+    with torch.no_grad():
         watch = LayoutWatch()
         swap = attach(model, FUZZ.num_layers, watch, device="cuda", prefetch=prefetch,
                       offload_non_blocks=offload)

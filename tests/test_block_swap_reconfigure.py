@@ -95,13 +95,19 @@ def fake_pinning(monkeypatch):
     return asked
 
 
+def attached(fuzz, blocks, **settings):
+    """(model, watch, swap): the fuzz model with a streamer, after one forward equal to resident."""
+    model, watch = fuzz
+    swap = BlockSwap(blocks, "cpu", on_move=watch, **settings).attach(model)
+    watch.swap = swap
+    assert torch.equal(forward(model), reference())
+    return model, watch, swap
+
+
 # ----------------------------------------------------------------------------- one setting each
 
 def test_prefetch_change_resizes_the_slot_ring_and_keeps_host_masters(fuzz):
-    model, watch = fuzz
-    swap = BlockSwap(4, "cpu", prefetch=1, on_move=watch, release_after_run=False).attach(model)
-    watch.swap = swap
-    assert torch.equal(forward(model), reference())
+    model, watch, swap = attached(fuzz, 4, prefetch=1, release_after_run=False)
     assert len(swap._stream.run.slots) == 2
     flats = {i: swap.master_of(i).flat for i in swap.swapped_blocks}
     packed = swap.host_buffers_allocated
@@ -118,10 +124,7 @@ def test_prefetch_change_resizes_the_slot_ring_and_keeps_host_masters(fuzz):
 
 
 def test_blocks_to_swap_change_packs_joining_blocks_and_places_leaving_ones(fuzz):
-    model, watch = fuzz
-    swap = BlockSwap(2, "cpu", on_move=watch).attach(model)
-    watch.swap = swap
-    assert torch.equal(forward(model), reference())
+    model, watch, swap = attached(fuzz, 2)
     for n in (4, 1, 0, 5, 3):
         old = {i: swap.master_of(i).flat for i in swap.swapped_blocks}
         packed = swap.host_buffers_allocated
@@ -142,10 +145,7 @@ def test_blocks_to_swap_change_packs_joining_blocks_and_places_leaving_ones(fuzz
 
 
 def test_offload_non_blocks_toggles_between_runs(fuzz):
-    model, watch = fuzz
-    swap = BlockSwap(2, "cpu", on_move=watch).attach(model)
-    watch.swap = swap
-    assert torch.equal(forward(model), reference())
+    model, watch, swap = attached(fuzz, 2)
     masters = {i: swap.master_of(i).flat for i in swap.swapped_blocks}
     for offload in (True, False, True):
         packed = swap.host_buffers_allocated
@@ -244,10 +244,7 @@ def test_install_takes_exactly_the_new_prompt_settings(fuzz):
 def test_non_block_tensors_replaced_after_attach_are_repacked(fuzz):
     """A non-block weight replaced on the cached model (a LoRA merge, say) is streamed from its
     new storage at the next forward, like a replaced block tensor."""
-    model, watch = fuzz
-    swap = BlockSwap(2, "cpu", offload_non_blocks=True, on_move=watch).attach(model)
-    watch.swap = swap
-    assert torch.equal(forward(model), reference())
+    model, watch, swap = attached(fuzz, 2, offload_non_blocks=True)
     old, packed = swap._non_blocks, swap.host_buffers_allocated
     fresh = placement.set_tensor(model, "head.head.weight", model.head.head.weight)
     assert not in_flat(fresh, old.flat)
@@ -385,13 +382,9 @@ def test_sampler_prepare_block_swap_reconfigures_the_cached_model():
 def test_cuda_reconfigure_each_setting_bit_identical():
     """Real pinning, a real copy stream and events: every change between runs takes effect, the
     outputs stay bit-identical to resident, and VRAM follows the swap count."""
-    from test_block_swap import add_fake_audio_layers, build, inputs
+    from test_block_swap import cuda_bf16_model
 
-    model = add_fake_audio_layers(build(FUZZ, torch.bfloat16, "cuda"))
-    placement.move_module(model, "cuda", torch.bfloat16)
-    args = inputs(FUZZ, "cuda", torch.bfloat16, lat=3, size=(8, 12))
-    with torch.no_grad():
-        ref = model(*args)
+    model, args, ref = cuda_bf16_model()
     watch = LayoutWatch()
     swap = BlockSwap(3, "cuda", pin=False, on_move=watch).attach(model)
     watch.swap = swap
