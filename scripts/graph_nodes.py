@@ -37,5 +37,9 @@ def sampler(model, positive, negative, conditioning, audio_embeds, vae, steps: i
                 **extra)
 
 
+def create_video(images, audio, fps: float = 25.0) -> dict:
+    return node("CreateVideo", images=images, fps=fps, audio=audio)
+
+
 def save_video(video, prefix: str, fmt: str = "auto", codec: str = "auto") -> dict:
     return node("SaveVideo", video=video, filename_prefix=prefix, format=fmt, codec=codec)
