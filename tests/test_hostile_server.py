@@ -208,6 +208,18 @@ def sampler(model=I2V, patch=PATCH, wav="speech.wav", width=64, height=48, clip=
     return g
 
 
+def dubbing(source_value) -> dict:
+    """The sampler graph with the dubbing node in place of the image one, its source_video
+    typed into the prompt (a path or a dict) instead of linked to LoadVideo."""
+    g = sampler()
+    g["12"] = gn.node("InfiniteTalkVideoToVideo", vae=["11", 0], source_fps=25.0, width=64,
+                      height=48, clip_length=9, motion_frames=1, past_end="freeze",
+                      color_reference="source_frame_0")
+    if source_value is not None:
+        g["12"]["inputs"]["source_video"] = {"__value__": source_value}
+    return g
+
+
 # ----------------------------------------------------------------------------- cases
 # name -> (graph builder, words the refusal must contain). A builder gets the env client.
 
@@ -286,6 +298,9 @@ CASES.update({
                           ["needs about", "GB available"]),
     "shift_nan": (lambda e: sampler(shift=float("nan")), ["shift", "finite"]),
     "t2v_with_patch": (lambda e: sampler(model=T2V), ["T2V", "image-to-video"]),
+    "dub_literal_path": (lambda e: dubbing(_abs(e)), ["source_video", "VIDEO"]),
+    "dub_literal_dict": (lambda e: dubbing({"file": _abs(e)}), ["source_video", "VIDEO"]),
+    "dub_no_source": (lambda e: dubbing(None), ["exactly one source"]),
     "w2v_wrong_width": (lambda e: sampler(w2v=W2V), ["audio features", "chinese-wav2vec2-base"]),
 })
 for name in list(hf.HEADER_CASES) + ["header_beyond_file"]:
