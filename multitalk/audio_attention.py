@@ -10,6 +10,7 @@ self-attention (q of every token against k of the first latent frame) and the sp
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -61,17 +62,31 @@ def affinity_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
     return (per_region / sizes).transpose(1, 2)
 
 
-def _scale(row: torch.Tensor, lo: float, hi: float, eps: float = 1e-8) -> torch.Tensor:
-    mn, mx = row.amin(dim=-1, keepdim=True), row.amax(dim=-1, keepdim=True)
+def _bounds(row: torch.Tensor, shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each row over the clip's real tokens; a sharded row holds only this
+    rank's tokens, so the bounds are reduced over the ranks (min and max are exact)."""
+    if shard is None:
+        return row.amin(dim=-1, keepdim=True), row.amax(dim=-1, keepdim=True)
+    real = row[..., :shard.real]
+    inf = torch.full_like(row[..., :1], float("inf"))
+    mn = real.amin(dim=-1, keepdim=True) if shard.real else inf
+    mx = real.amax(dim=-1, keepdim=True) if shard.real else -inf
+    return (shard.all_reduce(mn, dist.ReduceOp.MIN),
+            shard.all_reduce(mx, dist.ReduceOp.MAX))
+
+
+def _scale(row: torch.Tensor, lo: float, hi: float, shard=None, eps: float = 1e-8) -> torch.Tensor:
+    mn, mx = _bounds(row, shard)
     return (row - mn) / (mx - mn + eps) * (hi - lo) + lo
 
 
-def visual_positions(amap: torch.Tensor) -> torch.Tensor:
+def visual_positions(amap: torch.Tensor, shard=None) -> torch.Tensor:
     """Affinity map [B, 3, L] (speaker 1, speaker 2, background) -> RoPE positions [B, L].
     Each token takes the scaled value of the region it attends to most; each speaker row is
-    min-max normalised over all tokens of the clip into its range; background tokens sit at 12."""
-    spk1 = _scale(amap[:, 0], *SPEAKER1_RANGE)
-    spk2 = _scale(amap[:, 1], *SPEAKER2_RANGE)
+    min-max normalised over all tokens of the clip into its range; background tokens sit at 12.
+    `shard` (sequence parallel): amap covers this rank's tokens; the ranges span the whole clip."""
+    spk1 = _scale(amap[:, 0], *SPEAKER1_RANGE, shard)
+    spk2 = _scale(amap[:, 1], *SPEAKER2_RANGE, shard)
     back = torch.full_like(spk1, BACKGROUND_POS)
     choice = amap.argmax(dim=1, keepdim=True)                          # [B, 1, L]
     return torch.stack([spk1, spk2, back], dim=1).gather(1, choice).squeeze(1)
@@ -94,11 +109,14 @@ class AudioCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, audio_ctx: AudioContext, grid: tuple[int, int, int],
-                qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                qk: tuple[torch.Tensor, torch.Tensor] | None = None, shard=None) -> torch.Tensor:
+        """`shard` (wanvideo.sequence_parallel.TokenShard): x holds only this rank's contiguous
+        chunk of tokens; qk is then (local q, first latent frame's k with all heads)."""
         n_lat, h_tok, w_tok = (int(g) for g in grid)
         b, length, c = x.shape
         s = h_tok * w_tok
-        if length != n_lat * s:
+        expected = n_lat * s if shard is None else shard.chunk
+        if length != expected:
             raise ValueError(f"audio attention: {length} tokens do not match grid {grid}")
         heads, hd = self.num_heads, self.head_dim
 
@@ -118,9 +136,11 @@ class AudioCrossAttention(nn.Module):
             # In the activation dtype like the official code; fp32 here could push SDPA onto
             # the math backend, which materialises [H, L, S] probabilities (GBs at 480p).
             q_map, k_map = qk[0].to(x.dtype), qk[1].to(x.dtype)
-            pos = visual_positions(affinity_map(q_map, k_map, audio_ctx.masks, s))
+            pos = visual_positions(affinity_map(q_map, k_map, audio_ctx.masks, s), shard)
             q = rope_1d(q, pos)
             k = rope_1d(k, audio_positions(2, n_audio // 2))
+        if shard is not None:
+            return self.proj(_per_frame_segments(q, k, v, shard).reshape(b, length, c))
         k = k.expand(b, -1, -1, -1, -1).reshape(b * n_lat, n_audio, heads, hd)
         v = v.expand(b, -1, -1, -1, -1).reshape(b * n_lat, n_audio, heads, hd)
         q = q.view(b * n_lat, s, heads, hd)
@@ -130,3 +150,18 @@ class AudioCrossAttention(nn.Module):
             placement.attention_ready(v.transpose(1, 2)))      # [B*T, H, S, D]
         out = out.transpose(1, 2).reshape(b, length, c)
         return self.proj(out)
+
+
+def _per_frame_segments(q, k, v, shard) -> torch.Tensor:
+    """Audio attention for a chunk that need not start or end on a frame boundary: each run of
+    tokens of one latent frame (global index // frame tokens) attends to that frame's audio.
+    q [B, chunk, H, D]; k, v [1 or B, frames, n_audio, H, D]. Padding rows stay zero."""
+    out = torch.zeros_like(q)
+    b = q.shape[0]
+    for frame, lo, hi in shard.frame_segments():
+        kf, vf = (t[:, frame].expand(b, -1, -1, -1) for t in (k, v))
+        out[:, lo:hi] = F.scaled_dot_product_attention(
+            placement.attention_ready(q[:, lo:hi].transpose(1, 2)),
+            placement.attention_ready(kf.transpose(1, 2)),
+            placement.attention_ready(vf.transpose(1, 2))).transpose(1, 2)
+    return out

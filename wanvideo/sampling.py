@@ -27,6 +27,10 @@ from .schedules import timesteps_from_sigmas, validate_sigmas
 from .solvers import Solver, make_solver
 
 ModelFn = Callable[[torch.Tensor, float, PassSpec], torch.Tensor]
+# run_passes(plan, run_pass, like) -> every pass's output in plan order (e.g.
+# guidance_parallel.GuidanceParallel, which runs only this rank's passes and gathers the rest).
+PassRunner = Callable[[Sequence[PassSpec], Callable[[PassSpec], torch.Tensor], torch.Tensor],
+                      list]
 
 
 class SamplingInterrupted(Exception):
@@ -75,15 +79,30 @@ def _check_motion(noise: torch.Tensor, motion: Optional[torch.Tensor]) -> Option
     return motion.to(device=noise.device, dtype=torch.float32)
 
 
+def _pass_runner(model_fn: ModelFn, x: torch.Tensor, t: float, step: int,
+                 cb: SamplingCallbacks) -> Callable[[PassSpec], torch.Tensor]:
+    def run_pass(spec: PassSpec) -> torch.Tensor:
+        if cb.should_stop is not None and cb.should_stop():
+            raise SamplingInterrupted(step, spec.name)
+        v = model_fn(x, t, spec)
+        if v.shape != x.shape:
+            raise ValueError(f"model_fn returned {tuple(v.shape)} for latents {tuple(x.shape)}")
+        return v.to(torch.float32)
+
+    return run_pass
+
+
 def sample_window(model_fn: ModelFn, noise: torch.Tensor, sigmas: Sequence[float],
                   solver: Union[str, Solver] = "euler", guidance: Optional[Guidance] = None,
                   motion_latents: Optional[torch.Tensor] = None,
-                  callbacks: Optional[SamplingCallbacks] = None) -> torch.Tensor:
+                  callbacks: Optional[SamplingCallbacks] = None,
+                  run_passes: Optional[PassRunner] = None) -> torch.Tensor:
     """Denoise `noise` along `sigmas` and return the final latents (float32, noise's shape).
 
     solver: a name for make_solver or a Solver built on the same sigmas (it is reset first).
     guidance: scales and pass plan; None means one conditional pass (scales 1, 1).
     motion_latents: clean latents for the first M frames, written before every model call.
+    run_passes: who runs the guidance passes; None: all of them here, one after the other.
     """
     sigmas = validate_sigmas(sigmas)
     if isinstance(solver, str):
@@ -102,14 +121,11 @@ def sample_window(model_fn: ModelFn, noise: torch.Tensor, sigmas: Sequence[float
     x = noise.to(dtype=torch.float32).clone()
     for i, t in enumerate(timesteps):
         _write_motion(x, motion)
-        outputs = []
-        for spec in plan:
-            if cb.should_stop is not None and cb.should_stop():
-                raise SamplingInterrupted(i, spec.name)
-            v = model_fn(x, t, spec)
-            if v.shape != x.shape:
-                raise ValueError(f"model_fn returned {tuple(v.shape)} for latents {tuple(x.shape)}")
-            outputs.append(v.to(torch.float32))
+        run_pass = _pass_runner(model_fn, x, t, i, cb)
+        if run_passes is None:
+            outputs = [run_pass(spec) for spec in plan]
+        else:
+            outputs = run_passes(plan, run_pass, x)
         v = guidance.combine(outputs)
         del outputs
         if cb.preview is not None:

@@ -1,0 +1,87 @@
+"""Sequence-parallel (Ulysses) and guidance-parallel sampling on CPU: 4 spawned processes in a gloo
+group (and two pairs of it) must reproduce the single-process forward and sampling step.
+
+The work happens in tests/sp_worker.py; this module starts the processes, never leaves one
+behind, and checks the errors every rank measured."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sp_worker  # noqa: E402
+
+WORLD = 4
+TIMEOUT_S = 120
+# fp32 on both sides; only the order of some sums differs (attention over chunks vs the whole).
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(out_dir: str) -> None:
+    ctx = mp.start_processes(sp_worker.run, args=(WORLD, free_port(), out_dir), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sequence-parallel workers still running after {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory) -> dict[int, dict[str, float]]:
+    out = tmp_path_factory.mktemp("sp")
+    run_workers(str(out))
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)}
+
+
+def _check(errors, prefix: str) -> None:
+    found = {f"rank{r}:{k}": v for r, e in errors.items() for k, v in e.items()
+             if k.startswith(prefix)}
+    assert found, f"no measurement for {prefix}"
+    bad = {k: v for k, v in found.items() if not v <= TOLERANCE}
+    assert not bad, f"relative error above {TOLERANCE}: {bad}"
+    print(f"{prefix}: max relative error {max(found.values()):.3g}")
+
+
+def test_four_ranks_forward_equals_one_process(errors):
+    _check(errors, "sp4/")
+
+
+def test_two_ranks_forward_equals_one_process(errors):
+    _check(errors, "sp2/")
+
+
+def test_guidance_parallel_step_equals_one_process(errors):
+    _check(errors, "guidance/")
+
+
+def test_guidance_and_sequence_parallel_together(errors):
+    _check(errors, "guidance+sequence/")
+
+
+def test_every_case_was_measured(errors):
+    cases = {k for e in errors.values() for k in e}
+    for world in (2, 4):
+        for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
+            assert f"sp{world}/{name}" in cases
