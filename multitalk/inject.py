@@ -1,9 +1,10 @@
 """Detect InfiniteTalk weights and add its layers to a loaded WanModel.
 
 Per block: `norm_x` (affine LayerNorm, eps 1e-6) and `audio_cross_attn`; on the model: `audio_proj`.
-Layers are built on the meta device and materialized through `placement.attach_module`, so every
-weight lands in fresh aligned storage in the model's base precision (fp8 patches are up-cast; a
-ComfyUI `scale_weight` is applied first). Detection is by key, never by file name.
+Layers are built on the meta device and materialized through `placement.attach_module` (or the
+loader's stand-in for it when quantizing while loading), so every weight lands in fresh aligned
+storage in the model's base precision (fp8 patches are up-cast; a ComfyUI `scale_weight` is
+applied first). Detection is by key, never by file name.
 """
 from __future__ import annotations
 
@@ -115,10 +116,11 @@ def _model_dtype(model) -> torch.dtype:
 
 def inject_infinitetalk(model, state_dict: Mapping[str, torch.Tensor], device,
                         where: str = "state dict", dtype: torch.dtype | None = None,
-                        metadata: Mapping[str, str] | None = None) -> dict:
+                        metadata: Mapping[str, str] | None = None, attach=None) -> dict:
     """Add norm_x + audio_cross_attn to every block and audio_proj to `model`, filled from
     `state_dict` (original keys, optionally ComfyUI-prefixed; extra base keys are ignored).
-    Raises CheckpointError naming `where` for a patch without audio keys or for mismatched dims."""
+    Raises CheckpointError naming `where` for a patch without audio keys or for mismatched dims.
+    `attach`: placement.attach_module or the loader's stand-in for it (quantizing on load)."""
     info = detect_infinitetalk(state_dict.keys(), metadata)
     if info is None:
         raise CheckpointError(f"{where}: no InfiniteTalk audio keys ({MARKER!r} is missing); "
@@ -137,6 +139,7 @@ def inject_infinitetalk(model, state_dict: Mapping[str, torch.Tensor], device,
                               f"base model has {cfg.num_layers}")
     base = dtype or _model_dtype(model)
     device = torch.device(device)
+    attach_module = attach or placement.attach_module
 
     def dtype_for(name, src):
         return base if src.is_floating_point() else None
@@ -144,8 +147,8 @@ def inject_infinitetalk(model, state_dict: Mapping[str, torch.Tensor], device,
     def attach(parent, name, child, prefix):
         sub = _PatchView(view, prefix)
         try:
-            placement.attach_module(parent, name, child, sub, device, dtype_for=dtype_for,
-                                    where=f"{where} ({prefix.rstrip('.')})")
+            attach_module(parent, name, child, sub, device, dtype_for=dtype_for,
+                          where=f"{where} ({prefix.rstrip('.')})")
         except (KeyError, ValueError) as exc:
             raise CheckpointError(str(exc.args[0]) if exc.args else str(exc)) from None
 
@@ -174,16 +177,19 @@ def inject_infinitetalk(model, state_dict: Mapping[str, torch.Tensor], device,
 
 
 def apply_infinitetalk_from_checkpoints(model, ckpt, extra: list[str], patch_ckpt, device,
-                                        base_dtype: torch.dtype) -> tuple[dict | None, list[str]]:
-    """Loader hook (wanvideo.loader): inject from a separate patch checkpoint when given, else from
-    InfiniteTalk keys merged into the base checkpoint. Returns (report, keys still unused)."""
+                                        base_dtype: torch.dtype,
+                                        attach=None) -> tuple[dict | None, list[str]]:
+    """Loader hook (wanvideo.loader.LayerInjector): inject from a separate patch checkpoint when
+    given, else from InfiniteTalk keys merged into the base checkpoint; `attach` is the loader's
+    stand-in for placement.attach_module (quantizing while loading). Returns (report, keys still
+    unused)."""
     if patch_ckpt is not None:
         name = os.path.basename(patch_ckpt.files[0])
         info = inject_infinitetalk(model, patch_ckpt.lazy(), device, where=name, dtype=base_dtype,
-                                   metadata=patch_ckpt.metadata)
+                                   metadata=patch_ckpt.metadata, attach=attach)
     elif detect_infinitetalk(extra) is not None:
         info = inject_infinitetalk(model, ckpt.lazy(), device, where=ckpt.name, dtype=base_dtype,
-                                   metadata=ckpt.metadata)
+                                   metadata=ckpt.metadata, attach=attach)
     else:
         return None, extra
     return info, [k for k in extra if not is_audio_key(k)]

@@ -14,9 +14,11 @@ from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
 from .lora import merge_loras
+from .lora_plan import plan_loras
 from .model import WanModel
 from .quant_linear import check_fp8_matmul
 from .quantize import FORMATS, detect_quantization, load_quantized_state, quantize_model
+from .quantize_on_load import QuantizeWhileLoading
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,14 @@ def storage_dtype_policy(base_dtype: torch.dtype) -> Callable[[str, torch.Tensor
     return dtype_for
 
 
-# (model, checkpoint, unused keys, patch checkpoint or None, device, base dtype)
+# (model, checkpoint, unused keys, patch checkpoint or None, device, base dtype[, attach=])
 #   -> (report of the layers added or None, keys still unused).
 # InfiniteTalk's layers are known only to multitalk/, which sits above wanvideo/, so callers hand
 # the injector in (multitalk.inject.apply_infinitetalk_from_checkpoints) instead of the loader
-# importing upwards.
-LayerInjector = Callable[[WanModel, Checkpoint, list, Checkpoint | None, torch.device, torch.dtype],
-                         tuple[dict | None, list]]
+# importing upwards. When quantizing on load the loader also passes `attach`, a stand-in for
+# placement.attach_module (same arguments) that the injector must fill its layers through: it
+# leaves the weights that will be quantized on meta, to be read and quantized one at a time.
+LayerInjector = Callable[..., tuple[dict | None, list]]
 
 
 @dataclass
@@ -80,7 +83,8 @@ QUANTIZE_CHOICES = FORMATS
 def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", attention: str = "sdpa",
                patch: str | Sequence[str] | None = None, quantization: str = "none",
                loras: Sequence[tuple[str, float]] = (), compute_device=None,
-               fp8_matmul: str = "fast", inject: LayerInjector | None = None) -> LoadedModel:
+               fp8_matmul: str = "fast", inject: LayerInjector | None = None,
+               _streamed: bool = True) -> LoadedModel:
     """Load a Wan2.1 transformer (T2V or I2V) from any supported layout/dtype.
 
     `device` is where the weights are materialized (GPU or host RAM); `compute_device` is where
@@ -93,6 +97,11 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     (quant_linear.FP8_MATMUL). `inject` adds the InfiniteTalk layers of `patch` or of keys merged
     into the checkpoint (pass multitalk.inject.apply_infinitetalk_from_checkpoints); without it a
     `patch` is refused and merged InfiniteTalk keys are reported as unused.
+
+    With `quantization` the layers to quantize are read, merged with the LoRAs and quantized one at
+    a time (quantize_on_load.py), so the model never sits in memory in full precision; the result
+    is bit for bit the older order (load all, merge LoRAs, quantize), which `_streamed=False`
+    keeps for the tests that compare the two.
     """
     base_dtype = parse_dtype(base_dtype)
     if quantization not in QUANTIZE_CHOICES:
@@ -111,30 +120,77 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
         raise CheckpointError(str(exc)) from None
     model = build_meta_model(cfg, attention)
     report = base_report(ckpt, cfg)
-    try:
-        consumed = _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
-                                      fp8_matmul)
-        expected = set(model.state_dict().keys())
-        placement.materialize(model, ckpt.lazy(expected), device,
-                              dtype_for=storage_dtype_policy(base_dtype), where=ckpt.name)
-    except KeyError as exc:
-        raise CheckpointError(str(exc.args[0])) from None
-    except ValueError as exc:
-        raise CheckpointError(f"{ckpt.name}: {exc}" if ckpt.name not in str(exc) else str(exc)) from None
+    settings = _Settings(device, compute_device, base_dtype, fp8_matmul,
+                         quantization if _streamed and quantization != "none" else None)
+    expected, consumed, streamer = _materialize_base(model, ckpt, report, settings)
     model.compute_dtype = base_dtype
     model.eval().requires_grad_(False)
     report.update(base_dtype=str(base_dtype).replace("torch.", ""), device=str(device), attention=attention)
     extra = sorted(set(ckpt.tensors) - expected - consumed)
-    _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report, inject)
-    if loras:
-        report["loras"] = _merge_loras(model, loras, compute_device)
-    if quantization != "none":
-        _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
-                          fp8_matmul)
+    _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report, inject, streamer)
+    if streamer is not None:
+        _merge_and_quantize_while_loading(model, streamer, loras, compute_device, report)
+    else:
+        if loras:
+            report["loras"] = _merge_loras(model, loras, compute_device)
+        if quantization != "none":
+            _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
+                              fp8_matmul)
     report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
     log.info("WanVideo loader: %s", summarize(report))
     return LoadedModel(model, report)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    device: torch.device
+    compute_device: torch.device
+    base_dtype: torch.dtype
+    fp8_matmul: str
+    stream_quantization: str | None  # the format quantized while loading, or None
+
+
+def _checkpoint_error(ckpt: Checkpoint, exc: Exception) -> CheckpointError:
+    if isinstance(exc, KeyError):
+        return CheckpointError(str(exc.args[0]))
+    return CheckpointError(f"{ckpt.name}: {exc}" if ckpt.name not in str(exc) else str(exc))
+
+
+def _materialize_base(model, ckpt, report, s: _Settings):
+    """Pre-quantized layers from the file, then every other tensor; with stream_quantization the
+    weights of the layers to quantize stay on meta for the streamer (returned, else None)."""
+    try:
+        consumed = _load_prequantized(model, ckpt, s.device, s.compute_device, s.base_dtype, report,
+                                      s.fp8_matmul)
+    except (KeyError, ValueError) as exc:
+        raise _checkpoint_error(ckpt, exc) from None
+    streamer = None
+    if s.stream_quantization:
+        _refuse_requantizing(ckpt, report)
+        streamer = QuantizeWhileLoading(model, s.stream_quantization, s.device, s.compute_device,
+                                        s.base_dtype, s.fp8_matmul)
+    expected = set(model.state_dict().keys())
+    source, dtype_for = ckpt.lazy(expected), storage_dtype_policy(s.base_dtype)
+    defer = streamer.defer(model, source, dtype_for, ckpt.name) if streamer is not None else ()
+    try:
+        placement.materialize(model, source, s.device, dtype_for=dtype_for, where=ckpt.name,
+                              defer=defer)
+    except (KeyError, ValueError) as exc:
+        raise _checkpoint_error(ckpt, exc) from None
+    return expected, consumed, streamer
+
+
+def _merge_and_quantize_while_loading(model, streamer: QuantizeWhileLoading, loras, compute_device,
+                                      report) -> None:
+    """LoRAs checked against the model first; layers already loaded take their deltas in place,
+    the layers to quantize take theirs as the streamer reads them."""
+    plan = None
+    if loras:
+        plan = plan_loras(model, list(loras), device=compute_device)
+        plan.merge_loaded(model, skip=streamer.targets())
+        report["loras"] = [vars(r) for r in plan.results]
+    report["quantization"] = dict(streamer.run(plan), kind=streamer.fmt, source="quantized on load")
 
 
 def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
@@ -152,11 +208,15 @@ def _load_prequantized(model, ckpt, device, compute_device, base_dtype, report,
     return set(result["consumed_keys"])
 
 
-def _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
-                      fp8_matmul: str) -> None:
+def _refuse_requantizing(ckpt, report) -> None:
     if report["quantization"]:
         raise ValueError(f"{ckpt.name} is already quantized ({report['quantization']['kind']}); "
                          f"choose quantization 'none' to load it as it is")
+
+
+def _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
+                      fp8_matmul: str) -> None:
+    _refuse_requantizing(ckpt, report)
     report["quantization"] = dict(quantize_model(model, quantization, compute_device,
                                                  storage_device=device, compute_dtype=base_dtype,
                                                  fp8_matmul=fp8_matmul),
@@ -178,11 +238,13 @@ def _quantized_elements(model) -> int:
 
 
 def _apply_extensions(model, ckpt, extra, patch, device, base_dtype, report,
-                      inject: LayerInjector | None) -> None:
+                      inject: LayerInjector | None, streamer: QuantizeWhileLoading | None) -> None:
     """InfiniteTalk layers merged in the file or given as a patch; leftover keys are reported."""
     if inject is not None:
         patch_ckpt = open_checkpoint(patch) if patch else None
-        report["infinitetalk"], extra = inject(model, ckpt, extra, patch_ckpt, device, base_dtype)
+        attach = {} if streamer is None else {"attach": streamer.attach}
+        report["infinitetalk"], extra = inject(model, ckpt, extra, patch_ckpt, device, base_dtype,
+                                               **attach)
     if extra:
         report["unused_keys"] = {"count": len(extra), "examples": extra[:5]}
         log.warning("WanVideo loader: %s has %d keys the model does not use, e.g. %s",

@@ -13,15 +13,17 @@ raises LoraError ("LoRA for another model"). Files are read through checkpoint.l
 header, NaN/Inf check), every layer's tensors are checked against the layer before anything is
 merged, and a merge that overflows is refused: whatever is wrong with one LoRA surfaces as a
 LoraError naming its file (and the layer). After a failure the model may hold the layers merged
-before it and must be discarded (the loader does).
+before it and must be discarded (the loader does). lora_plan.py applies these same steps while the
+model loads, one layer at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -79,23 +81,34 @@ def _target(key: str, table: dict[str, str]) -> tuple[str | None, str | None]:
     return None, SUFFIXES[suffix]
 
 
-def parse_lora(tensors: Mapping[str, torch.Tensor], model: nn.Module
-               ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Group a LoRA's tensors per model module; returns (groups, unknown keys)."""
+def group_keys(keys: Iterable[str], model: nn.Module) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group a LoRA's keys per model module ({module: {part: key}}); returns (groups, unknown
+    keys). Only names are read, so a model whose weights are still on meta is matched too."""
     table = _module_lookup(model)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    groups: dict[str, dict[str, str]] = {}
     unknown = []
-    for key in tensors:
+    for key in keys:
         module, part = _target(key, table)
         if module is None:
             unknown.append(key)
             continue
-        groups.setdefault(module, {})[part] = tensors[key]
+        groups.setdefault(module, {})[part] = key
     for module, parts in list(groups.items()):
         if ("up" in parts) != ("down" in parts):
             unknown.extend(f"{module}.{p}" for p in parts)
             del groups[module]
     return groups, unknown
+
+
+def parse_lora(tensors: Mapping[str, torch.Tensor], model: nn.Module
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group a LoRA's tensors per model module; returns (groups, unknown keys)."""
+    groups, unknown = group_keys(tensors, model)
+    return {m: _tensors(tensors, parts) for m, parts in groups.items()}, unknown
+
+
+def _tensors(source: Mapping[str, torch.Tensor], parts: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    return {part: source[key] for part, key in parts.items()}
 
 
 def check_parts(name: str, parts: Mapping[str, torch.Tensor], shape, bias) -> None:
@@ -152,31 +165,45 @@ def _finite(value: torch.Tensor, name: str, strength: float) -> torch.Tensor:
     return value
 
 
-def _layer_shapes(model: nn.Module, name: str) -> tuple[tuple[int, ...], torch.Tensor | None]:
+def layer_shapes(model: nn.Module, name: str) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """(weight shape, bias or None) of layer `name`, whatever it holds (meta weights too)."""
     mod = model.get_submodule(name)
     if isinstance(mod, QuantLinear):
         return (mod.out_features, mod.in_features), mod.bias
     return tuple(mod.weight.shape), getattr(mod, "bias", None)
 
 
-def _merge_module(model: nn.Module, name: str, parts, strength: float, device) -> None:
+def merged_weight(w: torch.Tensor, parts, strength: float, name: str, device) -> torch.Tensor | None:
+    """`w` plus the layer's delta, summed in fp32 on `device` and rounded back to w's dtype
+    (None when the LoRA only has a bias delta); LoraError when the sum overflows."""
+    delta = lora_delta(parts, w.shape, strength, device)
+    if delta is None:
+        return None
+    master = placement.fresh_copy(w.detach(), device=device, dtype=torch.float32)
+    return _finite((master + delta).to(w.dtype), name, strength)
+
+
+def merge_bias(model: nn.Module, name: str, parts, strength: float, device) -> None:
+    if "diff_b" not in parts:
+        return
+    b = model.get_submodule(name).bias
+    new = (placement.fresh_copy(b.detach(), device=device, dtype=torch.float32) +
+           parts["diff_b"].to(device=device, dtype=torch.float32) * strength).to(b.dtype)
+    placement.set_tensor(model, f"{name}.bias", _finite(new, name, strength),
+                         device=b.device, dtype=b.dtype)
+
+
+def merge_module(model: nn.Module, name: str, parts, strength: float, device) -> None:
+    """One LoRA's `parts` merged into the loaded layer `name` (re-quantized when quantized)."""
     mod = model.get_submodule(name)
     if isinstance(mod, QuantLinear):
         _merge_quantized(model, name, mod, parts, strength, device)
         return
     w = mod.weight
-    delta = lora_delta(parts, w.shape, strength, device)
-    if delta is not None:
-        master = placement.fresh_copy(w.detach(), device=device, dtype=torch.float32)
-        new = (master + delta).to(w.dtype)
-        placement.set_tensor(model, f"{name}.weight", _finite(new, name, strength),
-                             device=w.device, dtype=w.dtype)
-    if "diff_b" in parts:
-        b = mod.bias
-        new = (placement.fresh_copy(b.detach(), device=device, dtype=torch.float32) +
-               parts["diff_b"].to(device=device, dtype=torch.float32) * strength).to(b.dtype)
-        placement.set_tensor(model, f"{name}.bias", _finite(new, name, strength),
-                             device=b.device, dtype=b.dtype)
+    new = merged_weight(w, parts, strength, name, device)
+    if new is not None:
+        placement.set_tensor(model, f"{name}.weight", new, device=w.device, dtype=w.dtype)
+    merge_bias(model, name, parts, strength, device)
 
 
 def _merge_quantized(model, name, mod, parts, strength, device) -> None:
@@ -208,6 +235,23 @@ _LORA_FAILURES = (CheckpointError, ValueError, TypeError, RuntimeError, Arithmet
                   IndexError, KeyError, AttributeError)
 
 
+@contextlib.contextmanager
+def named_failures(label: str):
+    """Whatever goes wrong inside becomes a LoraError whose message starts with `label`."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except _LORA_FAILURES as exc:
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        message = message if message.startswith(label) else f"{label}: {message}"
+        raise LoraError(message) from None
+
+
+def lora_label(src, index: int, names: Sequence[str] | None = None) -> str:
+    return os.path.basename(src) if isinstance(src, str) else (names[index] if names else f"lora #{index}")
+
+
 @torch.no_grad()
 def merge_loras(model: nn.Module, loras: Sequence[tuple[str | Mapping[str, torch.Tensor], float]],
                 device="cpu", names: Sequence[str] | None = None) -> list[LoraResult]:
@@ -216,37 +260,43 @@ def merge_loras(model: nn.Module, loras: Sequence[tuple[str | Mapping[str, torch
     failure of a LoRA raises LoraError naming it."""
     results = []
     for i, (src, strength) in enumerate(loras):
-        label = os.path.basename(src) if isinstance(src, str) else (names[i] if names else f"lora #{i}")
-        try:
+        label = lora_label(src, i, names)
+        with named_failures(label):
             results.append(_merge_one(model, src, strength, label, device))
-        except torch.OutOfMemoryError:
-            raise
-        except _LORA_FAILURES as exc:
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            message = message if message.startswith(label) else f"{label}: {message}"
-            raise LoraError(message) from None
     placement.verify(model, "merge_loras")
     return results
 
 
-def _merge_one(model: nn.Module, src, strength, label: str, device) -> LoraResult:
+def checked_strength(strength, label: str) -> float:
     strength = float(strength)
     if not math.isfinite(strength):
         raise LoraError(f"{label}: strength {strength} is not a finite number")
-    tensors = read_lora(src) if isinstance(src, str) else src
-    groups, unknown = parse_lora(tensors, model)
+    return strength
+
+
+def match_lora(model: nn.Module, tensors: Mapping[str, torch.Tensor], strength: float, label: str,
+               for_check=_tensors) -> tuple[dict[str, dict[str, str]], LoraResult]:
+    """`tensors` grouped per layer ({module: {part: key}}) and every layer's parts checked against
+    it before anything is merged; `for_check(tensors, parts)` gives what check_parts reads."""
+    groups, unknown = group_keys(tensors, model)
     if not groups:
         raise LoraError(f"{label}: LoRA for another model: none of its {len(tensors)} keys "
                         f"match a layer of this model (e.g. {[k[:80] for k in list(tensors)[:3]]})")
     for module, parts in groups.items():  # all layers first, so a bad one merges nothing
-        check_parts(module, parts, *_layer_shapes(model, module))
-    res = LoraResult(label, strength, unknown=sorted(unknown))
-    if strength != 0:
-        for module, parts in groups.items():
-            _merge_module(model, module, parts, strength, device)
-            res.merged.append(module)
+        check_parts(module, for_check(tensors, parts), *layer_shapes(model, module))
     if unknown:
         log.warning("LoRA %s: %d key(s) match no layer and were not applied, e.g. %s",
                     label, len(unknown), unknown[:5])
+    return groups, LoraResult(label, strength, unknown=sorted(unknown))
+
+
+def _merge_one(model: nn.Module, src, strength, label: str, device) -> LoraResult:
+    strength = checked_strength(strength, label)
+    tensors = read_lora(src) if isinstance(src, str) else src
+    groups, res = match_lora(model, tensors, strength, label)
+    if strength != 0:
+        for module, parts in groups.items():
+            merge_module(model, module, _tensors(tensors, parts), strength, device)
+            res.merged.append(module)
     log.info("LoRA %s (strength %g): merged into %d layers", label, strength, len(res.merged))
     return res

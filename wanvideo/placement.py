@@ -124,15 +124,21 @@ def named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def materialize(module: nn.Module, state_dict: Mapping[str, torch.Tensor], device,
-                dtype_for=None, where: str = "state dict") -> None:
+                dtype_for=None, where: str = "state dict", defer: Iterable[str] = ()) -> None:
     """Fill every parameter/buffer of a (meta-constructed) module from `state_dict`, each in fresh
     storage on `device`. `dtype_for(name, tensor)` picks the stored dtype (None keeps the source's).
-    Buffers absent from the state dict (non-persistent caches) move to `device` as they are."""
+    Buffers absent from the state dict (non-persistent caches) move to `device` as they are.
+    Names in `defer` must be in `state_dict` but are not read: they stay on meta for a caller that
+    turns them into something else one at a time (quantizing while loading), so a whole model
+    never sits in memory in full precision."""
+    defer = set(defer)
     persistent = set(module.state_dict(keep_vars=True).keys())
     missing = [n for n, _ in named_tensors(module) if n in persistent and n not in state_dict]
     if missing:
         raise KeyError(f"{where}: missing {len(missing)} key(s), e.g. {missing[:3]}")
     for name, current in list(named_tensors(module)):
+        if name in defer:
+            continue
         if name not in state_dict:
             if current.device.type != "meta":
                 set_tensor(module, name, current, device=device)
@@ -159,13 +165,14 @@ def move_module(module: nn.Module, device, dtype: torch.dtype | None = None) -> 
 
 def attach_module(parent: nn.Module, name: str, child: nn.Module,
                   state_dict: Mapping[str, torch.Tensor] | None, device, dtype_for=None,
-                  where: str = "state dict") -> nn.Module:
+                  where: str = "state dict", defer: Iterable[str] = ()) -> nn.Module:
     """Register `child` (usually meta-built) as `parent.<name>` and materialize it. Registering as a
-    submodule is what makes it visible to parameters(), state_dict() and BlockSwap."""
+    submodule is what makes it visible to parameters(), state_dict() and BlockSwap. `defer`: as in
+    materialize (names relative to `child`)."""
     if state_dict is None:
         move_module(child, device)
     else:
-        materialize(child, state_dict, device, dtype_for=dtype_for, where=where)
+        materialize(child, state_dict, device, dtype_for=dtype_for, where=where, defer=defer)
     setattr(parent, name, child)
     verify(parent, f"attach {name}")
     return child

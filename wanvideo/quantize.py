@@ -3,6 +3,8 @@ pre-quantized ComfyUI file as it is.
 
 - quantize_model(model, fmt, device, include=("blocks",)) replaces nn.Linear layers by
   QuantLinear (fmt: none, fp8_e4m3fn, fp8_e4m3fn_scaled, nvfp4). Merge LoRAs BEFORE this.
+  The loader does the same layer by layer while reading the file (quantize_on_load.py) through
+  quantize_targets and quantized_layer, so both give the same layers.
 - detect_quantization(tensors_or_keys, metadata) tells how a file is quantized, per layer
   (it lives in quant_files.py with the other file conventions).
 - load_quantized_state(model, state_dict, metadata, device) builds the quantized layers of a
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("none", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "nvfp4")
 
 
-def _matmul_options(fp8_matmul: str, allow_scaled_mm: bool) -> tuple[bool, bool]:
+def matmul_options(fp8_matmul: str, allow_scaled_mm: bool) -> tuple[bool, bool]:
     """(allow_scaled_mm, fast_accum) for QuantLinear.build."""
     check_fp8_matmul(fp8_matmul)
     return allow_scaled_mm and fp8_matmul != "dequantize", fp8_matmul == "fast"
@@ -62,6 +64,33 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> dict:
     raise ValueError(f"unknown quantization format {fmt!r} (choose from {FORMATS})")
 
 
+def quantize_targets(model: nn.Module, include: Iterable[str] = ("blocks",),
+                     exclude: Iterable[str] = (), prefix: str = "") -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of every nn.Linear quantize_model replaces, in module order. Quantizing while
+    loading asks the same question of a model whose weights are still on meta, and of a layer
+    group about to be attached at `prefix` (names stay relative to `model`; the rule reads the
+    full name)."""
+    include, exclude = tuple(include), tuple(exclude)
+    found = []
+    for n, m in model.named_modules():
+        full = ".".join(p for p in (prefix, n) if p)
+        if type(m) is nn.Linear and _matches(full, include) and not _matches(full, exclude):
+            found.append((n, m))
+    return found
+
+
+def quantized_layer(lin: nn.Module, w: torch.Tensor, fmt: str, device, storage,
+                    compute_dtype: torch.dtype, allow_scaled_mm: bool, allow_native_fp4: bool,
+                    fast_accum: bool) -> QuantLinear:
+    """The QuantLinear that replaces `lin` given its full-precision weight `w` (on the compute
+    device `device`); `lin` only lends its bias and shape, so its weight may be on meta."""
+    parts = quantize_weight(w, fmt)
+    return QuantLinear.build(fmt=fmt, bias=lin.bias, shape=tuple(lin.weight.shape),
+                             device=storage, compute_device=device, compute_dtype=compute_dtype,
+                             allow_scaled_mm=allow_scaled_mm, allow_native_fp4=allow_native_fp4,
+                             fast_accum=fast_accum, **parts)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = ("blocks",),
                    exclude: Iterable[str] = (), storage_device=None,
@@ -73,25 +102,24 @@ def quantize_model(model: nn.Module, fmt: str, device, include: Iterable[str] = 
     tensors are stored on `storage_device` (default: `device`; BlockSwap passes "cpu").
     The math runs on the compute device one layer at a time. `fp8_matmul`: see FP8_MATMUL.
     Returns quant_report(model)."""
-    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
+    allow_scaled_mm, fast_accum = matmul_options(fp8_matmul, allow_scaled_mm)
     if fmt == "none":
         return quant_report(model)
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization format {fmt!r} (choose from {FORMATS})")
     device = torch.device(device)
     storage = device if storage_device is None else torch.device(storage_device)
-    include, exclude = tuple(include), tuple(exclude)
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and _matches(n, include) and not _matches(n, exclude)]
-    for name, lin in targets:
+    # Names only: holding the nn.Linear modules until the end would keep every full-precision
+    # weight alive next to its quantized copy.
+    targets = [name for name, _ in quantize_targets(model, include, exclude)]
+    for name in targets:
+        lin = model.get_submodule(name)
         w = placement.fresh_copy(lin.weight, device=device) if device.type != "meta" else lin.weight
-        parts = quantize_weight(w, fmt)
-        layer = QuantLinear.build(fmt=fmt, bias=lin.bias, shape=tuple(lin.weight.shape),
-                                  device=storage, compute_device=device,
-                                  compute_dtype=compute_dtype, allow_scaled_mm=allow_scaled_mm,
-                                  allow_native_fp4=allow_native_fp4, fast_accum=fast_accum, **parts)
+        layer = quantized_layer(lin, w, fmt, device, storage, compute_dtype,
+                                allow_scaled_mm=allow_scaled_mm, allow_native_fp4=allow_native_fp4,
+                                fast_accum=fast_accum)
         replace_module(model, name, layer)
-        del w, parts
+        del lin, w, layer
     placement.verify(model, f"quantize_model({fmt})")
     report = quant_report(model)
     log.info("quantized %d linear layers to %s: %s", len(targets), fmt, report["paths"])
@@ -169,7 +197,7 @@ def load_quantized_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     placement.materialize(model, rest, device, dtype_for=...). Or pass materialize_rest=True.
     `fp8_matmul`: see FP8_MATMUL.
     Returns {"consumed_keys": set, "layers": n, "detected": ..., "report": quant_report}."""
-    allow_scaled_mm, fast_accum = _matmul_options(fp8_matmul, allow_scaled_mm)
+    allow_scaled_mm, fast_accum = matmul_options(fp8_matmul, allow_scaled_mm)
     device = torch.device(device)
     storage = device if storage_device is None else torch.device(storage_device)
     det = detect_quantization(state_dict, metadata) if detected is None else detected
