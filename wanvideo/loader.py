@@ -13,6 +13,7 @@ from . import placement
 from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
+from .load_budget import require_room
 from .lora import merge_loras
 from .lora_plan import plan_loras
 from .model import WanModel
@@ -118,6 +119,7 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
         cfg = infer_config(ckpt.shapes, where=ckpt.name)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    require_room(ckpt, device, base_dtype, quantization)   # before the first weight is read
     model = build_meta_model(cfg, attention)
     report = base_report(ckpt, cfg)
     settings = _Settings(device, compute_device, base_dtype, fp8_matmul,
