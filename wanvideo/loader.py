@@ -99,10 +99,9 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     into the checkpoint (pass multitalk.inject.apply_infinitetalk_from_checkpoints); without it a
     `patch` is refused and merged InfiniteTalk keys are reported as unused.
 
-    With `quantization` the layers to quantize are read, merged with the LoRAs and quantized one at
-    a time (quantize_on_load.py), so the model never sits in memory in full precision; the result
-    is bit for bit the older order (load all, merge LoRAs, quantize), which `_streamed=False`
-    keeps for the tests that compare the two.
+    With `quantization` each layer is read, merged with the LoRAs and quantized in turn
+    (quantize_on_load.py): the model never sits in memory in full precision, bit for bit the
+    older order (load all, merge, quantize) that `_streamed=False` keeps for the tests.
     """
     base_dtype = parse_dtype(base_dtype)
     if quantization not in QUANTIZE_CHOICES:
