@@ -30,6 +30,7 @@ COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "fol
 FRONT_ENDS = {
     "wanvideo.inspect": "hands the loader multitalk's InfiniteTalk injector",
     "wanvideo.make_tiny": "writes the full tiny set through multitalk.tiny.write_all_tiny_models",
+    "wanvideo.make_full_size": "writes the full-size stand-ins through multitalk.stand_ins",
 }
 
 MAX_FILE_LINES = 500

@@ -62,16 +62,16 @@ def convert_layout(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, tor
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def cast_for_storage(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def storage_dtype(key: str, ndim: int, dtype: torch.dtype) -> torch.dtype:
     """fp8 files store block matrices in fp8 and the rest in bf16, like real fp8 releases."""
     fp8 = dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-    out = {}
-    for k, v in sd.items():
-        if fp8 and not (".blocks." in f".{k}" and v.dim() == 2):
-            out[k] = v.to(torch.bfloat16).contiguous()
-        else:
-            out[k] = v.to(dtype).contiguous()
-    return out
+    if fp8 and not (".blocks." in f".{key}" and ndim == 2):
+        return torch.bfloat16
+    return dtype
+
+
+def cast_for_storage(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(storage_dtype(k, v.dim(), dtype)).contiguous() for k, v in sd.items()}
 
 
 def write_checkpoint(sd: Mapping[str, torch.Tensor], path: str, layout: str = "original",
