@@ -190,3 +190,16 @@ def test_wav2vec2_folder_loads_through_our_encoder_and_patch_is_recognised(tmp_p
     assert encoder.config == CHINESE_WAV2VEC2_BASE
     found = detect_infinitetalk(mt_stand_ins.infinitetalk_patch_specs())
     assert found["keys_found"] == 330 and found["blocks"] == 40 and found["other_keys"] == 0
+
+
+def test_lora_matches_every_target_of_the_14b_model_and_fp8_file_reads_as_fp8():
+    from wanvideo_infinitetalk.wanvideo.lora import group_keys
+    from wanvideo_infinitetalk.wanvideo.model import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(stand_ins.WAN21_14B_I2V)
+    groups, unmatched = group_keys(list(stand_ins.lora_specs()), model)
+    assert unmatched == [] and len(groups) == 40 * 12
+    fp8 = stand_ins.wan_transformer_specs(torch.float8_e4m3fn)
+    found = detect_quantization(list(fp8), dtypes={k: s.dtype for k, s in fp8.items()})
+    assert found["kind"] == "fp8" and found["counts"] == {"fp8_e4m3fn": 40 * 12}
