@@ -11,8 +11,12 @@ It walks the windows of `long_video.plan_long_video` (docs/REFERENCE_NOTES.md §
   3. noise from `make_noise(seed + window index)` (CPU generator: same on every device);
   4. the guidance passes (cond = positive text + audio, no_text = negative text + audio,
      no_audio / uncond = positive / negative text + silent audio), t = sigma * 1000;
-  5. decode, colour-correct towards the reference, keep the plan's frames and copy them to a
-     host buffer allocated once for the whole video, so device memory does not grow with length.
+  5. decode, colour-correct towards the reference, and hand the plan's frames to the frame sink
+     (frame_sink.py: a host buffer allocated once, or an MP4 written window by window), so device
+     memory never grows with length and, streamed, neither does host memory.
+In dubbing (request.window_condition) each window brings its own image condition and CLIP tokens
+(dubbing.py); everything else above is unchanged. Every window's latents and frames are checked
+for NaN/Inf, and preflight() checks the model, the inputs and the memory before any work.
 The video is trimmed to the audio length (or max_frames); `num_frames / fps` seconds of audio
 belong to it.
 
