@@ -12,28 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .guidance import PassSpec
-from .sequence_parallel import SequenceParallel
+from .sequence_parallel import RankGroup, SequenceParallel
 
 RunPass = Callable[[PassSpec], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class GuidanceParallel:
-    """group: the process group of the ranks sharing one step's passes (None: default group)."""
-
-    group: Optional[Any]
-    rank: int
-    world: int
-
-    @classmethod
-    def from_group(cls, group=None) -> "GuidanceParallel":
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+class GuidanceParallel(RankGroup):
+    """The ranks sharing one step's passes (group None: the default group)."""
 
     def owner(self, index: int) -> int:
         return index % self.world

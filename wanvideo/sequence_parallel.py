@@ -26,10 +26,8 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class SequenceParallel:
-    """Which ranks share one forward. Set it as `model.sequence_parallel` (None: one process).
-
-    group: a torch.distributed process group (None: the default group); rank/world: this
+class RankGroup:
+    """group: a torch.distributed process group (None: the default group); rank/world: this
     process's rank in that group and the group's size."""
 
     group: Optional[Any]
@@ -37,8 +35,13 @@ class SequenceParallel:
     world: int
 
     @classmethod
-    def from_group(cls, group=None) -> "SequenceParallel":
+    def from_group(cls, group=None):
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+
+@dataclass(frozen=True)
+class SequenceParallel(RankGroup):
+    """Which ranks share one forward. Set it as `model.sequence_parallel` (None: one process)."""
 
     def __post_init__(self):
         if self.world < 1 or not 0 <= self.rank < self.world:
