@@ -3,7 +3,7 @@ also run by hand on a 14B-shaped file).
 
 `python tests/load_memory.py FILE QUANTIZATION streamed|old [--device D] [--compute-device C]
 [--patch P] [--lora L]` loads FILE and prints one JSON line: the peak RSS above the RSS the process
-had just before the call (ru_maxrss, with the high-water mark reset to the current RSS first where
+had just before the call (VmHWM, with the high-water mark reset to the current RSS first where
 the kernel allows it, so imports and CUDA's start do not count), the model's final host bytes and
 its largest quantized layer. `write_random_checkpoint` / `write_random_file` write the bf16 files
 such a load reads, one tensor at a time, so the writer stays small too.
@@ -15,7 +15,6 @@ import gc
 import json
 import math
 import os
-import resource
 import struct
 import sys
 
@@ -64,6 +63,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: after fork + exec that also
+    holds the parent's RSS (the kernel keeps the pre-exec peak), i.e. pytest's whole footprint."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def _reset_peak() -> bool:
     """Linux >= 4.0: writing 5 to clear_refs sets the RSS high-water mark to the current RSS."""
     try:
@@ -104,7 +113,7 @@ def measure(path: str, quantization: str, mode: str, device: str = "cpu",
                         patch=patch, loras=[(lora, 1.0)] if lora else (),
                         inject=apply_infinitetalk_from_checkpoints, _streamed=mode == "streamed")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     return {"mode": mode, "quantization": quantization, "peak_reset": reset, "seconds": seconds,
             "peak_above_baseline": peak - before, "rss_after_above_baseline": _rss() - before,
