@@ -8,7 +8,6 @@ message whether or not such a path exists, so errors cannot be used to probe the
 from __future__ import annotations
 
 import math
-import os
 
 # ComfyUI sends long lists back to the browser; a refused name is echoed in short form only.
 _ECHO = 80
@@ -57,17 +56,3 @@ def lora_chain(value, label: str = "lora") -> list[tuple[str, float]]:
                              "is needed")
     return pairs
 
-
-def relative_name(path: str, folder: str) -> str:
-    """A model path as the name ComfyUI lists it under `folder` (never the server's absolute
-    path, which Model Info would otherwise send to every client)."""
-    import folder_paths
-
-    for root in folder_paths.get_folder_paths(folder):
-        try:
-            rel = os.path.relpath(path, root)
-        except ValueError:
-            continue
-        if not rel.startswith(".."):
-            return rel.replace(os.sep, "/")
-    return os.path.basename(path)
