@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..wanvideo.checkpoint import all_finite
 from .audio_windows import FPS
 from .wav2vec2 import DEFAULT_CHUNKING, Chunking
 
@@ -111,7 +112,7 @@ def wav2vec_features(encoder, speech: np.ndarray, device=None, n_frames: int | N
 
 def check_finite_features(feats: torch.Tensor, source: str) -> None:
     """Finite speech gives finite features unless the encoder's weights are broken."""
-    if torch.isfinite(feats).all():
+    if all_finite(feats):
         return
     bad = ~torch.isfinite(feats)
     first = int(bad.flatten(1).any(dim=1).nonzero()[0])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..wanvideo.checkpoint import all_finite, count_nonfinite
+
 LATENT_CHANNELS = 16
 MASK_CHANNELS = 4
 
@@ -34,7 +36,7 @@ class NonFiniteError(ValueError):
 
 
 def require_finite(t: torch.Tensor, what: str, hint: str = "") -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteError(f"{what} holds {bad:,} NaN/Inf value(s) of {t.numel():,}"
+    if not all_finite(t):     # one pass, no temporaries: this runs on every window's frames
+        raise NonFiniteError(f"{what} holds {count_nonfinite(t):,} NaN/Inf value(s) of "
+                             f"{t.numel():,}"
                              f"{'; ' + hint if hint else ''}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..wanvideo import placement
-from ..wanvideo.checkpoint import load_tensors
+from ..wanvideo.checkpoint import all_finite, count_nonfinite, load_tensors
 
 
 class Wav2Vec2Error(ValueError):
@@ -448,8 +448,8 @@ def _check_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str)
         if tuple(t.shape) != tuple(like.shape) or not t.is_floating_point():
             raise Wav2Vec2Error(f"{where}: {key!r} has shape {list(t.shape)} ({t.dtype}) but the "
                                 f"config needs {list(like.shape)} (floating point)")
-        if not torch.isfinite(t).all():
-            raise Wav2Vec2Error(f"{where}: {key!r} has {int((~torch.isfinite(t)).sum())} NaN/Inf "
+        if not all_finite(t):
+            raise Wav2Vec2Error(f"{where}: {key!r} has {count_nonfinite(t)} NaN/Inf "
                                 "values; the file is corrupt")
 
 

@@ -136,32 +136,24 @@ def prepare_real_inputs(base: str) -> dict[str, str]:
 
 
 def write_video(path: str, frames, fps: int, tone_seconds: float, tone_hz: float = 330.0) -> str:
-    """An MPEG-4 video of `frames` (uint8 [H, W, 3] arrays, even sizes) at `fps`, with a tone of
-    its own as audio (16 kHz AAC): a source for dubbing, whose audio must be ignored."""
-    import av
+    """An MP4 of `frames` (uint8 [H, W, 3] arrays, even sizes) at `fps` with a tone of its own as
+    audio: a source for dubbing, whose audio must be ignored. Written by the pack's own MP4 sink."""
     import numpy as np
+    import torch
 
-    with av.open(path, "w") as c:
-        vs = c.add_stream("mpeg4", rate=fps)
-        au = c.add_stream("aac", rate=16000)
-        au.layout = "mono"
-        for i, frame in enumerate(frames):
-            if i == 0:
-                vs.height, vs.width, vs.pix_fmt = frame.shape[0], frame.shape[1], "yuv420p"
-            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), "rgb24")):
-                c.mux(p)
-        for p in vs.encode(None):
-            c.mux(p)
-        t = np.arange(int(tone_seconds * 16000)) / 16000
-        tone = (0.2 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
-        for k in range(0, tone.size, 1024):
-            f = av.AudioFrame.from_ndarray(tone[None, k:k + 1024], format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, k
-            for p in au.encode(f):
-                c.mux(p)
-        for p in au.encode(None):
-            c.mux(p)
-    return path
+    from comfy_harness import load_pack
+
+    load_pack()
+    from wanvideo_infinitetalk.multitalk.frame_sink import Mp4Sink
+
+    pixels = torch.from_numpy(np.stack(list(frames))).float() / 255
+    t = torch.arange(int(tone_seconds * 16000)) / 16000
+    tone = {"waveform": (0.2 * torch.sin(2 * np.pi * tone_hz * t)).reshape(1, 1, -1),
+            "sample_rate": 16000}
+    sink = Mp4Sink(path, fps, tone)
+    sink.start(pixels.shape[0], pixels.shape[1], pixels.shape[2])
+    sink.write(pixels, 0)
+    return sink.finish()
 
 
 def write_source_video(path: str, portrait: str, seconds: float = 3.0, fps: int = 30) -> str:

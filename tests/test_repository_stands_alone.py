@@ -18,8 +18,8 @@ SUFFIXES = (".py", ".md", ".sh", ".txt", ".toml", ".mjs", ".cfg", ".ini")
 NAMES = ("Makefile",)
 SKIP_DIRS = {".git", ".venv", ".cache", "node_modules", "__pycache__"}
 
-# Notes that once lived outside the repository: cited bare ("REFERENCE §3", "DESIGN.md"), never
-# as a docs/ path. A docs/ page of the same name would be cited with its folder and is allowed.
+# Notes that once lived outside the repository, cited by their bare name or name and section
+# sign, never as a docs/ path. A docs/ page of the same name would carry its folder and is allowed.
 OUTSIDE = [
     re.compile(r"(?<![\w/])(?:DESIGN|REFERENCE|COMFYUI)\.md"),
     re.compile(r"(?<![\w/])(?:DESIGN|REFERENCE)\s*§"),
