@@ -45,24 +45,39 @@ def _os_available_bytes() -> int | None:
     return None
 
 
+def _memory_fraction(device: torch.device) -> float:
+    """PyTorch's per-process cap (torch.cuda.set_per_process_memory_fraction): the allocator
+    refuses to reserve beyond fraction x total, so every budget must see the capped card. The
+    getter exists from torch 2.5; older versions report no cap."""
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    try:
+        return float(getter(device)) if getter is not None else 1.0
+    except (RuntimeError, TypeError):
+        return 1.0
+
+
 def device_available_bytes(device) -> int | None:
     """Free memory of a CUDA device plus what PyTorch's allocator holds in reserve but does not
-    use (it reuses that first); None for the CPU (see host_available_bytes)."""
+    use (it reuses that first), never more than the per-process cap leaves; None for the CPU
+    (see host_available_bytes)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free + max(0, cached))
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated
+    capped = int(_memory_fraction(device) * total) - allocated
+    return max(0, min(int(free + max(0, cached)), capped))
 
 
 def device_total_bytes(device) -> int | None:
-    """A CUDA device's whole memory (what is left once every other model is unloaded and every
-    block swapped); None for the CPU."""
+    """A CUDA device's whole memory as this process may use it (the per-process cap applied):
+    what is left once every other model is unloaded and every block swapped; None for the CPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(device).total_memory)
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    return int(_memory_fraction(device) * total)
 
 
 def require(nbytes: int, available: int | None, what: str, hint: str = "") -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import placement
+from .memory import device_available_bytes
 from .swap_groups import module_tensors, non_block_tensors, unique_bytes
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,12 @@ def activation_bytes(model: nn.Module, tokens: int, batch: int = 1) -> int:
 
 def free_device_bytes(device: torch.device,
                       memory_info: Callable[[], tuple[int, int]] | None = None) -> int:
-    """Free device memory: `memory_info()[0]` when given (tests inject numbers), else the driver's
-    free bytes plus what PyTorch's caching allocator holds unused (it reuses that for us)."""
+    """Free device memory: `memory_info()[0]` when given (tests inject numbers), else
+    memory.device_available_bytes (driver free + the allocator's unused cache, within the
+    per-process cap)."""
     if memory_info is not None:
         return int(memory_info()[0])
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(device_available_bytes(device) or 0)
 
 
 def auto_blocks_to_swap(model: nn.Module, device: torch.device, tokens: int | None,

@@ -1,0 +1,71 @@
+"""Device memory readings honour PyTorch's per-process cap (set_per_process_memory_fraction), the
+way bench/e2e.py rehearses a 12 / 16 / 24 GB card on a big GPU: the pack's budgets and automatic
+BlockSwap must see the capped card, not the physical one."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from wanvideo_infinitetalk.wanvideo import memory
+from wanvideo_infinitetalk.wanvideo.swap_sizing import free_device_bytes
+
+GiB = 1 << 30
+
+
+def fake_cuda(monkeypatch, free, total, allocated, reserved, fraction):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: allocated)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: reserved)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: fraction,
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d=None: types.SimpleNamespace(total_memory=total))
+
+
+@pytest.mark.parametrize("fraction, want_free, want_total", [
+    (1.0, 100 * GiB + 1 * GiB, 140 * GiB),  # no cap: driver free + the allocator's unused cache
+    (0.1, 14 * GiB - 3 * GiB, 14 * GiB),    # capped: the cap minus what tensors occupy
+])
+def test_readings_follow_the_cap(monkeypatch, fraction, want_free, want_total):
+    fake_cuda(monkeypatch, free=100 * GiB, total=140 * GiB, allocated=3 * GiB,
+              reserved=4 * GiB, fraction=fraction)
+    cuda = torch.device("cuda", 0)
+    assert memory.device_available_bytes(cuda) == want_free
+    assert memory.device_total_bytes(cuda) == want_total
+    assert free_device_bytes(cuda) == want_free
+
+
+def test_budget_refusal_names_the_capped_figure(monkeypatch):
+    fake_cuda(monkeypatch, free=100 * GiB, total=140 * GiB, allocated=0, reserved=0,
+              fraction=12 / 140)
+    with pytest.raises(memory.MemoryBudgetError, match=r"needs about 21\.5 GB, 12\.9 GB"):
+        memory.require_device(20 * GiB, torch.device("cuda", 0), "the test buffer")
+
+
+def test_torch_without_the_getter_reports_no_cap(monkeypatch):
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
+    fake_cuda(monkeypatch, free=10 * GiB, total=20 * GiB, allocated=0, reserved=0, fraction=1.0)
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    assert memory.device_total_bytes(torch.device("cuda", 0)) == 20 * GiB
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cap_refuses_what_the_reading_refuses():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(4 * GiB / total, dev)
+    try:
+        assert abs(memory.device_total_bytes(dev) - 4 * GiB) < 1 << 20
+        avail = memory.device_available_bytes(dev)
+        assert avail <= 4 * GiB
+        small = torch.empty(int(avail * 0.9), dtype=torch.uint8, device=dev)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(avail * 0.2) + (64 << 20), dtype=torch.uint8, device=dev)
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
