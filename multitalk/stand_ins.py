@@ -77,12 +77,13 @@ def wav2vec2_config_json(cfg: Wav2Vec2Config = CHINESE_WAV2VEC2_BASE) -> dict:
     return out
 
 
-def write_wav2vec2_folder(folder: str, seed: int = 0) -> str:
+def write_wav2vec2_folder(folder: str, seed: int = 0, device=None) -> str:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(wav2vec2_config_json(), f, indent=1)
     specs = {k: spec(k, shape, torch.float32) for k, shape in wav2vec2_shapes().items()}
-    write_specs(os.path.join(folder, "model.safetensors"), specs, seed, stand_in_metadata(seed))
+    write_specs(os.path.join(folder, "model.safetensors"), specs, seed, stand_in_metadata(seed),
+                device)
     return folder
 
 
@@ -91,9 +92,10 @@ def all_names() -> list[str]:
 
 
 def write_full_size_stand_ins(models_dir: str, only: Iterable[str] | None = None,
-                              seed: int = 0, log=print) -> dict[str, str]:
+                              seed: int = 0, log=print, device=None) -> dict[str, str]:
     """Write the chosen stand-ins (all by default) into a ComfyUI-style models folder, one file at
-    a time; returns name -> path. `log` hears one line per file (name, size, seconds)."""
+    a time; returns name -> path. `log` hears one line per file (name, size, seconds); `device`
+    draws the random values there (stand_in_values.value_chunks)."""
     names = list(only) if only else all_names()
     unknown = [n for n in names if n not in all_names()]
     if unknown:
@@ -103,11 +105,11 @@ def write_full_size_stand_ins(models_dir: str, only: Iterable[str] | None = None
         start = time.perf_counter()
         if name == PATCH_NAME:
             path = write_specs(os.path.join(models_dir, "infinitetalk", name),
-                               infinitetalk_patch_specs(), seed, stand_in_metadata(seed))
+                               infinitetalk_patch_specs(), seed, stand_in_metadata(seed), device)
         elif name == WAV2VEC2_NAME:
-            path = write_wav2vec2_folder(os.path.join(models_dir, "wav2vec2", name), seed)
+            path = write_wav2vec2_folder(os.path.join(models_dir, "wav2vec2", name), seed, device)
         else:
-            path = write_stand_in(models_dir, name, seed)
+            path = write_stand_in(models_dir, name, seed, device)
         written[name] = path
         log(f"{name}: {_size(path) / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
     return written

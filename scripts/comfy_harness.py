@@ -330,6 +330,7 @@ class ComfyClient:
         pid = (msg.get("data") or {}).get("prompt_id")
         if pid is None:
             return
+        msg["received"] = time.monotonic()  # bench/e2e.py times stages from these
         with self._cond:
             self.events.setdefault(pid, []).append(msg)
             self._cond.notify_all()

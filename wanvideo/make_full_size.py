@@ -16,7 +16,10 @@ if __name__ == "__main__":
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=stand_ins.all_names(),
                         help="write only these (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None,
+                        help="draw the random values there, e.g. cuda (much faster; other values)")
     args = parser.parse_args()
     written = stand_ins.write_full_size_stand_ins(
-        args.outdir, args.only, args.seed, log=lambda line: print(line, file=sys.stderr, flush=True))
+        args.outdir, args.only, args.seed, log=lambda line: print(line, file=sys.stderr, flush=True),
+        device=args.device)
     print(json.dumps(written, indent=1, sort_keys=True))

@@ -62,10 +62,12 @@ def tensor_seed(seed: int, key: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
 
 
-def value_chunks(key: str, s: TensorSpec, seed: int = 0,
-                 max_elements: int | None = None) -> Iterator[torch.Tensor]:
-    """The tensor's values in row blocks along dim 0 (whole if 0-d), already in s.dtype."""
-    gen = torch.Generator().manual_seed(tensor_seed(seed, key))
+def value_chunks(key: str, s: TensorSpec, seed: int = 0, max_elements: int | None = None,
+                 device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+    """The tensor's values in row blocks along dim 0 (whole if 0-d), already in s.dtype, on the
+    CPU. `device` draws them there (a GPU writes a 14B stand-in in seconds, not minutes); each
+    device's generator gives its own deterministic values."""
+    gen = torch.Generator(device=device or "cpu").manual_seed(tensor_seed(seed, key))
     if not s.shape or math.prod(s.shape) == 0:
         yield _values(s, s.shape, gen)
         return
@@ -77,12 +79,12 @@ def value_chunks(key: str, s: TensorSpec, seed: int = 0,
 
 def _values(s: TensorSpec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     if s.std == 0:
-        v = torch.full(shape, float(s.mean))
+        v = torch.full(shape, float(s.mean), device=gen.device)
     else:
-        v = torch.randn(shape, generator=gen).mul_(s.std).add_(s.mean)
+        v = torch.randn(shape, generator=gen, device=gen.device).mul_(s.std).add_(s.mean)
     if s.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         v = v.clamp_(-FP8_MAX, FP8_MAX)  # casting to fp8 does not saturate
-    return v.to(s.dtype)
+    return v.to(s.dtype).cpu()
 
 
 def file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
@@ -92,11 +94,13 @@ def file_order(specs: Mapping[str, TensorSpec]) -> list[str]:
 
 
 def write_specs(path: str, specs: Mapping[str, TensorSpec], seed: int = 0,
-                metadata: Mapping[str, str] | None = None) -> str:
+                metadata: Mapping[str, str] | None = None,
+                device: str | torch.device | None = None) -> str:
     """Stream a stand-in safetensors file to `path` (folders created); returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ordered = {k: (specs[k].shape, specs[k].dtype) for k in file_order(specs)}
-    write_streamed(path, ordered, lambda key: value_chunks(key, specs[key], seed), metadata)
+    write_streamed(path, ordered,
+                   lambda key: value_chunks(key, specs[key], seed, device=device), metadata)
     return path
 
 

@@ -148,8 +148,8 @@ def stand_in_metadata(seed: int) -> dict[str, str]:
     return {"format": "pt", "stand_in": f"random weights, seed {seed}, not a trained model"}
 
 
-def write_stand_in(models_dir: str, name: str, seed: int = 0) -> str:
+def write_stand_in(models_dir: str, name: str, seed: int = 0, device=None) -> str:
     """Stream one stand-in into models_dir/<ComfyUI folder>/<public name>; returns its path."""
     entry = STAND_INS[name]
     path = os.path.join(models_dir, entry.folder, name)
-    return write_specs(path, entry.build(), seed, stand_in_metadata(seed))
+    return write_specs(path, entry.build(), seed, stand_in_metadata(seed), device)
