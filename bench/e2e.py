@@ -217,6 +217,11 @@ def run_card(args, card: float) -> dict:
         pynvml.nvmlInit()
         total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
         extra = ["--reserve-vram", f"{max(0.0, total / GiB - card):.2f}"]
+    if not args.tiny and not _has_frontend():  # the API needs no UI: serve an empty page
+        web = os.path.join(base, "web")
+        os.makedirs(web, exist_ok=True)
+        open(os.path.join(web, "index.html"), "w").close()
+        extra += ["--front-end-root", web]
     os.environ["WANVIDEO_BENCH_CARD_GB"] = str(card)
     server = harness.ComfyServer(base, cpu=args.tiny, extra=extra).start(timeout=300)
     result = {"card_gib": card, "server_args": extra, "runs": {}}
@@ -231,6 +236,8 @@ def run_card(args, card: float) -> dict:
                 result["runs"][label] = run_once(client, server, monitor, prompt, args.timeout)
                 print(f"[e2e] card {card:g}: {label} {result['runs'][label]['queue_to_done_s']} s "
                       f"ok={result['runs'][label]['ok']}", flush=True)
+                if not result["runs"][label]["ok"]:
+                    break
             result["trace"] = monitor.trace(t0)
         result["load"] = load_figures(result["runs"]["cold"])
         result["official_estimate"] = official_estimate(result["runs"], args)
@@ -266,6 +273,12 @@ def official_estimate(runs: dict, args) -> dict | None:
     return {"three_pass_step_s": round(step3, 3), "windows": windows,
             "outside_sampling_s": round(rest, 2),
             "estimated_total_s": round(rest + windows * 40 * step3, 1)}
+
+
+def _has_frontend() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("comfyui_frontend_package") is not None
 
 
 def gpu_name() -> str:

@@ -63,7 +63,9 @@ def comfy_layouts(tmp_path_factory):
 def test_text_encoder_clip_vision_and_vae_match_comfyui_classes(comfy_layouts):
     # umT5: ComfyUI's Wan text encoder class with a scaled fp8 file's options, dtypes included
     # (fp8 linears, fp32 scale_weight, bf16 rest, the `scaled_fp8` marker)
-    assert_same_layout(described(stand_ins.umt5_xxl_specs()), comfy_layouts["umt5"], dtypes=True)
+    # (spiece_model is tokenizer data the file carries, not a weight of the encoder class)
+    te = {k: v for k, v in described(stand_ins.umt5_xxl_specs()).items() if k != "spiece_model"}
+    assert_same_layout(te, comfy_layouts["umt5"], dtypes=True)
     # CLIP vision and the VAE: ComfyUI creates some layers without a dtype, so shapes only
     assert_same_layout(described(stand_ins.clip_vision_h_specs()), comfy_layouts["clip_vision_h"],
                        dtypes=False)
@@ -114,6 +116,20 @@ def test_lora_text_encoder_and_wav2vec2_layouts():
                pos + "parametrizations.weight.original1": pos + "weight_v"}
     theirs = {renamed.get(k, k): v for k, v in theirs.items()}
     assert mt_stand_ins.wav2vec2_shapes() == theirs
+
+
+def test_text_encoder_carries_a_working_tokenizer():
+    """ComfyUI's Wan tokenizer is built from the file's `spiece_model` bytes (a sentencepiece
+    model proto); without it the text encode node fails with "invalid tokenizer"."""
+    spm = pytest.importorskip("sentencepiece")
+    s = stand_ins.umt5_xxl_specs()["spiece_model"]
+    assert s.dtype == torch.uint8 and s.shape == (len(s.payload),)
+    ids = spm.SentencePieceProcessor(model_proto=s.payload).encode(
+        "A person talks to the camera in a calm, friendly way; 3 quick blinks!")
+    assert len(ids) > 10 and max(ids) < stand_ins.UMT5_XXL["vocab"]
+    assert stand_ins.tokenizer_model() == s.payload  # deterministic: same file every time
+    chunks = list(stand_in_values.value_chunks("spiece_model", s))
+    assert len(chunks) == 1 and chunks[0].numpy().tobytes() == s.payload
 
 
 def small_specs() -> dict:

@@ -31,6 +31,7 @@ class TensorSpec:
     dtype: torch.dtype
     mean: float = 0.0
     std: float = 0.0
+    payload: bytes | None = None  # fixed bytes (uint8 tensors such as a tokenizer model)
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +68,9 @@ def value_chunks(key: str, s: TensorSpec, seed: int = 0, max_elements: int | Non
     """The tensor's values in row blocks along dim 0 (whole if 0-d), already in s.dtype, on the
     CPU. `device` draws them there (a GPU writes a 14B stand-in in seconds, not minutes); each
     device's generator gives its own deterministic values."""
+    if s.payload is not None:
+        yield torch.frombuffer(bytearray(s.payload), dtype=torch.uint8)
+        return
     gen = torch.Generator(device=device or "cpu").manual_seed(tensor_seed(seed, key))
     if not s.shape or math.prod(s.shape) == 0:
         yield _values(s, s.shape, gen)

@@ -78,9 +78,36 @@ def _scaled_fp8_linear(out: dict, name: str, shape: tuple[int, int]) -> None:
     out[f"{name}.scale_weight"] = spec(name, (), torch.float32, mean=shape[1] ** -0.5, std=0.0)
 
 
+TOKENIZER_WORDS = ("a person talks to the camera in calm friendly way natural lip movements that "
+                   "follow speech subtle head motion and blinking soft studio light sharp details "
+                   "bright tones static blurred subtitles style artwork still picture gray quality")
+
+
+def tokenizer_model() -> bytes:
+    """A small but valid sentencepiece model (ComfyUI tokenizes the prompt with the file's own
+    `spiece_model` tensor). The real one holds umT5's 256k-piece vocabulary (about 4.5 MB); ids of
+    this one stay far below the embedding's rows. Deterministic: one thread, a fixed corpus."""
+    import io
+    import random
+    import string
+
+    import sentencepiece as spm
+
+    rng, words = random.Random(0), TOKENIZER_WORDS.split()
+    corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus + [string.printable] * 5), model_writer=out, vocab_size=300,
+        model_type="unigram", num_threads=1, hard_vocab_limit=False, character_coverage=1.0,
+        minloglevel=2)
+    return out.getvalue()
+
+
 def umt5_xxl_specs(c: Mapping[str, int] = UMT5_XXL) -> dict[str, TensorSpec]:
     d, ff, bf16 = c["dim"], c["ff"], torch.bfloat16
+    model = tokenizer_model()
     out = {"shared.weight": spec("shared.weight", (c["vocab"], d), bf16, std=1.0),
+           "spiece_model": TensorSpec((len(model),), torch.uint8, payload=model),
            MARKER_KEY: spec(MARKER_KEY, (0,), FP8),
            "encoder.final_layer_norm.weight": spec("encoder.final_layer_norm.weight", (d,), bf16)}
     for i in range(c["layers"]):
