@@ -90,7 +90,12 @@ class WanVideoModelLoader(io.ComfyNode):
                             "choice; fp32 is slow and large, mainly for debugging."),
                 io.Combo.Input(
                     "attention", options=ATTENTIONS, default="sdpa",
-                    tooltip="Attention kernel. sdpa is PyTorch's built-in and always available; "
+                    tooltip="Attention kernel. sdpa is PyTorch's built-in and always available. "
+                            "int8 is the pack's 8-bit kernel (Triton; RTX 40xx / Ada and H100 / "
+                            "Hopper): Q.K^T and P.V in INT8 with fp32 softmax, faster on long "
+                            "videos at a small accuracy cost; what it does not cover (other GPUs, "
+                            "the CPU, the short text/CLIP/audio attention) runs sdpa. auto picks "
+                            "int8 on the GPUs where it was measured faster, sdpa elsewhere. "
                             "flash_attn and sageattention need their packages installed."),
                 io.Combo.Input(
                     "load_device", options=LOAD_DEVICES, default="offload_device",

@@ -1,20 +1,37 @@
 """The one attention function of the pack. Every backend gets its inputs through the alignment
 guard, because flash/efficient kernels crash on misaligned pointers and cuDNN silently returns
-wrong numbers (docs/REFERENCE_NOTES.md §6)."""
+wrong numbers (docs/REFERENCE_NOTES.md §6).
+
+Backends: "sdpa" (PyTorch), "int8" (the pack's 8-bit Triton kernel, wanvideo/attention_int8.py),
+"auto" (int8 where it is the faster choice, else sdpa), "flash_attn" and "sageattention" (their
+packages). int8 and auto fall back to SDPA call by call for whatever the kernel does not cover:
+short key sequences (the text and CLIP cross-attention; InfiniteTalk's audio attention calls SDPA
+itself), other head dims, devices below sm_89 and the CPU. Shape fallbacks log at debug level;
+an explicit "int8" on a device that cannot run it warns once per device."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from .placement import attention_ready
 
-BACKENDS = ("sdpa", "flash_attn", "sageattention")
+BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
+# Compute capabilities where `auto` picks the 8-bit kernel. Until bench/attention.py has been run
+# on each: Ada (8, 9) and Hopper (9, 0), the GPUs with INT8 tensor cores the kernel targets.
+# Blackwell and later stay on SDPA (cuDNN) until measured.
+AUTO_INT8_CAPABILITIES = ((8, 9), (9, 0))
+
+log = logging.getLogger(__name__)
 
 
 def available_backends() -> list[str]:
-    found = ["sdpa"]
+    found = ["auto", "sdpa"]
+    if importlib.util.find_spec("triton") is not None:
+        found.append("int8")
     if importlib.util.find_spec("flash_attn") is not None:
         found.append("flash_attn")
     if importlib.util.find_spec("sageattention") is not None:
@@ -31,11 +48,55 @@ def check_backend(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
+def auto_choice(device: torch.device) -> str:
+    """What `auto` runs on `device`: "int8" on the capabilities listed above when the kernel can
+    run there, else "sdpa"."""
+    from . import attention_int8
+
+    if device.type != "cuda" or attention_int8.device_supported(device) is not None:
+        return "sdpa"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "int8" if torch.cuda.get_device_capability(index) in AUTO_INT8_CAPABILITIES else "sdpa"
+
+
+@functools.lru_cache(maxsize=256)  # bounded: debug reasons name shapes
+def _say_once(level: int, message: str) -> None:
+    log.log(level, message)
+
+
+def _int8_or_reason(q, k, v, backend: str) -> str | None:
+    """None when the 8-bit kernel runs these inputs, else why SDPA runs them instead."""
+    from . import attention_int8
+
+    if backend == "auto" and auto_choice(q.device) != "int8":
+        return "auto picks sdpa on this device"
+    device_reason = attention_int8.device_supported(q.device)
+    if device_reason is not None:
+        _say_once(logging.WARNING, f"attention 'int8' runs SDPA on {q.device}: {device_reason}")
+        return device_reason
+    return attention_int8.supported(q, k, v)
+
+
+def _sdpa(q, k, v) -> torch.Tensor:
+    q, k, v = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]; softmax scale 1/sqrt(D)."""
     if backend == "sdpa":
-        q, k, v = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return _sdpa(q, k, v)
+    if backend in ("int8", "auto"):
+        q, k, v = (attention_ready(t) for t in (q, k, v))
+        reason = _int8_or_reason(q, k, v, backend)
+        if reason is None:
+            from .attention_int8 import attention_int8
+
+            return attention_int8(q, k, v)
+        if log.isEnabledFor(logging.DEBUG):
+            _say_once(logging.DEBUG, f"attention {backend!r} -> SDPA: {reason}")
+        return _sdpa(q, k, v)
     dtype = q.dtype
     half = torch.bfloat16 if dtype not in (torch.float16, torch.bfloat16) else dtype
     q, k, v = (attention_ready(t.to(half)) for t in (q, k, v))

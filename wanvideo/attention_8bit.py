@@ -194,3 +194,113 @@ def attention_8bit_unsmoothed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               **options) -> torch.Tensor:
     """The same emulation without K smoothing: what the INT8 path costs when K keeps its bias."""
     return attention_8bit(q, k, v, smooth=False, **options)
+
+
+# ----------------------------------------------------------------------------- the kernel's recipe
+# wanvideo/attention_int8.py implements the recipe below, which differs from the study above in
+# three ways, all for accuracy: the fp8 P.V above costs 0.037 rel L2 by itself on N(0, 1) V (three
+# mantissa bits, ~2.5% rms per element, and a random V does not average that out relative to the
+# output), over the 0.03 target. INT8 P.V with the scales below measures 0.018 in total.
+#   - Q: one scale per token (row) instead of per block. The kernel quantizes its Q tile itself
+#     and a per-row scale folds into the per-row factor it multiplies the scores by anyway: free.
+#   - V: INT8 with one scale per channel (amax / 127): 7 bits of uniform precision where V's
+#     values are, against e4m3's 3 mantissa bits.
+#   - P: INT8 with one scale per row *per key block*: p = exp2(s - m_block) * 127 where m_block is
+#     the row's max within the block, which the online softmax computes anyway. The block's
+#     weight exp2(m_block - m_running) multiplies the exact int32 P.V product once per row, in fp32
+#     (the two-level accumulation: exact integers inside a block, fp32 across blocks).
+# Scores are kept in the log2 domain (the kernel uses exp2): s = int_dot * (qscale * kscale) with
+# qscale = amax_q * log2(e) / (sqrt(D) * 127) per row. Roundings are half to even, as the kernel's
+# "fma(x, scale, 1.5 * 2**23)" trick does them, on the exact product. The kernel's exp2 and division are approximations off by a few
+# ulp, which moves an integer by one step now and then: kernel and reference agree closely, not
+# bit for bit (tests/test_attention_int8.py bounds the difference).
+KERNEL_BLOCK_N = 64
+LOG2E = 1.4426950408889634
+
+
+def int8_inverse(amax: torch.Tensor) -> torch.Tensor:
+    """127 / amax (0 where amax is 0) by IEEE division, as the kernel's div_rn. Not `127 / amax`
+    in torch: a scalar divided by a tensor is a reciprocal times the scalar, two roundings, and
+    bf16 inputs put q * inv within an ulp of x.5 often enough for that to show."""
+    inv = torch.div(torch.full_like(amax, INT8_MAX), amax)
+    return torch.where(amax > 0, inv, torch.zeros_like(amax))
+
+
+def round_product(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x * scale) of fp32 operands, half to even, of the exact product (float64 holds it:
+    24 + 24 bits): what the kernel's single FMA with 1.5 * 2**23 computes. As float64."""
+    return torch.round(x.double() * scale.double())
+
+
+def int8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 127 by IEEE division (on CUDA, torch divides by a scalar with a reciprocal)."""
+    return torch.div(amax, torch.full_like(amax, INT8_MAX))
+
+
+def kernel_q(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values as float64, fp32 per-row score factor qscale [..., tokens, 1])."""
+    q = q.float()
+    amax = q.abs().amax(dim=-1, keepdim=True)
+    inv = int8_inverse(amax)
+    factor = torch.tensor(LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX), dtype=torch.float32)
+    return round_product(q, inv), amax * factor
+
+
+def kernel_k(k: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed K: (int8 values as float64, fp32 per-key scale [..., 1, keys]), one scale per
+    block of `block_n` keys (amax / 127)."""
+    smoothed = smooth_keys(k, k.shape[-2])
+    tokens = k.shape[-2]
+    blocks = -(-tokens // block_n)
+    padded = torch.nn.functional.pad(smoothed.abs(), (0, 0, 0, blocks * block_n - tokens))
+    amax = padded.unflatten(-2, (blocks, block_n)).amax(dim=(-2, -1))
+    per_key = int8_inverse(amax).repeat_interleave(block_n, dim=-1)[..., :tokens, None]
+    scale = int8_scale(amax).repeat_interleave(block_n, dim=-1)[..., None, :tokens]
+    return round_product(smoothed, per_key), scale
+
+
+def kernel_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values as float64, fp32 per-channel scale [..., 1, D]) with amax / 127 per channel."""
+    v = v.float()
+    amax = v.abs().amax(dim=-2, keepdim=True)
+    return round_product(v, int8_inverse(amax)), int8_scale(amax)
+
+
+def _kernel_rows(scores, v_int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's online loop with INT8 P rescaled per key block (see the notes above)."""
+    rows = scores.shape[:-1]
+    m = scores.new_full((*rows, 1), float("-inf"))
+    total = scores.new_zeros((*rows, 1))
+    acc = scores.new_zeros((*rows, v_int.shape[-1]))
+    for start in range(0, scores.shape[-1], block_n):
+        s = scores[..., start:start + block_n]
+        m_block = s.amax(dim=-1, keepdim=True)
+        m_new = torch.maximum(m, m_block)
+        alpha, p_scale = torch.exp2(m - m_new), torch.exp2(m_block - m_new)
+        p_int = round_product(torch.exp2(s - m_block), torch.tensor(INT8_MAX)).float()
+        total = total * alpha + p_scale * p_int.sum(dim=-1, keepdim=True)
+        exact = torch.matmul(p_int.double(), v_int[..., start:start + block_n, :]).float()
+        acc = acc * alpha + exact * p_scale
+        m = m_new
+    return acc, total
+
+
+def kernel_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     block_n: int = KERNEL_BLOCK_N) -> torch.Tensor:
+    """The kernel's numerics in torch: q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's
+    dtype. `block_n` must be the kernel's key block (it sets K's scale blocks and P's)."""
+    _check(q, k, v, "quantized")
+    q_int, q_scale = kernel_q(q)
+    k_int, k_scale = kernel_k(k, block_n)
+    v_int, v_scale = kernel_v(v)
+    keys = k.shape[-2]
+    outs = []
+    for start in range(0, q.shape[-2], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        exact = torch.matmul(q_int[..., rows, :], k_int.transpose(-2, -1)).float()
+        scores = exact * (q_scale[..., rows, :] * k_scale)
+        pad = -keys % block_n  # the kernel masks the last block's missing keys with -inf
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        acc, total = _kernel_rows(scores, torch.nn.functional.pad(v_int, (0, 0, 0, pad)), block_n)
+        outs.append(acc / total * v_scale)
+    return torch.cat(outs, dim=-2).to(q.dtype)

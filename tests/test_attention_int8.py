@@ -1,0 +1,289 @@
+"""The 8-bit attention backend (wanvideo/attention_int8.py): its torch reference against fp32 on
+CPU, the Triton kernel under Triton's interpreter on CPU (tiny shapes, a subprocess because
+TRITON_INTERPRET must be set before triton is imported), the backend plumbing (auto / int8 /
+fallbacks / loader option), and on sm_89+ GPUs the kernel against the reference (tight) and
+against fp32 attention (the issue's targets). Run with -s to see the measured errors."""
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wanvideo_infinitetalk.wanvideo import attention as attn
+from wanvideo_infinitetalk.wanvideo import attention_8bit as a8
+from wanvideo_infinitetalk.wanvideo import attention_int8 as ai
+
+from test_attention_8bit import dit_like, errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL_L2_TARGET, COSINE_TARGET = 0.03, 0.999
+
+
+def bl(t):
+    """[B, H, L, D] (the reference's layout) <-> [B, L, H, D] (the kernel's)."""
+    return t.transpose(1, 2)
+
+
+def sdpa_fp32(q, k, v):
+    """fp32 attention of [B, L, H, D] inputs."""
+    return bl(F.scaled_dot_product_attention(*(bl(t).float() for t in (q, k, v))))
+
+
+# ----------------------------------------------------------------------------- reference, CPU
+
+@pytest.mark.parametrize("tokens,head_dim", [(4096, 128), (1000, 128), (4096, 64), (1000, 64)])
+def test_reference_meets_targets_against_fp32(tokens, head_dim):
+    """The kernel's numerics (INT8 P.V) meet the issue's targets where the fp8 P.V study misses
+    them (tests/test_attention_8bit.py): measured 0.018 rel L2 / 0.99984 cosine."""
+    q, k, v = dit_like(tokens, head_dim)
+    rel, cos = errors(a8.kernel_reference(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    print(f"\nreference {tokens} tokens, head_dim {head_dim}: rel L2 {rel:.4f} cos {cos:.6f}")
+    assert rel <= REL_L2_TARGET and cos >= COSINE_TARGET
+    assert rel <= 0.022  # measured 0.018: a regression of the recipe shows before the target
+
+
+def test_reference_is_blind_to_a_shared_key_bias():
+    """The K smoothing: adding a per-channel constant to every key leaves the output unchanged
+    up to fp32 rounding of the mean (without smoothing the bias would set K's INT8 step)."""
+    q, k, v = dit_like(2048, 128)
+    shifted = k + 50 * torch.randn(1, 2, 1, 128, generator=torch.Generator().manual_seed(9))
+    rel, _ = errors(a8.kernel_reference(q, shifted, v), a8.kernel_reference(q, k, v))
+    assert rel <= 2e-3
+
+
+def test_reference_partial_last_block_is_masked():
+    """1000 keys (not a multiple of 64): appending 24 keys with a huge score changes the output,
+    so the reference must be masking them by length, not by value."""
+    q, k, v = dit_like(1000, 64, seed=3)
+    out = a8.kernel_reference(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert errors(out, ref)[0] <= REL_L2_TARGET
+    assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- Triton interpreter
+
+INTERPRETED = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(sys.argv[1], "wanvideo"))
+    import _pack
+    sys.path.pop(0)  # wanvideo/inspect.py would shadow the standard library's inspect
+    _pack.load_pack()
+    import numpy as np
+    import torch
+    from triton.runtime import interpreter
+    from wanvideo_infinitetalk.wanvideo import attention_8bit as a8, attention_int8 as ai
+
+    def fused_fma(self, x, y, z):  # the interpreter's fma rounds the product first; a GPU's not
+        exact = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data
+        return interpreter.TensorHandle(exact.astype(z.data.dtype), z.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_fma = fused_fma
+    results = []
+    cases = [(1, 200, 200, 2, 64, torch.float32, False), (2, 70, 130, 2, 128, torch.float32, True),
+             (1, 130, 100, 1, 128, torch.float16, False)]
+    for b, lq, lk, h, d, dtype, strided in cases:
+        g = torch.Generator().manual_seed(lq)
+        q = torch.randn(b, lq, h, d, generator=g).to(dtype)
+        if strided:  # k and v as views into one [B, L, 2, H, D] tensor, as the all-to-all gives
+            kv = torch.randn(b, lk, 2, h, d, generator=g)
+            kv[:, :, 0] += 6 * torch.randn(d, generator=g)
+            k, v = kv.to(dtype)[:, :, 0], kv.to(dtype)[:, :, 1]
+        else:
+            k = (torch.randn(b, lk, h, d, generator=g) + 6 * torch.randn(d, generator=g)).to(dtype)
+            v = torch.randn(b, lk, h, d, generator=g).to(dtype)
+        out = ai.attention_int8(q, k, v, block_m=32)
+        ref = a8.kernel_reference(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        diff = (out.float() - ref.float())
+        results.append({"case": [b, lq, lk, h, d, str(dtype), strided],
+                        "rel": (diff.norm() / ref.float().norm()).item(),
+                        "max_abs": diff.abs().max().item(),
+                        "finite": bool(torch.isfinite(out).all())})
+    print(json.dumps(results))
+""")
+
+
+def test_kernel_under_triton_interpreter_matches_reference():
+    """The kernel's own code on CPU: int8 tl.dot, the rounding trick, the masked last block,
+    strided views and Lq != Lk. fp32/fp16 outputs (the interpreter's bf16 cast truncates, unlike
+    the GPU's round-to-nearest, so bf16 is compared on the GPU only)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED, ROOT], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    print("\n" + "\n".join(str(r) for r in results))
+    for r in results:
+        assert r["finite"], r
+        # same operations in the same order: fp32 measured ~3e-8, fp16 ~1e-8 (the integers agree)
+        assert r["rel"] <= 1e-6, r
+
+
+# ----------------------------------------------------------------------------- plumbing, CPU
+
+def test_backend_names():
+    assert attn.BACKENDS[:3] == ("auto", "sdpa", "int8")
+    assert attn.check_backend("auto") == "auto"
+    with pytest.raises(ValueError, match="unknown"):
+        attn.check_backend("int4")
+
+
+def test_auto_on_cpu_is_sdpa_without_warning(caplog):
+    q, k, v = (bl(t) for t in dit_like(1100, 64))
+    assert attn.auto_choice(torch.device("cpu")) == "sdpa"
+    with caplog.at_level(logging.WARNING):
+        out = attn.attention(q, k, v, "auto")
+    assert torch.equal(out, attn.attention(q, k, v, "sdpa"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_int8_on_cpu_falls_back_to_sdpa_and_warns_once(caplog):
+    """Chosen behaviour: an explicit int8 on a device the kernel cannot run on computes SDPA (the
+    model still works, e.g. a workflow moved to another machine) and says so once per device."""
+    pytest.importorskip("triton")
+    attn._say_once.cache_clear()
+    q, k, v = (bl(t) for t in dit_like(1100, 64))
+    with caplog.at_level(logging.WARNING, logger=attn.__name__):
+        out = attn.attention(q, k, v, "int8")
+        attn.attention(q, k, v, "int8")
+    assert torch.equal(out, attn.attention(q, k, v, "sdpa"))
+    warned = [r for r in caplog.records if "int8" in r.getMessage()]
+    assert len(warned) == 1 and "cpu" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda q, k, v: (q, k[:, :512], v[:, :512]), "keys"),
+    (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), "head_dim"),
+    (lambda q, k, v: (q, k.half(), v), "dtypes"),
+    (lambda q, k, v: (q, k, v), "CUDA"),
+])
+def test_supported_names_what_it_does_not_cover(change, reason):
+    q, k, v = change(*(bl(t) for t in dit_like(1100, 64)))
+    assert reason in ai.supported(q, k, v)
+
+
+def test_loader_accepts_the_new_options(tmp_path):
+    """The model loader's `attention` option reaches every attention module; on CPU int8 runs
+    SDPA, so the forward equals the sdpa model's."""
+    from wanvideo_infinitetalk.wanvideo.loader import load_model
+    from wanvideo_infinitetalk.wanvideo.safetensors_writer import write_safetensors
+    from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_I2V, random_state_dict
+
+    path = tmp_path / "tiny.safetensors"
+    write_safetensors(str(path), random_state_dict(TINY_I2V))
+    outs = {}
+    for backend in ("sdpa", "int8", "auto"):
+        model = load_model(str(path), base_dtype="fp32", attention=backend).model
+        assert model.attention_backend == backend
+        assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {backend}
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            outs[backend] = model(torch.randn(1, 16, 2, 8, 8, generator=g), torch.tensor([500.0]),
+                                  torch.randn(1, 8, 4096, generator=g),
+                                  torch.randn(1, 257, 1280, generator=g),
+                                  torch.randn(1, 20, 2, 8, 8, generator=g))
+    assert torch.equal(outs["int8"], outs["sdpa"]) and torch.equal(outs["auto"], outs["sdpa"])
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _int8_capable():
+    return torch.cuda.is_available() and ai.device_supported(torch.device("cuda")) is None
+
+
+def gpu_test(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not _int8_capable(),
+                                              reason="needs CUDA sm_89+ and triton")(fn))
+
+
+def cuda_inputs(b, lq, lk, heads, head_dim, dtype, seed=0):
+    """DiT-like [B, L, H, D] inputs (the K bias and outlier channels of dit_like), different in
+    every batch entry and head pair, so a kernel mixing them up shows."""
+    parts = [[dit_like(max(lq, lk), head_dim, seed=seed + 100 * i + j) for j in range(heads // 2)]
+             for i in range(b)]
+    q, k, v = (torch.cat([torch.cat([p[n] for p in row], dim=1) for row in parts], dim=0)
+               for n in range(3))
+    return tuple(bl(t).to("cuda", dtype).contiguous()
+                 for t in (q[:, :, :lq], k[:, :, :lk], v[:, :, :lk]))
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,lq,lk,heads,head_dim", [
+    (1, 1000, 1000, 4, 128), (2, 1500, 1300, 2, 64), (1, 4097, 4097, 2, 128), (1, 130, 2111, 6, 64)])
+def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype):
+    q, k, v = cuda_inputs(b, lq, lk, heads, head_dim, dtype)
+    out = ai.attention_int8(q, k, v)
+    torch.cuda.synchronize()
+    ref = bl(a8.kernel_reference(*(bl(t).cpu() for t in (q, k, v)))).float()
+    rel, _ = errors(out.float().cpu(), ref)
+    print(f"\nkernel vs reference {b, lq, lk, heads, head_dim, dtype}: rel L2 {rel:.2e}")
+    # exp2/division a few ulp apart move an integer now and then; fp16/bf16 add output rounding
+    assert rel <= (1e-4 if dtype == torch.float32 else 2e-3)
+
+
+@gpu_test
+@pytest.mark.parametrize("tokens,head_dim", [(8100, 128), (4096, 64), (1000, 128)])
+def test_kernel_meets_targets_against_fp32(tokens, head_dim):
+    q, k, v = cuda_inputs(1, tokens, tokens, 8, head_dim, torch.bfloat16, seed=tokens)
+    out = attn.attention(q, k, v, "int8")
+    rel, cos = errors(out.float(), sdpa_fp32(q, k, v))
+    print(f"\nkernel vs fp32 {tokens} tokens, head_dim {head_dim}: rel L2 {rel:.4f} cos {cos:.6f}")
+    assert rel <= REL_L2_TARGET and cos >= COSINE_TARGET
+
+
+def _misaligned(t, offset_elems):
+    raw = torch.empty(t.numel() + 64, dtype=t.dtype, device=t.device)
+    view = raw[offset_elems:offset_elems + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@gpu_test
+@pytest.mark.parametrize("offset", [1, 4])
+def test_odd_alignment_goes_through_the_guard(offset):
+    """Inputs at 2 and 8 bytes past a 16-byte boundary, and strided views of one stacked tensor
+    (the all-to-all's layout): same numbers as the contiguous aligned inputs, bit for bit."""
+    q, k, v = cuda_inputs(1, 2000, 2000, 4, 128, torch.bfloat16)
+    expected = ai.attention_int8(q, k, v)
+    moved = [_misaligned(t, offset) for t in (q, k, v)]
+    assert all(t.data_ptr() % 16 != 0 for t in moved)
+    assert torch.equal(attn.attention(*moved, "int8"), expected)
+    qkv = torch.stack([q, k, v], dim=2)  # [B, L, 3, H, D]
+    assert torch.equal(attn.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "int8"), expected)
+
+
+@gpu_test
+def test_short_keys_and_other_head_dims_run_sdpa():
+    q, k, v = cuda_inputs(1, 2000, 2000, 4, 128, torch.bfloat16)
+    for args in ((q, k[:, :512], v[:, :512]), (q[..., :96], k[..., :96], v[..., :96])):
+        assert torch.equal(attn.attention(*args, "int8"), attn.attention(*args, "sdpa"))
+
+
+@gpu_test
+def test_auto_follows_the_capability_table():
+    q, k, v = cuda_inputs(1, 2000, 2000, 4, 128, torch.bfloat16)
+    capability = torch.cuda.get_device_capability()
+    expected = ai.attention_int8(q, k, v) if capability in attn.AUTO_INT8_CAPABILITIES \
+        else attn.attention(q, k, v, "sdpa")
+    assert torch.equal(attn.attention(q, k, v, "auto"), expected)
+
+
+@gpu_test
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu_launches_on_its_own_device():
+    """Triton launches on the current device: the launcher must switch to the tensors' own."""
+    q, k, v = cuda_inputs(1, 2000, 2000, 4, 128, torch.bfloat16)
+    expected = ai.attention_int8(q, k, v)
+    with torch.cuda.device(0):
+        other = ai.attention_int8(*(t.to("cuda:1") for t in (q, k, v)))
+    assert other.device == torch.device("cuda:1")
+    assert torch.equal(other.cpu(), expected.cpu())
+

@@ -1,0 +1,127 @@
+"""The pack's 8-bit attention kernel (Triton, forward only) for GPUs with fast INT8 tensor cores
+and Triton support: Ada (sm_89) and Hopper (sm_90).
+
+Numerics, step by step, are those of `attention_8bit.kernel_reference` (the torch reference the
+tests compare against, with the reasons for each choice): K smoothed (per-head mean over tokens
+removed) and quantized to INT8 per block of `block_n` keys; Q quantized to INT8 per token inside
+the kernel; Q.K^T exact in int32; softmax online in fp32 (exp2); P quantized to INT8 per row and
+key block, V to INT8 per channel; P.V exact in int32 per key block, accumulated across blocks in
+fp32. docs/ATTENTION_8BIT.md explains why P.V is INT8 and not the FP8 the issue first proposed.
+
+Layout: q, k, v [B, L, H, D] as wanvideo/attention.py hands them (any strides with a unit last
+stride: the alignment guard's contract). A small Triton pass writes K as [B*H, Lk_pad, D] and V
+transposed as [B*H, D, Lk_pad] (keys contiguous: the K-major operand that 8-bit wgmma on Hopper
+wants for P.V), both padded with zeros to a multiple of `block_n` so the main loop loads whole
+tiles. Triton is imported only when a kernel is first needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+from .attention_8bit import INT8_MAX, KERNEL_BLOCK_N, LOG2E, int8_inverse, int8_scale
+
+HEAD_DIMS = (64, 128)
+# Shorter key sequences stay in SDPA: the text (512) and CLIP (257) cross-attention and the audio
+# attention spend little time in attention, and the 8-bit prologue (K mean, V amax, quantization)
+# would eat the gain.
+MIN_KEYS = 1024
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_ELEMENTS = 2 ** 31 - 1  # in-kernel offsets within one (batch, head) are int32
+
+
+def device_supported(device: torch.device) -> str | None:
+    """None when the kernel can run on `device`, otherwise why not."""
+    if device.type != "cuda":
+        return f"the 8-bit kernel needs a CUDA device, got {device.type}"
+    return _cuda_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_reason(index: int) -> str | None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < (8, 9):
+        return f"sm_{major}{minor} has no fast INT8 path for this kernel (needs sm_89+)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not importable"
+    return None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when `attention_int8(q, k, v)` covers these inputs, otherwise the reason (the caller
+    falls back to SDPA and logs it)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} are not [B, L, H, D]"
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head_dim"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the kernel covers {HEAD_DIMS})"
+    if k.shape[1] < MIN_KEYS:
+        return f"{k.shape[1]} keys (< {MIN_KEYS}: short attention stays in SDPA)"
+    if q.shape[1] == 0:
+        return "no queries"
+    if any(t.dtype not in DTYPES or t.dtype != q.dtype for t in (k, v)) or q.dtype not in DTYPES:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return "a last stride is not 1 (inputs must pass placement.attention_ready)"
+    if k.device != q.device or v.device != q.device:
+        return "q, k and v are on different devices"
+    if max(q.shape[1], k.shape[1]) * q.shape[2] * q.shape[3] * 3 > _MAX_ELEMENTS:
+        return "a sequence too long for int32 offsets"
+    return device_supported(q.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compile-on-first-use: the Triton kernels live in a sibling module that imports triton."""
+    from . import attention_int8_kernels
+
+    return attention_int8_kernels
+
+
+def default_config(device: torch.device, head_dim: int) -> dict:
+    """Launch settings per device. They do not change the numerics except block_n, which is fixed
+    at the reference's KERNEL_BLOCK_N. Chosen without a GPU measurement so far: 128-query tiles
+    with 8 warps (two warpgroups on Hopper), 3 pipeline stages; bench/attention.py sweeps others."""
+    return {"block_m": 128, "block_n": KERNEL_BLOCK_N, "num_warps": 8, "num_stages": 3}
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V^T int8 [B*H, D, Lk_pad],
+    V scales [B*H, D] fp32). The mean and the per-channel amax are single torch reductions (no
+    temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
+    b, keys, h, d = k.shape
+    padded = -(-keys // block_n) * block_n
+    k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
+    low, high = torch.aminmax(v, dim=1)
+    v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
+    v_inv, v_scale = int8_inverse(v_amax).contiguous(), int8_scale(v_amax).contiguous()
+    k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
+    v_t = torch.empty(b * h, d, padded, dtype=torch.int8, device=k.device)
+    k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
+    _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n)
+    return k_int, k_scale, v_t, v_scale
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int | None = None,
+                   block_n: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
+    Call `supported` first: this function assumes it returned None."""
+    config = default_config(q.device, q.shape[-1])
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                        ("num_stages", num_stages)):
+        if value is not None:
+            config[name] = value
+    # Triton launches on the current device; CPU tensors only reach here under TRITON_INTERPRET
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        k_int, k_scale, v_t, v_scale = quantize_kv(k, v, config["block_n"])
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
+        _kernels().attention(q, k_int, k_scale, v_t, v_scale, out, k.shape[1], factor, **config)
+    return out
