@@ -1,6 +1,7 @@
 """Quantized weights on a 14B-shaped WanModel stack (GPU only; prints one JSON object).
 
     python bench/quant.py --json [--blocks 8] [--tokens 32760 8100] [--iters 3] [--out FILE]
+                         [--attention int8]
 
 Variants, each resident on the GPU and with BlockSwap of all blocks (weights in pinned host RAM):
 bf16; fp8 e4m3 scaled through `_scaled_mm` (per-tensor input quantization) with fast accumulation
@@ -8,7 +9,9 @@ bf16; fp8 e4m3 scaled through `_scaled_mm` (per-tensor input quantization) with 
 through the dequantize path; NVFP4 dequantized per layer then a bf16 GEMM. The model is our real
 WanModel (dim 5120, ffn 13824, 40 heads, I2V, InfiniteTalk layers present but not driven: no
 audio input) with identical random weights in every variant. Times are ms per full forward
-(CUDA events); cosine is against the bf16 output of the same input.
+(CUDA events); cosine is against the bf16 output of the same input. `--attention` sets the
+attention backend of every variant except bf16, which stays the SDPA reference (e.g. `--attention
+int8 --variants bf16,fp8_scaled_mm`: fp8 weights + 8-bit attention against plain bf16).
 """
 from __future__ import annotations
 
@@ -64,9 +67,10 @@ def scaled_mm_calls(model) -> int:
     return sum(getattr(m, "scaled_mm_calls", 0) for m in model.modules())
 
 
-def run_variant(name, blocks, tokens_list, iters, warmup, reference, swapped):
+def run_variant(name, blocks, tokens_list, iters, warmup, reference, swapped, attention="sdpa"):
     fmt, kwargs = VARIANTS[name]
     model = build(blocks, fmt, storage="cpu" if swapped else "cuda", **kwargs)
+    model.set_attention("sdpa" if name == "bf16" else attention)
     swap = BlockSwap(blocks_to_swap=blocks, device="cuda", prefetch=1).attach(model) if swapped else None
     result = {"weight_bytes": weight_bytes(model)}
     for tokens in tokens_list:
@@ -106,15 +110,17 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--attention", default="sdpa", help="attention backend of the non-bf16 variants")
     args = ap.parse_args(argv)
     reference: dict = {}
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-               "blocks": args.blocks, "tokens": args.tokens, "resident": {}, "swapped_all": {}}
+               "blocks": args.blocks, "tokens": args.tokens, "attention": args.attention,
+               "resident": {}, "swapped_all": {}}
     for name in args.variants.split(","):
         results["resident"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
-                                                args.warmup, reference, swapped=False)
+                                                args.warmup, reference, False, args.attention)
         results["swapped_all"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
-                                                   args.warmup, reference, swapped=True)
+                                                   args.warmup, reference, True, args.attention)
     base = results["resident"].get("bf16")
     for mode in ("resident", "swapped_all"):
         for name, res in results[mode].items():

@@ -104,24 +104,39 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int):
     k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
     v_t = torch.empty(b * h, d, padded, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
-    _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n)
+    with _on(k.device):
+        _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n)
     return k_int, k_scale, v_t, v_scale
 
 
-def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int | None = None,
-                   block_n: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> torch.Tensor:
-    """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
-    Call `supported` first: this function assumes it returned None."""
+def launch_config(q: torch.Tensor, **overrides) -> dict:
+    """default_config for q's device and head dim, with the non-None `overrides` applied."""
     config = default_config(q.device, q.shape[-1])
-    for name, value in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
-                        ("num_stages", num_stages)):
-        if value is not None:
-            config[name] = value
-    # Triton launches on the current device; CPU tensors only reach here under TRITON_INTERPRET
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        k_int, k_scale, v_t, v_scale = quantize_kv(k, v, config["block_n"])
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
-        _kernels().attention(q, k_int, k_scale, v_t, v_scale, out, k.shape[1], factor, **config)
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise TypeError(f"unknown launch settings {sorted(unknown)}")
+    config.update({name: value for name, value in overrides.items() if value is not None})
+    return config
+
+
+def _on(device: torch.device):
+    """Triton launches on the current device; CPU tensors only get here under TRITON_INTERPRET."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict) -> torch.Tensor:
+    """The attention kernel alone on quantize_kv's output for `keys` real keys."""
+    k_int, k_scale, v_t, v_scale = kv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
+    with _on(q.device):
+        _kernels().attention(q, k_int, k_scale, v_t, v_scale, out, keys, factor, **config)
     return out
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
+    Call `supported` first: this function assumes it returned None. `overrides`: block_m,
+    block_n, num_warps, num_stages (bench/attention.py's sweep)."""
+    config = launch_config(q, **overrides)
+    return attend_quantized(q, quantize_kv(k, v, config["block_n"]), k.shape[1], config)
