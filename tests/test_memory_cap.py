@@ -3,6 +3,7 @@ way bench/e2e.py rehearses a 12 / 16 / 24 GB card on a big GPU: the pack's budge
 BlockSwap must see the capped card, not the physical one."""
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -69,3 +70,44 @@ def test_real_cap_refuses_what_the_reading_refuses():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         torch.cuda.empty_cache()
+
+
+def test_freed_host_memory_goes_back_to_the_os():
+    """The loading pattern (read a weight, build its replacement, free the original) leaves the
+    RSS at the kept bytes once return_freed_host_memory is in force (a child process: it is a
+    process-wide setting, and the child's own VmRSS is read)."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import conftest
+from wanvideo_infinitetalk.wanvideo import memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+if sys.argv[2] == "on":
+    memory.return_freed_host_memory()
+base = rss()
+keep, peak = [], 0
+for i in range(60):
+    w = torch.ones(12_000_000, dtype=torch.uint8)
+    tmp = w.float()
+    keep.append((tmp + 1).to(torch.uint8))
+    del w, tmp
+    peak = max(peak, rss())
+print(sum(t.numel() for t in keep), peak - base, rss() - base)
+'''
+    tests = os.path.dirname(os.path.abspath(__file__))
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    grown = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", code, tests, mode], capture_output=True,
+                             text=True, env=dict(os.environ, MALLOC_ARENA_MAX="2"), timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        grown[mode] = [int(x) for x in out.stdout.split()[-3:]]
+    kept, peak, end = grown["on"]
+    assert end < kept + 150e6 and peak < kept + 250e6, grown
+    # without the setting the same loop keeps the freed originals in the heap
+    assert grown["off"][2] > end + 300e6, grown

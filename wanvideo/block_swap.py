@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import placement
+from . import memory, placement
 from .swap_groups import (HostGroup, module_tensors, non_block_tensors, report_move,
                           tensor_ids)
 from .swap_sizing import (DEFAULT_RESERVE_BYTES, MAX_PREFETCH, auto_blocks_to_swap,
@@ -231,6 +231,7 @@ class BlockSwap:
         layers = len(self._blocks)
         wanted = list(range(layers - n, layers))
         before = (self.blocks_to_swap, self.host_buffers_allocated)
+        memory.return_freed_host_memory()  # packing replaces every swapped tensor
         if self.offload_non_blocks:
             self._pack_non_blocks(model)
         for i in wanted:
@@ -248,6 +249,7 @@ class BlockSwap:
         self._swapped, self.blocks_to_swap = wanted, n
         self._stream.assign(self._blocks, wanted, self._groups, self._non_blocks)
         if (n, self.host_buffers_allocated) != before:
+            memory.trim_host_memory()
             log.info("BlockSwap: %d of %d blocks swapped (%d host buffers packed), prefetch %d, "
                      "%s host memory%s", n, layers, self.host_buffers_allocated - before[1],
                      self.prefetch, "pinned" if self.pin else "pageable",

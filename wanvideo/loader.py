@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate import init_empty_weights
 
-from . import placement
+from . import memory, placement
 from .attention import check_backend
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ConfigError, WanConfig, infer_config
@@ -119,6 +119,7 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     require_room(ckpt, device, base_dtype, quantization)   # before the first weight is read
+    memory.return_freed_host_memory()
     model = build_meta_model(cfg, attention)
     report = base_report(ckpt, cfg)
     settings = _Settings(device, compute_device, base_dtype, fp8_matmul,
@@ -139,6 +140,7 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
                               fp8_matmul)
     report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
+    memory.trim_host_memory()
     log.info("WanVideo loader: %s", summarize(report))
     return LoadedModel(model, report)
 
