@@ -34,8 +34,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..wanvideo.config import latent_tokens
-from ..wanvideo.guidance import Guidance, PassSpec
-from ..wanvideo.sampling import SamplingCallbacks, make_noise, sample_window
+from ..wanvideo.guidance import Guidance
+from ..wanvideo.sampling import SamplingCallbacks, make_noise
 from ..wanvideo.schedules import flow_sigmas
 from ..wanvideo.solvers import SOLVERS
 from . import audio_windows as aw
@@ -48,6 +48,7 @@ from .dubbing import check_condition
 from .frame_sink import FrameSink, MemorySink
 from .framing import fit_image  # noqa: F401  (part of this module's API)
 from .long_video import CLIP_FRAMES, FPS, MOTION_FRAMES, LongVideoPlan, Window, plan_long_video
+from .window_job import WindowJob, WindowSampler, run_window
 
 log = logging.getLogger(__name__)
 
@@ -228,23 +229,6 @@ def _window_stats_text(before: dict | None, after: dict | None) -> str:
             f"waited {d['wait_ms']:.0f} ms, peak VRAM {after.get('peak_vram_bytes', 0) / 1e9:.2f} GB")
 
 
-def _make_model_fn(model, request: VideoRequest, audio: AudioInput, silent: AudioInput, device,
-                   y: torch.Tensor, clip_fea: torch.Tensor):
-    pos = request.positive.to(device)
-    neg = request.negative.to(device)
-    clip_fea = clip_fea.to(device)
-    y = y.to(device)
-
-    def model_fn(x: torch.Tensor, t: float, spec: PassSpec) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-        with torch.no_grad():
-            out = model(x, tt, neg if spec.negative_text else pos, clip_fea=clip_fea, y=y,
-                        audio=audio if spec.audio else silent)
-        return out.float()
-
-    return model_fn
-
-
 def fit_length(features: torch.Tensor, frames: int) -> torch.Tensor:
     """Features with exactly `frames` rows. The wav2vec recipe yields int(seconds*25) rows while
     the video has round(seconds*25) frames: at most one row differs, filled by reflection."""
@@ -294,6 +278,7 @@ class _WindowRun:
     guidance: Guidance
     reference: torch.Tensor
     callbacks: SamplingCallbacks
+    window_sampler: Optional[WindowSampler] = None   # None: run_window in this process
 
 
 def _window_callbacks(cb: SamplingCallbacks, offset: int, total: int) -> SamplingCallbacks:
@@ -315,23 +300,24 @@ def _window_condition(run: _WindowRun, win: Window):
 
 def _sample(run: _WindowRun, win: Window, motion_latents: torch.Tensor, cond) -> torch.Tensor:
     r, plan = run.request, run.plan
-    device = torch.device(r.device)
     _, _, f_lat, h, w = r.y.shape
-    audio = window_audio(plan, win, run.features, r.masks)
     y, clip_fea = (r.y, r.clip_fea) if cond is None else (cond.y, cond.clip_fea)
-    model_fn = _make_model_fn(run.model, r, audio, audio.silent(), device, y, clip_fea)
-    noise = make_noise((1, LATENT_CHANNELS, f_lat, h, w), (int(r.seed) + win.index) & SEED_MASK,
-                       device=device)
-    motion = motion_latents.to(device)
-    if motion.shape[2] != win.motion_latent_frames:
-        raise ValueError(f"window {win.index}: motion latents have {motion.shape[2]} frames, "
-                         f"the plan expects {win.motion_latent_frames}")
+    if motion_latents.shape[2] != win.motion_latent_frames:
+        raise ValueError(f"window {win.index}: motion latents have {motion_latents.shape[2]} "
+                         f"frames, the plan expects {win.motion_latent_frames}")
+    label = f"window {win.index + 1}/{plan.num_windows}"
+    noise = make_noise((1, LATENT_CHANNELS, f_lat, h, w), (int(r.seed) + win.index) & SEED_MASK)
+    job = WindowJob(noise, run.sigmas, r.solver, r.text_scale, r.audio_scale, motion_latents, y,
+                    clip_fea, r.positive, r.negative,
+                    window_audio(plan, win, run.features, r.masks), label,
+                    preview=run.callbacks.preview is not None)
     steps = len(run.sigmas) - 1
-    latents = sample_window(model_fn, noise, run.sigmas, solver=r.solver, guidance=run.guidance,
-                            motion_latents=motion,
-                            callbacks=_window_callbacks(run.callbacks, win.index * steps,
-                                                        steps * plan.num_windows))
-    require_finite(latents, f"window {win.index + 1}/{plan.num_windows}: the sampled latents",
+    callbacks = _window_callbacks(run.callbacks, win.index * steps, steps * plan.num_windows)
+    if run.window_sampler is None:
+        latents = run_window(run.model, job, torch.device(r.device), callbacks)
+    else:
+        latents = run.window_sampler(job, callbacks)
+    require_finite(latents, f"{label}: the sampled latents",
                    "the model produced NaN/Inf (corrupt weights, or fp16 overflow: try bf16)")
     return latents
 
@@ -368,27 +354,33 @@ def preflight(model, request: VideoRequest, in_memory: bool = True) -> LongVideo
 
 def generate_video(model, request: VideoRequest, vae_encode: VaeEncode, vae_decode: VaeDecode,
                    callbacks: Optional[SamplingCallbacks] = None,
-                   sink: Optional[FrameSink] = None) -> VideoResult:
+                   sink: Optional[FrameSink] = None,
+                   window_sampler: Optional[WindowSampler] = None) -> VideoResult:
     """Generate the whole video; see the module docstring. Finished frames go to `sink` window
     by window (default: a MemorySink, whose tensor becomes result.frames). Raises
     SamplingInterrupted when callbacks.should_stop() turns True (checked before every model
     call), NonFiniteError when a window's latents or frames hold NaN/Inf, MemoryBudgetError when
-    the video cannot fit; the sink is aborted then (no half-written file is left)."""
+    the video cannot fit; the sink is aborted then (no half-written file is left).
+    window_sampler(job, callbacks) -> latents denoises each window instead of this process
+    (the multi-GPU runtime, multi_gpu.WorkerPool.sample_window); `model` then only has to
+    answer preflight's questions (config, InfiniteTalk layers)."""
     sink = sink if sink is not None else MemorySink(request.host_dtype)
     plan = preflight(model, request, in_memory=isinstance(sink, MemorySink))
     try:
-        return _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink)
+        return _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink,
+                         window_sampler)
     except BaseException:
         sink.abort()
         raise
 
 
-def _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink) -> VideoResult:
+def _generate(model, request, plan, vae_encode, vae_decode, callbacks, sink,
+              window_sampler=None) -> VideoResult:
     r = request
     n_audio = int(r.audio_frames or r.features[0].shape[0])
     run = _WindowRun(model, r, plan, [fit_length(f.float(), n_audio) for f in r.features],
                      flow_sigmas(int(r.steps), r.shift), Guidance(r.text_scale, r.audio_scale),
-                     r.reference.float(), callbacks or SamplingCallbacks())
+                     r.reference.float(), callbacks or SamplingCallbacks(), window_sampler)
     log.info("InfiniteTalk: %d audio frames (%.2f s) -> %d frames in %d window(s) of %d "
              "(motion %d), %d steps x %d pass(es), solver %s", n_audio, n_audio / r.fps,
              plan.total_frames, plan.num_windows, plan.clip, plan.motion, int(r.steps),

@@ -31,6 +31,7 @@ FRONT_ENDS = {
     "wanvideo.inspect": "hands the loader multitalk's InfiniteTalk injector",
     "wanvideo.make_tiny": "writes the full tiny set through multitalk.tiny.write_all_tiny_models",
     "wanvideo.make_full_size": "writes the full-size stand-ins through multitalk.stand_ins",
+    "wanvideo.multi_gpu_worker": "runs one rank of multitalk.multi_gpu_worker (started per GPU)",
 }
 
 MAX_FILE_LINES = 500

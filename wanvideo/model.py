@@ -248,6 +248,9 @@ class WanModel(nn.Module):
         self.block_streamer = None
         # sequence_parallel.SequenceParallel, or None for a single-process forward
         self.sequence_parallel = None
+        # block_hook(i) before block i, or None. The multi-GPU runtime agrees on an interrupt
+        # there, so every rank stops at the same block (one rank stopping alone deadlocks).
+        self.block_hook = None
         self.set_attention(attention_backend)
 
     def set_attention(self, backend: str) -> None:
@@ -340,7 +343,10 @@ class WanModel(nn.Module):
             if self.audio_proj is None:
                 raise ValueError("audio was given but the model has no InfiniteTalk layers")
             audio_ctx = self.audio_proj.make_context(audio, grid)
+        hook = getattr(self, "block_hook", None)
         for i, block in enumerate(self.blocks):
+            if hook is not None:
+                hook(i)
             if streamer is not None:
                 streamer.before_block(i)
             x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx, shard)

@@ -1,0 +1,161 @@
+"""The multi-GPU runtime on CPU (gloo): worker processes started by the pack, the model loaded in
+every worker from one ModelSpec, window jobs split by sequence and / or guidance parallelism.
+
+Every split must reproduce the single-process window (fp32, <= 1e-5 relative), an interrupt
+must stop every rank at the same block and leave the workers usable, a killed worker must give
+a clear error naming its rank and leave no process behind, and the next pool starts afresh."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import mgpu_support as ms
+from wanvideo_infinitetalk.multitalk import multi_gpu as mg
+from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks, SamplingInterrupted
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ms.tiny("cpu")
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = mg.WorkerPool(ms.SPEC, mg.Placement.parse("cpu:2")).start()
+    yield pool
+    pool.shutdown()
+    assert not ms.alive(pool.pids())
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    pool = mg.WorkerPool(ms.SPEC, mg.Placement.parse("cpu:4"), threads=1).start()
+    yield pool
+    pool.shutdown()
+    assert not ms.alive(pool.pids())
+
+
+def _check(pool, model, job, mode, layout):
+    got = pool.sample_window(job, mode=mode)
+    stats = pool.info["last_stats"]
+    assert (stats["sequence"], stats["guidance"]) == layout, stats
+    err = ms.rel_err(got, ms.reference(model, job))
+    assert err <= TOLERANCE, f"{mode} {layout}: relative error {err:.3g}"
+
+
+# (latent grid, speakers, text scale, audio scale, mode) -> (sequence, guidance) degrees
+CASES_2 = [
+    (ms.ODD, 1, 5.0, 4.0, "auto", (2, 1)),          # 3 passes: 2 does not split 3 evenly
+    (ms.ODD, 2, 5.0, 4.0, "sequence", (2, 1)),
+    (ms.EVEN, 2, 5.0, 1.0, "auto", (1, 2)),         # 2 passes, one per rank
+    (ms.ODD, 2, 5.0, 4.0, "guidance", (1, 2)),      # 3 passes on 2 ranks: one rank idles once
+    (ms.EVEN, 1, 1.0, 1.0, "auto", (2, 1)),         # one pass per step (distilled LoRAs)
+]
+CASES_4 = [
+    (ms.ODD, 2, 5.0, 4.0, "auto", (4, 1)),
+    (ms.EVEN, 1, 5.0, 4.0, "sequence", (4, 1)),
+    (ms.ODD, 2, 5.0, 1.0, "auto", (2, 2)),          # both combined: 2 passes x 2 token chunks
+    (ms.EVEN, 2, 5.0, 4.0, "guidance", (2, 2)),
+]
+
+
+@pytest.mark.parametrize("latent, speakers, text, audio, mode, layout", CASES_2)
+def test_two_workers_equal_one_process(pool2, model, latent, speakers, text, audio, mode, layout):
+    _check(pool2, model, ms.job(latent, speakers, text=text, audio=audio), mode, layout)
+
+
+@pytest.mark.parametrize("latent, speakers, text, audio, mode, layout", CASES_4)
+def test_four_workers_equal_one_process(pool4, model, latent, speakers, text, audio, mode,
+                                        layout):
+    _check(pool4, model, ms.job(latent, speakers, text=text, audio=audio), mode, layout)
+
+
+def test_progress_and_previews_come_from_rank_0(pool2):
+    seen, previews = [], []
+    cb = SamplingCallbacks(progress=lambda d, t: seen.append((d, t)),
+                           preview=lambda i, x0: previews.append((i, tuple(x0.shape))))
+    j = ms.job(steps=3)
+    pool2.sample_window(j, cb)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert previews == [(i, tuple(j.noise.shape)) for i in range(3)]
+
+
+@pytest.mark.parametrize("mode", ["auto", "guidance"])
+def test_interrupt_stops_every_rank_at_one_block_and_workers_stay(pool2, model, mode):
+    """guidance mode: 3 passes on 2 ranks, the rank with one pass joins the checks of the
+    other's second pass; a stop agreed there must not leave a collective hanging."""
+    pids = pool2.pids()
+    stop = {"at": None}
+    steps = []
+
+    def progress(done, total):
+        steps.append(done)
+        if done == 2 and stop["at"] is None:
+            stop["at"] = time.monotonic()
+
+    cb = SamplingCallbacks(progress=progress, should_stop=lambda: stop["at"] is not None)
+    with pytest.raises(SamplingInterrupted, match="agreed before block"):
+        pool2.sample_window(ms.job(steps=400), cb, mode=mode)
+    latency = time.monotonic() - stop["at"]
+    # one step here is 3 passes x 2 blocks; stopping within a block leaves at most one
+    # progress report in flight
+    assert steps[-1] <= 3, steps
+    assert latency < 2.0, latency
+    assert pool2.alive and pool2.pids() == pids
+    j = ms.job(speakers=2)
+    assert ms.rel_err(pool2.sample_window(j, mode=mode), ms.reference(model, j)) <= TOLERANCE
+
+
+def test_error_on_the_workers_is_reported_and_stops_them(pool4):
+    bad = ms.job()
+    bad.y = bad.y[:, :5]          # 21 input channels instead of 36
+    with pytest.raises(mg.WorkerError, match="channels") as e:
+        pool4.sample_window(bad)
+    assert "rank" in str(e.value) and "next run starts new ones" in str(e.value)
+    assert not pool4.alive
+    assert not ms.alive(pool4.pids())
+
+
+def test_killed_worker_gives_a_clear_error_and_the_next_pool_starts_fresh(model):
+    pool = mg.shared_pool(ms.SPEC, mg.Placement.parse("cpu:2"))
+    old = pool.pids()
+    killed = []
+
+    def progress(done, total):
+        if not killed:
+            os.kill(old[1], signal.SIGKILL)
+            killed.append(done)
+
+    with pytest.raises(mg.WorkerError, match=r"rank 1 \(cpu\) was killed by SIGKILL"):
+        pool.sample_window(ms.job(steps=400), SamplingCallbacks(progress=progress))
+    assert not ms.alive(old)
+    fresh = mg.shared_pool(ms.SPEC, mg.Placement.parse("cpu:2"))
+    try:
+        assert fresh is not pool and set(fresh.pids()).isdisjoint(old)
+        j = ms.job()
+        assert ms.rel_err(fresh.sample_window(j), ms.reference(model, j)) <= TOLERANCE
+    finally:
+        mg.shutdown_shared()
+    assert not ms.alive(fresh.pids())
+
+
+def test_placement_parsing():
+    assert mg.Placement.parse("0,1", cuda_count=2).devices == ("cuda:0", "cuda:1")
+    assert mg.Placement.parse("all", cuda_count=3).world == 3
+    assert mg.Placement.parse("cpu:4").backend == "gloo"
+    for bad in ("0,0", "2", "x", ""):
+        with pytest.raises(ValueError):
+            mg.Placement.parse(bad, cuda_count=2)
+    with pytest.raises(ValueError):
+        mg.Placement.parse("0,1", mode="fast", cuda_count=2)
+
+
+def test_no_worker_process_is_left_behind(pool2, pool4):
+    pool2.shutdown()
+    pool4.shutdown()
+    assert ms.children() == []
