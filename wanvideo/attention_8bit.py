@@ -200,7 +200,7 @@ def attention_8bit_unsmoothed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # wanvideo/attention_int8.py implements the recipe below, which differs from the study above in
 # three ways, all for accuracy: the fp8 P.V above costs 0.037 rel L2 by itself on N(0, 1) V (three
 # mantissa bits, ~2.5% rms per element, and a random V does not average that out relative to the
-# output), over the 0.03 target. INT8 P.V with the scales below measures 0.018 in total.
+# output), over the 0.03 target. INT8 P.V with the scales below measures 0.018-0.020 in total.
 #   - Q: one scale per token (row) instead of per block. The kernel quantizes its Q tile itself
 #     and a per-row scale folds into the per-row factor it multiplies the scores by anyway: free.
 #   - V: INT8 with one scale per channel (amax / 127): 7 bits of uniform precision where V's
@@ -209,12 +209,19 @@ def attention_8bit_unsmoothed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 #     the row's max within the block, which the online softmax computes anyway. The block's
 #     weight exp2(m_block - m_running) multiplies the exact int32 P.V product once per row, in fp32
 #     (the two-level accumulation: exact integers inside a block, fp32 across blocks).
-# Scores are kept in the log2 domain (the kernel uses exp2): s = int_dot * (qscale * kscale) with
-# qscale = amax_q * log2(e) / (sqrt(D) * 127) per row. Roundings are half to even, as the kernel's
-# "fma(x, scale, 1.5 * 2**23)" trick does them, on the exact product. The kernel's exp2 and division are approximations off by a few
-# ulp, which moves an integer by one step now and then: kernel and reference agree closely, not
-# bit for bit (tests/test_attention_int8.py bounds the difference).
-KERNEL_BLOCK_N = 64
+# pv="bf16" is the alternative the kernel also offers (SageAttention 1's choice): P = exp2(s - m)
+# and V rounded to bf16, the product accumulated in fp32 (0.013 rel L2: the INT8 Q.K^T alone).
+# Scores are kept in the log2 domain (the kernel uses exp2) with the per row and block factor
+# c = qscale * kscale, qscale = amax_q * log2(e) / (sqrt(D) * 127): a block's row max is
+# n_max * c and its probabilities exp2((n - n_max) * c), n the integer scores (n - n_max is exact,
+# so only the product rounds). Roundings to integers are half to even of the exact product, as
+# the kernel's fma(x, scale, 1.5 * 2**23) does them. Only the GPU's exp2 (an approximation a few
+# ulp off) separates kernel and reference: it moves an integer by one step now and then, so they
+# agree closely, not bit for bit (tests/test_attention_int8.py bounds the difference; under the
+# Triton interpreter, whose exp2 is numpy's, they agree bit for bit).
+KERNEL_BLOCK_N = 128
+KERNEL_PV = "int8"
+MAGIC = 12582912.0  # 1.5 * 2**23: the kernel reads an int32 n as the float MAGIC + n
 LOG2E = 1.4426950408889634
 
 
@@ -266,41 +273,68 @@ def kernel_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return round_product(v, int8_inverse(amax)), int8_scale(amax)
 
 
-def _kernel_rows(scores, v_int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's online loop with INT8 P rescaled per key block (see the notes above)."""
-    rows = scores.shape[:-1]
-    m = scores.new_full((*rows, 1), float("-inf"))
-    total = scores.new_zeros((*rows, 1))
-    acc = scores.new_zeros((*rows, v_int.shape[-1]))
-    for start in range(0, scores.shape[-1], block_n):
-        s = scores[..., start:start + block_n]
-        m_block = s.amax(dim=-1, keepdim=True)
-        m_new = torch.maximum(m, m_block)
-        alpha, p_scale = torch.exp2(m - m_new), torch.exp2(m_block - m_new)
-        p_int = round_product(torch.exp2(s - m_block), torch.tensor(INT8_MAX)).float()
-        total = total * alpha + p_scale * p_int.sum(dim=-1, keepdim=True)
-        exact = torch.matmul(p_int.double(), v_int[..., start:start + block_n, :]).float()
-        acc = acc * alpha + exact * p_scale
-        m = m_new
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma(a, b, c) with one rounding, as the GPU computes it: float64 holds the exact
+    product of two fp32 values, and here the sum too (the addend has the product's magnitude)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _kernel_block(acc, m, total, s, c, valid, v_block, pv: str):
+    """One key block of the kernel's online loop (see the notes above); `s` integer scores as
+    float64 (-inf past the end), `c` the fp32 factor (one per row), `valid` the real keys."""
+    s_max = s.amax(dim=-1, keepdim=True)
+    f, f_max = (s + MAGIC).float(), (s_max + MAGIC).float()  # what the kernel's product holds
+    m_block = s_max.float() * c
+    m_new = torch.maximum(m, m_block)
+    alpha = torch.exp2(m - m_new)
+    shift = -(f_max * c) if pv == "int8" else (m_block - m_new) - f_max * c
+    x = torch.where(valid, _fma32(f, c, shift), torch.tensor(float("-inf")))
+    p = torch.exp2(x)
+    if pv == "int8":
+        p_scale = torch.exp2(m_block - m_new)
+        p_int = round_product(p, torch.tensor(INT8_MAX))
+        total = total * alpha + p_scale * p_int.sum(dim=-1, keepdim=True).float()
+        return acc * alpha + torch.matmul(p_int, v_block).float() * p_scale, m_new, total
+    p16 = p.to(torch.bfloat16).double()
+    total = total * alpha + p.sum(dim=-1, keepdim=True)
+    return acc * alpha + torch.matmul(p16, v_block).float(), m_new, total
+
+
+def _kernel_rows(exact, factor, v_int, block_n: int, keys: int, pv: str):
+    """The kernel's online loop over key blocks: exact integer scores (float64, padded to whole
+    blocks), their fp32 factor per element (constant within a row's block)."""
+    rows = exact.shape[:-1]
+    m = factor.new_full((*rows, 1), float("-inf"))
+    total = factor.new_zeros((*rows, 1))
+    acc = factor.new_zeros((*rows, v_int.shape[-1]))
+    columns = torch.arange(exact.shape[-1])
+    for start in range(0, exact.shape[-1], block_n):
+        block = slice(start, start + block_n)
+        acc, m, total = _kernel_block(acc, m, total, exact[..., block], factor[..., start:start + 1],
+                                      columns[block] < keys, v_int[..., block, :], pv)
     return acc, total
 
 
 def kernel_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     block_n: int = KERNEL_BLOCK_N) -> torch.Tensor:
+                     block_n: int = KERNEL_BLOCK_N, pv: str = KERNEL_PV) -> torch.Tensor:
     """The kernel's numerics in torch: q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's
-    dtype. `block_n` must be the kernel's key block (it sets K's scale blocks and P's)."""
+    dtype. `block_n` and `pv` ("int8", or "bf16": P and V in bf16) must be the kernel's."""
     _check(q, k, v, "quantized")
     q_int, q_scale = kernel_q(q)
     k_int, k_scale = kernel_k(k, block_n)
-    v_int, v_scale = kernel_v(v)
+    if pv == "int8":
+        v_int, v_scale = kernel_v(v)
+    else:
+        v_int, v_scale = v.to(torch.bfloat16).double(), torch.ones((), dtype=torch.float32)
     keys = k.shape[-2]
+    pad = -keys % block_n
+    v_int = torch.nn.functional.pad(v_int, (0, 0, 0, pad))
     outs = []
     for start in range(0, q.shape[-2], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
-        exact = torch.matmul(q_int[..., rows, :], k_int.transpose(-2, -1)).float()
-        scores = exact * (q_scale[..., rows, :] * k_scale)
-        pad = -keys % block_n  # the kernel masks the last block's missing keys with -inf
-        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-        acc, total = _kernel_rows(scores, torch.nn.functional.pad(v_int, (0, 0, 0, pad)), block_n)
+        exact = torch.matmul(q_int[..., rows, :], k_int.transpose(-2, -1))
+        exact = torch.nn.functional.pad(exact, (0, pad), value=float("-inf"))
+        factor = torch.nn.functional.pad(q_scale[..., rows, :] * k_scale, (0, pad), value=1.0)
+        acc, total = _kernel_rows(exact, factor, v_int, block_n, keys, pv)
         outs.append(acc / total * v_scale)
     return torch.cat(outs, dim=-2).to(q.dtype)

@@ -84,29 +84,38 @@ def _kernels():
     return attention_int8_kernels
 
 
+PV_CHOICES = ("int8", "bf16")
+
+
 def default_config(device: torch.device, head_dim: int) -> dict:
-    """Launch settings per device. They do not change the numerics except block_n, which is fixed
-    at the reference's KERNEL_BLOCK_N. Chosen without a GPU measurement so far: 128-query tiles
-    with 8 warps (two warpgroups on Hopper), 3 pipeline stages; bench/attention.py sweeps others."""
-    return {"block_m": 128, "block_n": KERNEL_BLOCK_N, "num_warps": 8, "num_stages": 3}
+    """Launch settings per device. `pv` and `block_n` set the numerics (the reference takes the
+    same two); the others only the speed. Chosen from the compiler's output for sm_90 (no GPU
+    measurement yet): 128 x 128 tiles with 8 warps (two warpgroups) use 254 registers without
+    spilling; 128 x 64 tiles spend twice the accumulator updates per key. bench/attention.py
+    sweeps the alternatives, bf16 P.V included."""
+    return {"pv": "int8", "block_m": 128, "block_n": KERNEL_BLOCK_N, "num_warps": 8,
+            "num_stages": 2}
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V^T int8 [B*H, D, Lk_pad],
-    V scales [B*H, D] fp32). The mean and the per-channel amax are single torch reductions (no
-    temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"):
+    """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V, V scales): for
+    pv="int8" V is INT8 transposed [B*H, D, Lk_pad] with fp32 scales [B*H, D]; for pv="bf16" V is
+    the input itself and the scales None. The K mean and V's per-channel amax are single torch
+    reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
     b, keys, h, d = k.shape
     padded = -(-keys // block_n) * block_n
     k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
-    low, high = torch.aminmax(v, dim=1)
-    v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
-    v_inv, v_scale = int8_inverse(v_amax).contiguous(), int8_scale(v_amax).contiguous()
+    v_t = v_inv = v_scale = None
+    if pv == "int8":
+        low, high = torch.aminmax(v, dim=1)
+        v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
+        v_inv, v_scale = int8_inverse(v_amax).contiguous(), int8_scale(v_amax).contiguous()
+        v_t = torch.empty(b * h, d, padded, dtype=torch.int8, device=k.device)
     k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
-    v_t = torch.empty(b * h, d, padded, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
     with _on(k.device):
         _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n)
-    return k_int, k_scale, v_t, v_scale
+    return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 
 def launch_config(q: torch.Tensor, **overrides) -> dict:
@@ -116,6 +125,8 @@ def launch_config(q: torch.Tensor, **overrides) -> dict:
     if unknown:
         raise TypeError(f"unknown launch settings {sorted(unknown)}")
     config.update({name: value for name, value in overrides.items() if value is not None})
+    if config["pv"] not in PV_CHOICES:
+        raise ValueError(f"pv {config['pv']!r} is not one of {PV_CHOICES}")
     return config
 
 
@@ -124,19 +135,23 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict) -> torch.Tensor:
-    """The attention kernel alone on quantize_kv's output for `keys` real keys."""
-    k_int, k_scale, v_t, v_scale = kv
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention kernel alone on quantize_kv's output for `keys` real keys, written into
+    `out` (q's shape and dtype) when given."""
+    k_int, k_scale, v, v_scale = kv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
     with _on(q.device):
-        _kernels().attention(q, k_int, k_scale, v_t, v_scale, out, keys, factor, **config)
+        _kernels().attention(q, k_int, k_scale, v, v_scale if v_scale is not None else k_scale,
+                             out, keys, factor, **config)
     return out
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
-    Call `supported` first: this function assumes it returned None. `overrides`: block_m,
+    Call `supported` first: this function assumes it returned None. `overrides`: pv, block_m,
     block_n, num_warps, num_stages (bench/attention.py's sweep)."""
     config = launch_config(q, **overrides)
-    return attend_quantized(q, quantize_kv(k, v, config["block_n"]), k.shape[1], config)
+    kv = quantize_kv(k, v, config["block_n"], config["pv"])
+    return attend_quantized(q, kv, k.shape[1], config)

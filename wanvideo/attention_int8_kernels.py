@@ -28,9 +28,9 @@ def _to_int8(x, scale):
 @triton.jit
 def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, heads,
                      s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-                     D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One block of BLOCK_N keys of one (batch, head): K - mean -> int8 with one scale,
-    V * (127 / amax per channel) -> int8 stored transposed (keys contiguous)."""
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_V: tl.constexpr):
+    """One block of BLOCK_N keys of one (batch, head): K - mean -> int8 with one scale, and
+    (QUANT_V) V * (127 / amax per channel) -> int8 stored transposed (keys contiguous)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -48,48 +48,98 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
     base = bh.to(tl.int64) * padded * D
     tl.store(K_INT + base + rows[:, None] * D + d[None, :], _to_int8(k, inv))
     tl.store(K_SCALE + bh * (padded // BLOCK_N) + blk, tl.math.div_rn(amax, 127.0))
-    v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
-    v_int = _to_int8(v.to(tl.float32), tl.load(V_INV + bh * D + d)[None, :])
-    tl.store(V_T + base + d[:, None] * padded + rows[None, :], tl.trans(v_int))
+    if QUANT_V:
+        v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
+        v_int = _to_int8(v.to(tl.float32), tl.load(V_INV + bh * D + d)[None, :])
+        tl.store(V_T + base + d[:, None] * padded + rows[None, :], tl.trans(v_int))
 
 
 def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int) -> None:
+    """`v_t` None: K only (the bf16 P.V variant reads V as it is)."""
     b, keys, h, d = k.shape
     padded = k_int.shape[1]
     grid = (padded // block_n, b * h)
-    _quant_kv_kernel[grid](k, v, k_mean, v_inv, k_int, k_scale, v_t, keys, padded, h,
+    quant_v = v_t is not None
+    _quant_kv_kernel[grid](k, v, k_mean, v_inv if quant_v else k_mean, k_int, k_scale,
+                           v_t if quant_v else k_int, keys, padded, h,
                            k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2),
-                           D=d, BLOCK_N=block_n, num_warps=4)
+                           D=d, BLOCK_N=block_n, QUANT_V=quant_v, num_warps=4)
 
 
 @triton.jit
-def _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols, keys,
-               MASKED: tl.constexpr):
-    """One key block of the online softmax: exact int32 scores, fp32 log2-domain softmax with the
-    block's own row max, INT8 P, exact int32 P.V folded into the fp32 accumulator."""
+def _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Exact int32 scores of one key block, read as floats 1.5 * 2**23 + n: the product starts
+    from an accumulator holding those bits, so no int-to-float conversion is needed (that unit
+    is as slow as exp2's); |n| < 2**21 keeps it exact. Returns (f, f_max, c, m_block, m_new):
+    the block's row max in the log2 domain is m_block = n_max * c, c = qscale * kscale."""
     k = tl.load(k_ptrs)
-    s = tl.dot(q_int, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    s = s * (q_scale * k_scale)[:, None]
+    magic = tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32)
+    f = tl.dot(q_int, tl.trans(k), acc=magic).to(tl.float32, bitcast=True)
     if MASKED:
-        s = tl.where(cols[None, :] < keys, s, float("-inf"))
-    m_block = tl.max(s, axis=1)
-    m_new = tl.maximum(m_i, m_block)
+        f = tl.where(cols[None, :] < keys, f, float("-inf"))
+    f_max = tl.max(f, axis=1)
+    c = q_scale * k_scale
+    m_block = (f_max - 12582912.0) * c
+    return f, f_max, c, m_block, tl.maximum(m_i, m_block)
+
+
+@triton.jit
+def _exp2_block(f, c, shift, cols, keys, MASKED: tl.constexpr):
+    """exp2(f * c + shift), one FMA and exp2 per score (the reference emulates the FMA)."""
+    x = tl.fma(f, c[:, None], shift[:, None])
+    if MASKED:  # c may be 0 (an all-zero query row): -inf * 0 would be NaN
+        x = tl.where(cols[None, :] < keys, x, float("-inf"))
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols, keys,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """One key block, INT8 P.V: P = round(127 * exp2(s - m_block)) per row of the block, an exact
+    int32 product with V (read as floats like the scores), weighted by exp2(m_block - m_new)."""
+    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
+                                                BLOCK_M, BLOCK_N, MASKED)
     alpha = tl.math.exp2(m_i - m_new)
     p_scale = tl.math.exp2(m_block - m_new)
-    t = tl.fma(tl.math.exp2(s - m_block[:, None]), 127.0, 12582912.0)
-    p_int = t.to(tl.int32, bitcast=True).to(tl.int8)
-    l_i = l_i * alpha + p_scale * tl.sum(t - 12582912.0, axis=1)
+    p = _exp2_block(f, c, -(f_max * c), cols, keys, MASKED)
+    bits = tl.fma(p, 127.0, 12582912.0).to(tl.int32, bitcast=True)
+    # sum of the integers: every element carries 0x4B400000, removed once per row (int32 wraps)
+    l_block = tl.sum(bits, axis=1) - tl.full([BLOCK_M], 0x4B400000, tl.int32) * BLOCK_N
+    l_i = l_i * alpha + p_scale * l_block.to(tl.float32)
     v_t = tl.load(vt_ptrs)
-    pv = tl.dot(p_int, tl.trans(v_t), out_dtype=tl.int32).to(tl.float32)
-    acc = acc * alpha[:, None] + pv * p_scale[:, None]
+    magic = tl.full([BLOCK_M, D], 0x4B400000, tl.int32)
+    pv = tl.dot(bits.to(tl.int8), tl.trans(v_t), acc=magic).to(tl.float32, bitcast=True)
+    acc = acc * alpha[:, None] + (pv - 12582912.0) * p_scale[:, None]
     return acc, m_new, l_i
 
 
 @triton.jit
-def _attn_kernel(Q, K_INT, K_SCALE, V_T, V_SCALE, O, n_q, keys, padded, heads, factor,
-                 s_qb, s_ql, s_qh, s_ob, s_ol, s_oh,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_scale, cols, keys,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One key block, bf16 P.V (SageAttention 1's choice): P = exp2(s - m_new) rounded to bf16,
+    V as given (cast to bf16), the product accumulated in fp32 by the tensor cores."""
+    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
+                                                BLOCK_M, BLOCK_N, MASKED)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = _exp2_block(f, c, (m_block - m_new) - f_max * c, cols, keys, MASKED)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=cols[:, None] < keys, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc=acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, factor,
+                 s_qb, s_ql, s_qh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PV_INT8: tl.constexpr):
+    """V is the INT8 transposed copy [B*H, D, padded] when PV_INT8, else the input V."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -106,31 +156,53 @@ def _attn_kernel(Q, K_INT, K_SCALE, V_T, V_SCALE, O, n_q, keys, padded, heads, f
     cols = tl.arange(0, BLOCK_N)
     base = bh.to(tl.int64) * padded * D
     k_ptrs = K_INT + base + cols[:, None] * D + d[None, :]
-    vt_ptrs = V_T + base + d[:, None] * padded + cols[None, :]
+    if PV_INT8:
+        v_ptrs = V + base + d[:, None] * padded + cols[None, :]
+        v_step = BLOCK_N
+    else:
+        v_ptrs = V + b * s_vb + h * s_vh + cols[:, None].to(tl.int64) * s_vl + d[None, :]
+        v_step = BLOCK_N * s_vl
     ks_ptr = K_SCALE + bh * (padded // BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     full = keys // BLOCK_N
     for j in range(0, full):
-        acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs,
-                                   tl.load(ks_ptr + j), cols, keys, False)
+        if PV_INT8:
+            acc, m_i, l_i = _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
+                                           tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N, D,
+                                           False)
+        else:
+            acc, m_i, l_i = _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
+                                           tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N,
+                                           False)
         k_ptrs += BLOCK_N * D
-        vt_ptrs += BLOCK_N
+        v_ptrs += v_step
     if full * BLOCK_N < keys:
-        acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs,
-                                   tl.load(ks_ptr + full), cols + full * BLOCK_N, keys, True)
-    out = acc / l_i[:, None] * tl.load(V_SCALE + bh * D + d)[None, :]
-    o_ptrs = O + b * s_ob + h * s_oh + rows64 * s_ol + d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=in_q)
+        tail = cols + full * BLOCK_N
+        if PV_INT8:
+            acc, m_i, l_i = _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
+                                           tl.load(ks_ptr + full), tail, keys, BLOCK_M, BLOCK_N,
+                                           D, True)
+        else:
+            acc, m_i, l_i = _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
+                                           tl.load(ks_ptr + full), tail, keys, BLOCK_M, BLOCK_N,
+                                           True)
+    out = acc / l_i[:, None]
+    if PV_INT8:
+        out = out * tl.load(V_SCALE + bh * D + d)[None, :]
+    tl.store(O + b * s_ob + h * s_oh + rows64 * s_ol + d[None, :], out.to(O.dtype.element_ty),
+             mask=in_q)
 
 
-def attention(q, k_int, k_scale, v_t, v_scale, out, keys: int, factor: float, *, block_m: int,
-              block_n: int, num_warps: int, num_stages: int) -> None:
+def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, pv: str,
+              block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+    """`v`: quantize_kv's transposed INT8 V for pv="int8", the input V for pv="bf16"."""
     b, n_q, h, d = q.shape
     grid = (triton.cdiv(n_q, block_m), b * h)
-    _attn_kernel[grid](q, k_int, k_scale, v_t, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
-                       q.stride(0), q.stride(1), q.stride(2),
+    v_strides = (0, 0, 0) if pv == "int8" else (v.stride(0), v.stride(1), v.stride(2))
+    _attn_kernel[grid](q, k_int, k_scale, v, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
+                       q.stride(0), q.stride(1), q.stride(2), *v_strides,
                        out.stride(0), out.stride(1), out.stride(2),
-                       D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                       D=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_INT8=pv == "int8",
                        num_warps=num_warps, num_stages=num_stages)
