@@ -200,7 +200,8 @@ def attention_8bit_unsmoothed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # wanvideo/attention_int8.py implements the recipe below, which differs from the study above in
 # three ways, all for accuracy: the fp8 P.V above costs 0.037 rel L2 by itself on N(0, 1) V (three
 # mantissa bits, ~2.5% rms per element, and a random V does not average that out relative to the
-# output), over the 0.03 target. INT8 P.V with the scales below measures 0.018-0.020 in total.
+# output), over the 0.03 target. INT8 P.V with the scales below measures 0.018 (64-key blocks)
+# to 0.020 (128, the kernel's default) in total.
 #   - Q: one scale per token (row) instead of per block. The kernel quantizes its Q tile itself
 #     and a per-row scale folds into the per-row factor it multiplies the scores by anyway: free.
 #   - V: INT8 with one scale per channel (amax / 127): 7 bits of uniform precision where V's
@@ -210,7 +211,7 @@ def attention_8bit_unsmoothed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 #     weight exp2(m_block - m_running) multiplies the exact int32 P.V product once per row, in fp32
 #     (the two-level accumulation: exact integers inside a block, fp32 across blocks).
 # pv="bf16" is the alternative the kernel also offers (SageAttention 1's choice): P = exp2(s - m)
-# and V rounded to bf16, the product accumulated in fp32 (0.013 rel L2: the INT8 Q.K^T alone).
+# and V rounded to bf16, the product accumulated in fp32 (0.012 rel L2: the INT8 Q.K^T alone).
 # Scores are kept in the log2 domain (the kernel uses exp2) with the per row and block factor
 # c = qscale * kscale, qscale = amax_q * log2(e) / (sqrt(D) * 127): a block's row max is
 # n_max * c and its probabilities exp2((n - n_max) * c), n the integer scores (n - n_max is exact,
@@ -310,8 +311,9 @@ def _kernel_rows(exact, factor, v_int, block_n: int, keys: int, pv: str):
     columns = torch.arange(exact.shape[-1])
     for start in range(0, exact.shape[-1], block_n):
         block = slice(start, start + block_n)
-        acc, m, total = _kernel_block(acc, m, total, exact[..., block], factor[..., start:start + 1],
-                                      columns[block] < keys, v_int[..., block, :], pv)
+        c = factor[..., start:start + 1]
+        acc, m, total = _kernel_block(acc, m, total, exact[..., block], c, columns[block] < keys,
+                                      v_int[..., block, :], pv)
     return acc, total
 
 

@@ -42,7 +42,7 @@ def device_supported(device: torch.device) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_reason(index: int) -> str | None:
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = _capability_of(index)
     if (major, minor) < (8, 9):
         return f"sm_{major}{minor} has no fast INT8 path for this kernel (needs sm_89+)"
     try:
@@ -89,12 +89,28 @@ PV_CHOICES = ("int8", "bf16")
 
 def default_config(device: torch.device, head_dim: int) -> dict:
     """Launch settings per device. `pv` and `block_n` set the numerics (the reference takes the
-    same two); the others only the speed. Chosen from the compiler's output for sm_90 (no GPU
-    measurement yet): 128 x 128 tiles with 8 warps (two warpgroups) use 254 registers without
-    spilling; 128 x 64 tiles spend twice the accumulator updates per key. bench/attention.py
-    sweeps the alternatives, bf16 P.V included."""
+    same two); the others only the speed. Not measured on a GPU yet; chosen from the compiler's
+    output (registers, spills, instructions per key block):
+    - Hopper: 64-query tiles, one warpgroup (4 warps), 2 stages: 254 registers, no spills, so two
+      CTAs share an SM. Triton waits for each wgmma right after issuing it, so one CTA cannot
+      overlap its tensor-core and softmax work; two independent CTAs can (a 128-row tile with 8
+      warps keeps both warpgroups in step through its barriers).
+    - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
+    bench/attention.py sweeps the alternatives, bf16 P.V included."""
+    if device.type == "cuda" and _capability(device) >= (9, 0):
+        return {"pv": "int8", "block_m": 64, "block_n": KERNEL_BLOCK_N, "num_warps": 4,
+                "num_stages": 2}
     return {"pv": "int8", "block_m": 128, "block_n": KERNEL_BLOCK_N, "num_warps": 8,
             "num_stages": 2}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"):

@@ -107,7 +107,8 @@ def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols
     p = _exp2_block(f, c, -(f_max * c), cols, keys, MASKED)
     bits = tl.fma(p, 127.0, 12582912.0).to(tl.int32, bitcast=True)
     # sum of the integers: every element carries 0x4B400000, removed once per row (int32 wraps)
-    l_block = tl.sum(bits, axis=1) - tl.full([BLOCK_M], 0x4B400000, tl.int32) * BLOCK_N
+    offset = tl.full([BLOCK_M], 0x4B400000, tl.int32) * BLOCK_N
+    l_block = tl.sum(bits, axis=1, dtype=tl.int32) - offset
     l_i = l_i * alpha + p_scale * l_block.to(tl.float32)
     v_t = tl.load(vt_ptrs)
     magic = tl.full([BLOCK_M, D], 0x4B400000, tl.int32)
