@@ -1,15 +1,16 @@
 """8-bit attention (wanvideo/attention_int8.py) against cuDNN and flash SDPA, GPU only; prints
 one JSON object.
 
-    python bench/attention.py [--tokens 32760 8100] [--heads 40] [--head-dim 128] [--reps 20]
+    python bench/attention.py [--tokens 32760 8100] [--heads 40] [--head-dim 128] [--reps 10]
                               [--no-sweep] [--out FILE]
 
 Shapes are the 14B model's self-attention (batch 1, 40 heads, head dim 128, bf16): 32,760 tokens
 (81 frames at 832x480) and 8,100 (33 frames at 480x480). Inputs are DiT-like: Q and V N(0, 1), K
 with a large per-head, per-channel bias (~+8) and 4 outlier channels 10-20x larger, the pattern
 the K smoothing exists for (tests/test_attention_8bit.py's dit_like). Every time is the median of
-`--reps` single calls, each between its own CUDA events, after warm-up; "ours" includes the K/V
-quantization pass, "ours_kernel_only" is the attention kernel alone on pre-quantized K/V.
+`--reps` samples, each the mean of 5 back-to-back calls between CUDA events, after warm-up; "ms"
+of ours includes the K/V quantization pass, "kernel_only_ms" is the attention kernel alone on
+pre-quantized K/V and "quantize_kv_ms" the pass alone.
 Accuracy is against fp32 attention (memory-efficient SDPA on fp32 copies of the same inputs) over
 the first `--acc-heads` heads. Other launch configurations are timed too unless `--no-sweep`
 (pv, INT8 or bf16 P.V, and block_n change the numerics, so each configuration gets its own
@@ -52,17 +53,20 @@ def dit_inputs(tokens: int, heads: int, head_dim: int, seed: int = 0):
     return tuple(t.bfloat16().contiguous() for t in (q, k + bias * gain, v))
 
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
+def median_ms(fn, reps: int, warmup: int = 3, inner: int = 5) -> float:
+    """Median over `reps` samples of the mean time of `inner` back-to-back calls (as the model
+    makes them: the launches of one call overlap the kernels of the previous one)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 
@@ -151,7 +155,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=[32760, 8100])
     ap.add_argument("--heads", type=int, default=40)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--acc-heads", type=int, default=8)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false",
                     help="time only the default launch configuration")
