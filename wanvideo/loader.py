@@ -138,6 +138,10 @@ def load_model(paths: str | Sequence[str], device="cpu", base_dtype="bf16", atte
         if quantization != "none":
             _quantize_on_load(model, ckpt, quantization, device, compute_device, base_dtype, report,
                               fp8_matmul)
+    return _finish(model, report)
+
+
+def _finish(model: WanModel, report: dict) -> LoadedModel:
     report["parameters"] = sum(p.numel() for p in model.parameters()) + _quantized_elements(model)
     report["layout_violations"] = placement.check_layout(model)
     memory.trim_host_memory()
