@@ -2,10 +2,12 @@
 also run by hand on a 14B-shaped file).
 
 `python tests/load_memory.py FILE QUANTIZATION streamed|old [--device D] [--compute-device C]
-[--patch P] [--lora L]` loads FILE and prints one JSON line: the peak RSS above the RSS the process
-had just before the call (VmHWM, with the high-water mark reset to the current RSS first where
-the kernel allows it, so imports and CUDA's start do not count), the model's final host bytes and
-its largest quantized layer. `write_random_checkpoint` / `write_random_file` write the bf16 files
+[--patch P] [--lora L] [--timeline]` loads FILE and prints one JSON line: the peak RSS above the
+RSS the process had just before the call (VmHWM, with the high-water mark reset to the current RSS
+first where the kernel allows it, so imports and CUDA's start do not count), the model's final
+host bytes and its largest quantized layer; with --timeline also the RSS above that baseline over
+the load (GB, the highest of each quarter second, sampled every 5 ms), which shows in which phase
+a transient happens. `write_random_checkpoint` / `write_random_file` write the bf16 files
 such a load reads, one tensor at a time, so the writer stays small too.
 """
 from __future__ import annotations
@@ -92,9 +94,34 @@ def _host_bytes(model) -> int:
     return sum(seen.values())
 
 
+class _Timeline:
+    """Samples the RSS every 5 ms in a thread; keeps the highest of each quarter second."""
+
+    def __init__(self, before: int):
+        import threading
+        import time
+
+        self.before, self.start, self.buckets = before, time.perf_counter(), {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while not self.done.wait(0.005):
+            slot = int((time.perf_counter() - self.start) * 4)
+            self.buckets[slot] = max(self.buckets.get(slot, 0), _rss() - self.before)
+
+    def stop(self) -> list[list[float]]:
+        self.done.set()
+        self.thread.join()
+        return [[slot / 4, round(v / 1e9, 2)] for slot, v in sorted(self.buckets.items())]
+
+
 def measure(path: str, quantization: str, mode: str, device: str = "cpu",
             compute_device: str | None = None, patch: str | None = None,
-            lora: str | None = None) -> dict:
+            lora: str | None = None, timeline: bool = False) -> dict:
     import time
 
     import torch
@@ -109,16 +136,19 @@ def measure(path: str, quantization: str, mode: str, device: str = "cpu",
     gc.collect()
     reset = _reset_peak()
     before, start = _rss(), time.perf_counter()
+    sampler = _Timeline(before) if timeline else None
     loaded = load_model(path, device=device, compute_device=compute_device, quantization=quantization,
                         patch=patch, loras=[(lora, 1.0)] if lora else (),
                         inject=apply_infinitetalk_from_checkpoints, _streamed=mode == "streamed")
     seconds = time.perf_counter() - start
     peak = _peak_rss()
+    series = sampler.stop() if sampler else None
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
-    return {"mode": mode, "quantization": quantization, "peak_reset": reset, "seconds": seconds,
+    out = {"mode": mode, "quantization": quantization, "peak_reset": reset, "seconds": seconds,
             "peak_above_baseline": peak - before, "rss_after_above_baseline": _rss() - before,
             "final_bytes": _host_bytes(loaded.model), "quantized_layers": len(layers),
             "largest_fp32_layer": max((m.in_features * m.out_features * 4 for m in layers), default=0)}
+    return dict(out, rss_timeline_gb=series) if series else out
 
 
 if __name__ == "__main__":
@@ -130,6 +160,7 @@ if __name__ == "__main__":
     parser.add_argument("--compute-device")
     parser.add_argument("--patch")
     parser.add_argument("--lora")
+    parser.add_argument("--timeline", action="store_true")
     args = parser.parse_args()
     print(json.dumps(measure(args.path, args.quantization, args.mode, args.device,
-                             args.compute_device, args.patch, args.lora)))
+                             args.compute_device, args.patch, args.lora, args.timeline)))
