@@ -22,6 +22,7 @@ worker and raises WorkerError naming the rank and device; the next pool starts f
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -48,15 +49,35 @@ START_TIMEOUT_S = 120.0       # workers started -> rank 0 connected (model loadi
 STOP_TIMEOUT_S = 10.0
 
 
+# The name this process imported the pack under: ComfyUI names it after its folder path, the
+# workers (and tests) `wanvideo_infinitetalk`. Pickled classes carry that name.
+_PACK = __name__.rsplit(".", 2)[0]
+
+
+class _PackUnpickler(pickle.Unpickler):
+    """Reads classes of the sender's pack (e.g. WindowJob) as this process's pack classes."""
+
+    def __init__(self, data: bytes, sender: str):
+        super().__init__(io.BytesIO(data))
+        self.sender = sender
+
+    def find_class(self, module, name):
+        if module == self.sender or module.startswith(self.sender + "."):
+            module = _PACK + module[len(self.sender):]
+        return super().find_class(module, name)
+
+
 def send(conn, message) -> None:
     """Plain pickle, not multiprocessing's: torch registers shared-memory reductions with the
     latter, which only work between processes of one multiprocessing family; tensors here are
-    copied as bytes."""
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    copied as bytes. The sender's pack name travels along (see _PackUnpickler)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    conn.send_bytes(pickle.dumps((_PACK, payload), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def recv(conn):
-    return pickle.loads(conn.recv_bytes())
+    sender, payload = pickle.loads(conn.recv_bytes())
+    return _PackUnpickler(payload, sender).load()
 
 
 class WorkerError(RuntimeError):
@@ -405,12 +426,13 @@ _SHARED: dict = {}
 
 def shared_pool(spec: ModelSpec, placement: Placement, **options) -> WorkerPool:
     """The one pool this process keeps between runs (models stay loaded): reused while its
-    workers live and spec and placement match, otherwise the old one is stopped first (two
+    workers live and the spec and devices match, otherwise the old one is stopped first (two
     pools would load the model twice on the same GPUs)."""
     import atexit
 
     pool = _SHARED.get("pool")
-    if pool is not None and pool.alive and (pool.spec, pool.placement) == (spec, placement):
+    if pool is not None and pool.alive and pool.spec == spec \
+            and pool.placement.devices == placement.devices:   # the mode is per window
         return pool
     shutdown_shared()
     if not _SHARED.get("atexit"):

@@ -13,9 +13,10 @@ same order:
     ("release",)                   BlockSwap device slots freed         -> ("released",)
     ("shutdown",)                  every rank leaves the group and exits
 
-Interrupt: the driver's ("interrupt",) is read by rank 0's reader thread at any time; before
-every block each rank joins a one-integer all_reduce(MAX) on the control group (gloo, CPU: no
-GPU synchronisation), so all ranks raise SamplingInterrupted before the same block. A rank whose
+Interrupt: the driver's ("interrupt",) is read by rank 0's reader thread at any time; at every
+block each rank joins a one-integer all_reduce(MAX) on the control group (gloo, CPU: no GPU
+synchronisation; see StopAgreement), so all ranks raise SamplingInterrupted before the same
+block. A rank whose
 guidance share is smaller than another's still joins one check per block of the missing pass,
 so the checks always pair up. Any other exception ends the worker (exit code 3) after reporting
 it; the driver then stops the others (a collective cannot be left half-way safely).
@@ -71,18 +72,38 @@ def choose_layout(world: int, passes: int, mode: str, num_heads: int) -> tuple[i
 
 
 class StopAgreement:
-    """block_hook: every rank learns at the same block whether rank 0 was asked to stop."""
+    """block_hook: every rank learns at the same block whether rank 0 was asked to stop.
+
+    Check k starts a one-integer all_reduce(MAX) without waiting for it; check k + 1 reads its
+    result. The exchange (gloo, on the CPU, tens of microseconds to a millisecond) so overlaps
+    the launch of a block instead of stalling it, and a stop still lands within one block of
+    rank 0 seeing the request. Every rank reads the same check's result, so all stop at once."""
 
     def __init__(self, group, event: Optional[threading.Event]):
         self.group, self.event, self.checks = group, event, 0
+        self._pending = None
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return bool(int(flag.item()))
 
     def __call__(self, block: int) -> None:
         self.checks += 1
+        stop = self._collect()
+        if stop:
+            raise SamplingInterrupted(-1, f"agreed before block {block} (check {self.checks})")
         flag = torch.tensor([1 if self.event is not None and self.event.is_set() else 0],
                             dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if int(flag.item()):
-            raise SamplingInterrupted(-1, f"agreed before block {block} (check {self.checks})")
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._pending = (work, flag)
+
+    def finish(self) -> None:
+        """Complete the last exchange (every rank has one outstanding when a job ends)."""
+        self._collect()
 
 
 def guided_runner(gp: GuidanceParallel, checker: StopAgreement, blocks: int):
@@ -200,8 +221,6 @@ class Worker:
         return SamplingCallbacks(progress=progress, preview=preview if job.preview else None)
 
     def window(self, job: WindowJob, swap: Optional[dict], mode: str):
-        if self.rank == 0:
-            self.stop.clear()   # an interrupt that arrived after the last job ended
         self.block_swap(job, swap)
         sp, gp = self.layout(len(job.guidance.passes), mode)
         checker = StopAgreement(self.control, self.stop if self.rank == 0 else None)
@@ -214,6 +233,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             latents = run_window(model, job, self.device, self.callbacks(job), runner)
+            checker.finish()
         except SamplingInterrupted as e:
             return ("interrupted", checker.checks, str(e))
         finally:
@@ -236,6 +256,9 @@ class Worker:
         while True:
             cmd = self.next_command()
             if cmd[0] == "shutdown":
+                # nobody leaves before everyone has the command (a rank that exits early resets
+                # the connections the others still read it from)
+                dist.barrier(group=self.control)
                 return
             handler = {"load": self.load, "window": self.window, "release": self.release}[cmd[0]]
             self.reply(handler(*cmd[1:]))
@@ -282,8 +305,12 @@ def _connect(worker: Worker) -> None:
                 return
             if msg[0] == "interrupt":
                 worker.stop.set()
-            else:
-                worker.inbox.put(msg)
+                continue
+            if msg[0] == "window":
+                # here, in message order: an interrupt meant for an earlier window (it can arrive
+                # after that window finished) is forgotten, one for this window is not
+                worker.stop.clear()
+            worker.inbox.put(msg)
 
     threading.Thread(target=read, daemon=True, name="wanvideo-mgpu-reader").start()
 

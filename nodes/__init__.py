@@ -10,6 +10,7 @@ from .dubbing import InfiniteTalkVideoToVideo
 from .model_info import WanVideoModelInfo
 from .model_loader import WanVideoModelLoader
 from .model_patches import InfiniteTalkModelLoader, WanVideoLoraSelect
+from .multi_gpu import WanVideoMultiGPU
 from .sampler import WanVideoInfiniteTalkSampler
 from .text_embeds import WanVideoLoadTextEmbeds, WanVideoSaveTextEmbeds
 
@@ -24,6 +25,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     InfiniteTalkModelLoader,
     WanVideoLoraSelect,
     WanVideoBlockSwap,
+    WanVideoMultiGPU,
     Wav2Vec2ModelLoader,
     InfiniteTalkAudioEmbeds,
     InfiniteTalkAudioInfo,

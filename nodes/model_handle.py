@@ -17,6 +17,9 @@ class WanVideoModelHandle:
     device: Any = None              # torch.device the weights were loaded to
     offload_device: Any = None      # torch.device to park weights on (ComfyUI's unet offload device)
     name: str = ""                  # the checkpoint's name in models/diffusion_models
+    # How the loader made `model` (resolved files + options): multi-GPU workers load their own
+    # copies from it (multitalk.multi_gpu_worker.load_checkpoint keywords).
+    load_spec: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The report plus where the model lives; JSON-friendly. Files appear as ComfyUI lists

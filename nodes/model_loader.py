@@ -183,5 +183,9 @@ class WanVideoModelLoader(io.ComfyNode):
             if key in report:
                 log.info("  %s: %s", key, _brief(key, report[key]))
         handle = WanVideoModelHandle(model=loaded.model, report=report, device=device,
-                                     offload_device=offload, name=model)
+                                     offload_device=offload, name=model, load_spec=dict(
+                                         paths=(path,), base_dtype=PRECISIONS[base_precision],
+                                         attention=attention, patch=patch,
+                                         quantization=quantization, loras=tuple(loras),
+                                         fp8_matmul=fp8_matmul, load_device=load_device))
         return io.NodeOutput(handle)

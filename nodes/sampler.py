@@ -18,6 +18,7 @@ from ..multitalk.long_video import FPS, frames_for_seconds
 from ..wanvideo.config import latent_tokens
 from .conditioning import vae_encode, wan_latent_format
 from .model_loader import WANVIDEOMODEL
+from .multi_gpu import WANVIDEOMULTIGPU, MultiGpuArgs, window_sampler
 from .text_embeds import conditioning_tensor
 from .types import BLOCKSWAPARGS, INFINITETALK_AUDIO, INFINITETALK_COND
 
@@ -192,6 +193,11 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
                 io.String.Input("filename_prefix", default="InfiniteTalk", optional=True,
                                 tooltip="File name prefix of the streamed MP4 inside the output "
                                         "folder (sub-folders allowed)."),
+                WANVIDEOMULTIGPU.Input("multi_gpu", optional=True,
+                                       tooltip="From WanVideo Multi-GPU: share every window "
+                                               "between several GPUs (one worker process per "
+                                               "GPU, each with its own copy of the model; "
+                                               "BlockSwap settings apply on every GPU)."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The video frames [N, H, W, 3] "
@@ -208,7 +214,7 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, conditioning, audio_embeds, vae, steps=40,
                 shift=7.0, text_guidance=5.0, audio_guidance=4.0, scheduler="euler", seed=0,
                 color_correction=0.0, max_frames=0, block_swap_args=None, stream_to_mp4=False,
-                filename_prefix="InfiniteTalk") -> io.NodeOutput:
+                filename_prefix="InfiniteTalk", multi_gpu=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         from ..multitalk.pipeline import generate_video, preflight
@@ -223,17 +229,17 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         plan = preflight(wan, request, in_memory=sink is None)
         _dubbing(request, conditioning, plan)
         free_device_memory(device)
-        streamer = _block_swap(model, block_swap_args, device, conditioning.y.shape)
+        sampler, release = _windows(model, multi_gpu, block_swap_args, device, conditioning)
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
         try:
             result = generate_video(wan, request, lambda f: vae_encode(vae, f),
-                                    lambda z: vae_decode(vae, z), callbacks, sink=sink)
+                                    lambda z: vae_decode(vae, z), callbacks, sink=sink,
+                                    window_sampler=sampler)
         except SamplingInterrupted:
             mm.throw_exception_if_processing_interrupted()
             raise
         finally:
-            if streamer is not None and hasattr(streamer, "release"):
-                streamer.release()
+            release()
         audio = trim_audio(getattr(audio_embeds, "audio", None), result.seconds)
         if audio is None:
             audio = {"waveform": torch.zeros(1, 1, int(round(result.seconds * SAMPLE_RATE))),
@@ -298,6 +304,27 @@ def _dubbing(request, conditioning, plan) -> None:
         clip_encoder(source.clip_vision), device=request.device,
         known=first if schedule.frames[0] == 0 else None)
     request.color_per_window = source.color_reference == "window_reference"
+
+
+def _windows(model, multi_gpu, block_swap_args, device, conditioning):
+    """(window sampler, release): the multi-GPU workers', or (None: this process) with
+    BlockSwap installed here. release() frees the per-run device memory either way."""
+    if multi_gpu is not None:
+        if not isinstance(multi_gpu, MultiGpuArgs):
+            raise ValueError("multi_gpu: expected the output of WanVideo Multi-GPU, got "
+                             f"{type(multi_gpu).__name__}")
+        tokens = latent_tokens(conditioning.y.shape, model.model.config.patch_size)
+        sampler, release = window_sampler(model, multi_gpu,
+                                          block_swap_kwargs(block_swap_args, tokens))
+        if sampler is not None:
+            return sampler, release
+    streamer = _block_swap(model, block_swap_args, device, conditioning.y.shape)
+
+    def release_streamer():
+        if streamer is not None and hasattr(streamer, "release"):
+            streamer.release()
+
+    return None, release_streamer
 
 
 def _block_swap(model, block_swap_args, device, y_shape):

@@ -27,6 +27,10 @@ def model_loader(model: str, precision: str = "fp32", load_device: str = "main_d
                 load_device=load_device, **extra)
 
 
+def multi_gpu(gpus: str = "all", mode: str = "auto") -> dict:
+    return node("WanVideoMultiGPU", gpus=gpus, mode=mode)
+
+
 def sampler(model, positive, negative, conditioning, audio_embeds, vae, steps: int = 1,
             seed: int = 0, text_guidance: float = 1.0, audio_guidance: float = 1.0,
             color_correction: float = 0.0, shift: float = 7.0, **extra) -> dict:

@@ -159,3 +159,21 @@ def test_no_worker_process_is_left_behind(pool2, pool4):
     pool2.shutdown()
     pool4.shutdown()
     assert ms.children() == []
+
+
+def test_messages_cross_between_different_pack_names():
+    """ComfyUI imports the pack under its folder's path, the workers as wanvideo_infinitetalk:
+    a class pickled by one must arrive as the other's own class."""
+    import importlib
+    import pickle
+
+    import _pack
+
+    _pack.load_pack("another_name_for_the_pack")
+    other = importlib.import_module("another_name_for_the_pack.multitalk.window_job")
+    j = ms.job()
+    theirs = other.WindowJob(**{k: getattr(j, k) for k in j.__dataclass_fields__})
+    payload = pickle.dumps(("window", theirs))
+    got = mg._PackUnpickler(payload, "another_name_for_the_pack").load()[1]
+    assert type(got).__module__ == "wanvideo_infinitetalk.multitalk.window_job"
+    assert got.noise.equal(j.noise) and got.label == j.label
