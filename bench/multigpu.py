@@ -120,8 +120,11 @@ def start_pools(args, spec: ModelSpec, devices: list[str]) -> tuple[WorkerPool, 
     t.start()
     try:
         two.start()
-    finally:
+    except BaseException:
         t.join()
+        one.shutdown()
+        raise
+    t.join()
     if "error" in box:
         two.shutdown()
         raise box["error"]

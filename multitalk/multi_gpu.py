@@ -333,7 +333,7 @@ class WorkerPool:
         reply = self._exchange(("window", job, block_swap, mode), cb,
                                what=job.label or "a window")
         if reply[0] == "interrupted":
-            self.info["last_stats"] = {"interrupted_after_checks": int(reply[1])}
+            self.info["last_stats"] = dict(reply[1])
             raise SamplingInterrupted(-1, f"multi-GPU, {reply[2]}")
         self.info["last_stats"] = reply[2]
         return reply[1]

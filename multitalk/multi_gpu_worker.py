@@ -81,6 +81,7 @@ class StopAgreement:
 
     def __init__(self, group, event: Optional[threading.Event]):
         self.group, self.event, self.checks = group, event, 0
+        self.seen_at = None     # rank 0: the check that first carried the request
         self._pending = None
 
     def _collect(self) -> bool:
@@ -96,8 +97,10 @@ class StopAgreement:
         stop = self._collect()
         if stop:
             raise SamplingInterrupted(-1, f"agreed before block {block} (check {self.checks})")
-        flag = torch.tensor([1 if self.event is not None and self.event.is_set() else 0],
-                            dtype=torch.int32)
+        asked = self.event is not None and self.event.is_set()
+        if asked and self.seen_at is None:
+            self.seen_at = self.checks
+        flag = torch.tensor([int(asked)], dtype=torch.int32)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._pending = (work, flag)
 
@@ -235,7 +238,8 @@ class Worker:
             latents = run_window(model, job, self.device, self.callbacks(job), runner)
             checker.finish()
         except SamplingInterrupted as e:
-            return ("interrupted", checker.checks, str(e))
+            return ("interrupted", {"stopped_at_check": checker.checks,
+                                    "seen_at_check": checker.seen_at}, str(e))
         finally:
             model.sequence_parallel, model.block_hook = None, None
         mine = {"rank": self.rank, "device": str(self.device), "seconds": time.perf_counter() - t0,

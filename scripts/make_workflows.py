@@ -192,6 +192,30 @@ def dubbing_workflow() -> tuple[dict, dict, list]:
     return g, {"positions": pos, "sizes": layout["sizes"]}, notes
 
 
+def two_gpus_workflow() -> tuple[dict, dict, list]:
+    """The single-speaker graph with every window shared by GPUs 0 and 1 (WanVideo Multi-GPU)."""
+    g, layout, _ = real_workflow(two=False)
+    g["22"] = gn.multi_gpu("0,1", "auto")
+    g["16"]["inputs"]["multi_gpu"] = ["22", 0]
+    g["18"]["inputs"]["filename_prefix"] = "video/infinitetalk_two_gpus"
+    pos = dict(layout["positions"], **{"22": at(1, 8.3)})
+    pos.update({"6": at(1, 10.5), "7": at(1, 14.5)})
+    text = "\n".join([
+        "TWO GPUs: WanVideo Multi-GPU starts one worker process per GPU (here 0 and 1); each",
+        "loads its own copy of the model from the loader's file and options, and every window's",
+        "steps are shared between them: with the LoRA's one pass per step each pass is split by",
+        "tokens (sequence parallel); with 2 guidance passes each GPU runs one. BlockSwap",
+        "settings apply on every GPU. The VAE, CLIP vision and text encoder stay in ComfyUI's",
+        "process on its GPU. gpus 'all' uses every visible GPU; one GPU runs as without the node.",
+        "Cancel stops every worker at the next block; a worker that dies fails the prompt with",
+        "its rank and GPU named, and the next prompt starts new workers (docs/MULTI_GPU.md).",
+        "",
+        "Model files and inputs: as in infinitetalk_single_speaker (see its note).",
+    ])
+    notes = [{"title": "Read me: two GPUs", "text": text, "pos": at(3, 14), "size": [800, 300]}]
+    return g, {"positions": pos, "sizes": layout["sizes"]}, notes
+
+
 def tiny_workflow() -> tuple[dict, dict, list]:
     """Runs on the tiny models `make demo` writes (CPU, about a minute): cached text embeddings
     instead of umT5, no CLIP vision (zero tokens), tiny VAE/transformer/patch/wav2vec2."""
@@ -242,6 +266,7 @@ WORKFLOWS = {
     "infinitetalk_two_speakers": lambda: real_workflow(two=True),
     "infinitetalk_dubbing": dubbing_workflow,
     "infinitetalk_tiny_demo": tiny_workflow,
+    "infinitetalk_two_gpus": two_gpus_workflow,
 }
 
 

@@ -102,6 +102,10 @@ def test_interrupt_stops_every_rank_at_one_block_and_workers_stay(pool2, model, 
     with pytest.raises(SamplingInterrupted, match="agreed before block"):
         pool2.sample_window(ms.job(steps=400), cb, mode=mode)
     latency = time.monotonic() - stop["at"]
+    seen = pool2.info["last_stats"]
+    # the request rode on one block's exchange and every rank stopped at the next block
+    assert seen["seen_at_check"] is not None
+    assert seen["stopped_at_check"] - seen["seen_at_check"] == 1, seen
     # one step here is 3 passes x 2 blocks; stopping within a block leaves at most one
     # progress report in flight
     assert steps[-1] <= 3, steps

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.comfy
 
 EXAMPLES = os.path.join(h.ROOT, "example_workflows")
 NAMES = ("infinitetalk_single_speaker", "infinitetalk_two_speakers", "infinitetalk_dubbing",
-         "infinitetalk_tiny_demo")
+         "infinitetalk_tiny_demo", "infinitetalk_two_gpus")
 SAMPLER = "11"   # node ids in the tiny demo graph
 SAVE = "13"
 # A run must not leave memory behind: the server's RSS floor over runs 4-5 may exceed the floor
