@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "sequence", "guidance")
 START_TIMEOUT_S = 120.0       # workers started -> rank 0 connected (model loading comes after)
 STOP_TIMEOUT_S = 10.0
+MAX_CPU_WORKERS = 4
 
 
 # The name this process imported the pack under: ComfyUI names it after its folder path, the
@@ -123,9 +124,10 @@ class Placement:
             raise ValueError(f"multi-GPU mode {mode!r} is not one of {MODES}")
         text = str(gpus).strip().lower().replace(" ", "")
         if text.startswith("cpu"):
-            n = int(text.split(":", 1)[1]) if ":" in text else 2
-            if not 1 <= n <= 16:
-                raise ValueError(f"gpus {gpus!r}: cpu:N takes 1..16 processes")
+            count = text.split(":", 1)[1] if ":" in text else "2"
+            n = int(count) if count.isdigit() else 0
+            if not 1 <= n <= MAX_CPU_WORKERS:   # a test mode: no prompt may fork a crowd
+                raise ValueError(f"gpus {gpus!r}: cpu:N takes 1..{MAX_CPU_WORKERS} processes")
             return cls(tuple(["cpu"] * n), mode)
         count = torch.cuda.device_count() if cuda_count is None else cuda_count
         if text == "all":
@@ -141,7 +143,8 @@ class Placement:
             raise ValueError(f"gpus {gpus!r}: this machine has {count} CUDA device(s) "
                              f"(0..{count - 1}); each may be named once")
         if not ids:
-            raise ValueError(f"gpus {gpus!r} names no device")
+            raise ValueError(f"gpus {gpus!r} names no device" if count else
+                             f"gpus {gpus!r}: no CUDA device is visible to this process")
         return cls(tuple(f"cuda:{i}" for i in ids), mode)
 
 
@@ -335,7 +338,11 @@ class WorkerPool:
         if reply[0] == "interrupted":
             self.info["last_stats"] = dict(reply[1])
             raise SamplingInterrupted(-1, f"multi-GPU, {reply[2]}")
-        self.info["last_stats"] = reply[2]
+        stats = self.info["last_stats"] = reply[2]
+        peaks = [r["peak_vram_bytes"] for r in stats["ranks"]]
+        log.info("WanVideo multi-GPU %s: sequence %d x guidance %d%s", job.label or "window",
+                 stats["sequence"], stats["guidance"], "" if None in peaks else
+                 ", peak VRAM " + " / ".join(f"{p / 2 ** 30:.1f}" for p in peaks) + " GiB")
         return reply[1]
 
     def release(self) -> None:

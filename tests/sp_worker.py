@@ -23,7 +23,8 @@ from wanvideo_infinitetalk.wanvideo.guidance_parallel import (  # noqa: E402
     GuidanceParallel, parallel_layout)
 from wanvideo_infinitetalk.wanvideo.sampling import sample_window  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
-from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.sequence_parallel import (  # noqa: E402
+    SequenceParallel, agree_scale, sharded_forward)
 
 # 4 heads of 64, so degrees 2 and 4 both divide the heads, as 2/4/5/8 divide the real model's 40.
 TINY_I2V_4_HEADS = WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=2, in_dim=36,
@@ -94,6 +95,18 @@ def guidance_errors(model) -> dict:
     return out
 
 
+def scale_errors(rank: int, world: int) -> dict:
+    """fp8 activation scales (quant_kernels) inside a sharded forward: the max over the ranks,
+    the rank's own scale untouched; outside one: unchanged."""
+    shard = SequenceParallel.from_group().shard((1, 1, world))
+    mine = torch.tensor(float(rank + 1))
+    outside = agree_scale(mine)
+    with sharded_forward(shard):
+        agreed = agree_scale(mine)
+    return {"scale/agreed_max": abs(float(agreed) - world) + abs(float(mine) - (rank + 1)),
+            "scale/outside_unchanged": abs(float(outside) - (rank + 1))}
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # the same kernels and reduction order in every process
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -104,6 +117,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         errors |= forward_errors(model, SequenceParallel.from_group(pairs[rank // 2]), "sp2")
         errors |= guidance_errors(model)
+        errors |= scale_errors(rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(errors, f)
     finally:

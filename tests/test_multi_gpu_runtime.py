@@ -152,7 +152,7 @@ def test_placement_parsing():
     assert mg.Placement.parse("0,1", cuda_count=2).devices == ("cuda:0", "cuda:1")
     assert mg.Placement.parse("all", cuda_count=3).world == 3
     assert mg.Placement.parse("cpu:4").backend == "gloo"
-    for bad in ("0,0", "2", "x", ""):
+    for bad in ("0,0", "2", "x", "", "cpu:5", "cpu:0", "cpu:x"):
         with pytest.raises(ValueError):
             mg.Placement.parse(bad, cuda_count=2)
     with pytest.raises(ValueError):

@@ -150,3 +150,18 @@ def test_bad_gpu_list_is_refused_clearly(server):
     assert err is not None and err["node_id"] == "30", err
     assert "CUDA device" in err["exception_message"], err["exception_message"]
     json.dumps(err)
+
+
+def test_schema_has_tooltips_and_the_sampler_takes_it(server):
+    info = server.object_info()
+    spec = info["WanVideoMultiGPU"]
+    assert spec["category"] == "WanVideo InfiniteTalk"
+    assert spec["output"] == ["WANVIDEOMULTIGPU"]
+    inputs = spec["input"]["required"]
+    assert list(inputs) == ["gpus", "mode"]
+    assert inputs["mode"][0] == ["auto", "sequence", "guidance"] or \
+        inputs["mode"][1].get("options") == ["auto", "sequence", "guidance"]
+    for name, decl in inputs.items():
+        assert decl[1].get("tooltip"), name
+    opt = info["WanVideoInfiniteTalkSampler"]["input"]["optional"]["multi_gpu"]
+    assert opt[0] == "WANVIDEOMULTIGPU" and opt[1].get("tooltip")

@@ -80,6 +80,10 @@ def test_guidance_and_sequence_parallel_together(errors):
     _check(errors, "guidance+sequence/")
 
 
+def test_fp8_activation_scales_are_agreed_over_the_shard(errors):
+    _check(errors, "scale/")
+
+
 def test_every_case_was_measured(errors):
     cases = {k for e in errors.values() for k in e}
     for world in (2, 4):

@@ -6,6 +6,7 @@ input in `compute_dtype`. InfiniteTalk fills the `norm_x` / `audio_cross_attn` /
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,7 +18,7 @@ from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
 from .attention import attention
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
-from .sequence_parallel import split_rotations
+from .sequence_parallel import sharded_forward, split_rotations
 
 
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +344,14 @@ class WanModel(nn.Module):
             if self.audio_proj is None:
                 raise ValueError("audio was given but the model has no InfiniteTalk layers")
             audio_ctx = self.audio_proj.make_context(audio, grid)
+        with contextlib.nullcontext() if shard is None else sharded_forward(shard):
+            out = self._blocks(x, e, e0, grid, rope, context, image_tokens, audio_ctx, shard,
+                               streamer)
+        if shard is not None:
+            out = shard.gather_tokens(out)
+        return self.unpatchify(out, grid)
+
+    def _blocks(self, x, e, e0, grid, rope, context, image_tokens, audio_ctx, shard, streamer):
         hook = getattr(self, "block_hook", None)
         for i, block in enumerate(self.blocks):
             if hook is not None:
@@ -352,10 +361,7 @@ class WanModel(nn.Module):
             x = block(x, e0, grid, rope, context, image_tokens, self.dtype, audio_ctx, shard)
             if streamer is not None:
                 streamer.after_block(i)
-        out = self.head(x, e)
-        if shard is not None:
-            out = shard.gather_tokens(out)
-        return self.unpatchify(out, grid)
+        return self.head(x, e)
 
     def _shard(self, grid):
         sp = getattr(self, "sequence_parallel", None)

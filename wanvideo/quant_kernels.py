@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .quant_formats import FP8_E4M3_MAX, nvfp4_dequantize
+from .sequence_parallel import agree_scale
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,6 +98,8 @@ def _quantize(x2: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool):
         amax_k[(_cdiv(m, _AMAX_ROWS),)](x2, static_scale, m, k, x2.stride(0),
                                               FMAX=FP8_E4M3_MAX, GELU=gelu, ROWS=_AMAX_ROWS,
                                               BLOCK=ablock, num_warps=8)
+    # sequence parallel: the scale of the whole tensor, not of this rank's tokens
+    static_scale = agree_scale(static_scale)
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
     cast_k[(m,)](x2, q, static_scale, k, x2.stride(0), FMAX=FP8_E4M3_MAX, GELU=gelu, BLOCK=block,
                  num_warps=4)

@@ -17,6 +17,8 @@ supports all three on CPU, NCCL on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -152,6 +154,35 @@ class TokenShard:
         t = t.contiguous()
         dist.all_reduce(t, op=op, group=self.sp.group)
         return t
+
+
+# The shard of the forward now running its blocks in this thread (None: an unsplit forward).
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("wanvideo_token_shard", default=None)
+
+
+@contextlib.contextmanager
+def sharded_forward(shard: TokenShard):
+    """While active, per-tensor fp8 activation scales are agreed over the shard's group
+    (agree_scale, called by quant_kernels): one process scales a tensor by the max over all its
+    tokens, so every rank must use the max over every rank's tokens, or the same token is
+    rounded differently and the split output drifts from the single-process one."""
+    token = _RUNNING.set(shard)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
+def agree_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` (0-d, per tensor, larger = coarser) as the maximum over the ranks that share the
+    running forward; unchanged outside a sharded forward. Every rank quantizes the same layers
+    in the same order, so these all_reduces pair up."""
+    shard = _RUNNING.get()
+    if shard is None:
+        return scale
+    agreed = scale.reshape(1).clone()   # never write into a layer's stored input scale
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=shard.sp.group)
+    return agreed.reshape(())
 
 
 def split_rotations(shard: TokenShard, rot: torch.Tensor) -> torch.Tensor:
