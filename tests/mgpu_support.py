@@ -49,14 +49,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def children() -> list:
-    """Live child processes of this test process (zombies reaped first)."""
+    """Live multi-GPU worker processes (and torchrun launchers) below this test process; other
+    children (a session-wide ComfyUI server) are not ours to count."""
     import psutil
 
-    me = psutil.Process()
     out = []
-    for p in me.children(recursive=True):
+    for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
+            cmd = " ".join(p.cmdline())
+            if p.status() != psutil.STATUS_ZOMBIE and (
+                    "multi_gpu_worker" in cmd or "torch.distributed.run" in cmd):
                 out.append(p)
         except psutil.NoSuchProcess:
             pass
