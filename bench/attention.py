@@ -2,7 +2,7 @@
 one JSON object.
 
     python bench/attention.py [--tokens 32760 8100] [--heads 40] [--head-dim 128] [--reps 10]
-                              [--no-sweep] [--out FILE]
+                              [--no-sweep | --configs N] [--out FILE]
 
 Shapes are the 14B model's self-attention (batch 1, 40 heads, head dim 128, bf16): 32,760 tokens
 (81 frames at 832x480) and 8,100 (33 frames at 480x480). Inputs are DiT-like: Q and V N(0, 1), K
@@ -13,8 +13,10 @@ of ours includes the K/V quantization pass, "kernel_only_ms" is the attention ke
 pre-quantized K/V and "quantize_kv_ms" the pass alone.
 Accuracy is against fp32 attention (memory-efficient SDPA on fp32 copies of the same inputs) over
 the first `--acc-heads` heads. Other launch configurations are timed too unless `--no-sweep`
-(pv, INT8 or bf16 P.V, and block_n change the numerics, so each configuration gets its own
-accuracy figure); the verdict
+(attention_int8.SWEEP, or its first N with `--configs N`; pv, INT8 or bf16 P.V, and block_n
+change the numerics, so each configuration gets its own accuracy figure). A configuration that
+fails keeps the last 800 characters of its exception chain (a Triton CompilationError's reason is
+at the end of its causes). The verdict
 judges the default configuration, the one the backend runs, and names the fastest accurate one.
 """
 from __future__ import annotations
@@ -33,11 +35,7 @@ from wanvideo_infinitetalk.wanvideo.attention import AUTO_INT8_CAPABILITIES  # n
 
 TARGETS = {32760: 1.5, 8100: 1.3}  # speedup over cuDNN SDPA the issue asks for
 REL_L2_TARGET, COSINE_TARGET = 0.03, 0.999
-SWEEP = [  # (pv, block_m, block_n, num_warps, num_stages); all without spills on sm_90
-    ("int8", 64, 128, 4, 2), ("int8", 64, 128, 4, 3), ("int8", 128, 128, 8, 2),
-    ("int8", 128, 128, 8, 3), ("int8", 128, 64, 8, 3), ("int8", 64, 64, 4, 3),
-    ("bf16", 128, 64, 8, 3), ("bf16", 128, 64, 8, 2)]
-SWEEP_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages")
+
 
 
 def dit_inputs(tokens: int, heads: int, head_dim: int, seed: int = 0):
@@ -79,6 +77,16 @@ def sdpa_call(q, k, v, backend):
     return run
 
 
+def describe(exc: BaseException, limit: int = 800) -> str:
+    """The exception and its causes, innermost last, cut to the last `limit` characters: a Triton
+    CompilationError's first line is only "at L:C:", the reason is at its end or in a cause."""
+    parts = []
+    while exc is not None and len(parts) < 8:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)[-limit:]
+
+
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
     out, ref = out.flatten().double(), ref.flatten().double()
     return {"rel_l2": ((out - ref).norm() / ref.norm()).item(),
@@ -103,7 +111,7 @@ def time_ours(q, k, v, config: dict, reps: int) -> dict:
     return {"ms": full, "kernel_only_ms": only, "quantize_kv_ms": quant}
 
 
-def run_size(tokens: int, args, sweep: bool) -> dict:
+def run_size(tokens: int, args, sweep: bool, configs_limit: int | None = None) -> dict:
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
     flops = 4 * tokens * tokens * args.heads * args.head_dim
     entry: dict = {"tokens": tokens, "tflop": flops / 1e12}
@@ -118,9 +126,9 @@ def run_size(tokens: int, args, sweep: bool) -> dict:
             entry[name] = {"ms": ms, "tflops": flops / ms / 1e9,
                            **errors(out[:, :, acc_slice], ref)}
         except RuntimeError as exc:  # a backend this build or GPU does not offer
-            entry[name] = {"error": str(exc).splitlines()[0]}
+            entry[name] = {"error": describe(exc)}
     default = ai.default_config(q.device, args.head_dim)
-    configs = [default] + ([dict(zip(SWEEP_KEYS, c)) for c in SWEEP] if sweep else [])
+    configs = [default] + (ai.SWEEP[:configs_limit] if sweep else [])
     entry["ours"], seen = [], []
     for config in configs:
         if config in seen:
@@ -131,7 +139,7 @@ def run_size(tokens: int, args, sweep: bool) -> dict:
             out = ai.attention_int8(q, k, v, **config)
             result.update(errors(out[:, :, acc_slice], ref), tflops=flops / result["ms"] / 1e9)
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for one config
-            result = {"config": config, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            result = {"config": config, "error": describe(exc)}
         entry["ours"].append(result)
     return entry
 
@@ -159,6 +167,8 @@ def main(argv=None):
     ap.add_argument("--acc-heads", type=int, default=8)
     ap.add_argument("--no-sweep", dest="sweep", action="store_false",
                     help="time only the default launch configuration")
+    ap.add_argument("--configs", type=int, default=None,
+                    help="time only the first N configurations of the sweep")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -173,7 +183,7 @@ def main(argv=None):
 
         result["triton"] = triton.__version__
         for tokens in args.tokens:
-            entry = run_size(tokens, args, args.sweep)
+            entry = run_size(tokens, args, args.sweep, args.configs)
             entry["verdict"] = verdict(entry)
             result["sizes"].append(entry)
             torch.cuda.empty_cache()

@@ -85,6 +85,13 @@ def _kernels():
 
 
 PV_CHOICES = ("int8", "bf16")
+CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages")
+# The launch configurations bench/attention.py times (all without spills on sm_90) and
+# tests/test_attention_int8.py compiles ahead of time for sm_90 with the installed Triton.
+SWEEP = [dict(zip(CONFIG_KEYS, c)) for c in (
+    ("int8", 64, 128, 4, 2), ("int8", 64, 128, 4, 3), ("int8", 128, 128, 8, 2),
+    ("int8", 128, 128, 8, 3), ("int8", 128, 64, 8, 3), ("int8", 64, 64, 4, 3),
+    ("bf16", 128, 64, 8, 3), ("bf16", 128, 64, 8, 2))]
 
 
 def default_config(device: torch.device, head_dim: int) -> dict:

@@ -7,9 +7,12 @@ rounded half to even (torch.round's rule) and its low mantissa byte is that inte
 complement byte, so a bitcast and a truncation give the int8 without a float-to-int conversion
 (the conversion unit is as slow as exp2, which already bounds the softmax). Scales divide with
 div_rn (IEEE), as the reference does: an approximate division moves x.5 roundings.
-"""
-from __future__ import annotations
 
+Written for Triton 3.0 through 3.8: the int8 tl.dot names out_dtype=tl.int32 (before 3.8 an
+accumulator must match out_dtype, whose default is float32), tl.sum gets no dtype= (3.0-3.2 lack
+it), and there is no `from __future__ import annotations` (Triton 3.0's interpreter recognizes a
+constexpr parameter only by a real tl.constexpr annotation). aot_compile compiles without a GPU.
+"""
 import triton
 import triton.language as tl
 
@@ -76,7 +79,7 @@ def _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
     the block's row max in the log2 domain is m_block = n_max * c, c = qscale * kscale."""
     k = tl.load(k_ptrs)
     magic = tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32)
-    f = tl.dot(q_int, tl.trans(k), acc=magic).to(tl.float32, bitcast=True)
+    f = tl.dot(q_int, tl.trans(k), acc=magic, out_dtype=tl.int32).to(tl.float32, bitcast=True)
     if MASKED:
         f = tl.where(cols[None, :] < keys, f, float("-inf"))
     f_max = tl.max(f, axis=1)
@@ -108,11 +111,12 @@ def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols
     bits = tl.fma(p, 127.0, 12582912.0).to(tl.int32, bitcast=True)
     # sum of the integers: every element carries 0x4B400000, removed once per row (int32 wraps)
     offset = tl.full([BLOCK_M], 0x4B400000, tl.int32) * BLOCK_N
-    l_block = tl.sum(bits, axis=1, dtype=tl.int32) - offset
+    l_block = tl.sum(bits, axis=1) - offset  # int32 in, int32 out (no dtype=: Triton <= 3.2)
     l_i = l_i * alpha + p_scale * l_block.to(tl.float32)
     v_t = tl.load(vt_ptrs)
     magic = tl.full([BLOCK_M, D], 0x4B400000, tl.int32)
-    pv = tl.dot(bits.to(tl.int8), tl.trans(v_t), acc=magic).to(tl.float32, bitcast=True)
+    pv = tl.dot(bits.to(tl.int8), tl.trans(v_t), acc=magic, out_dtype=tl.int32)
+    pv = pv.to(tl.float32, bitcast=True)
     acc = acc * alpha[:, None] + (pv - 12582912.0) * p_scale[:, None]
     return acc, m_new, l_i
 
@@ -207,3 +211,54 @@ def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, p
                        out.stride(0), out.stride(1), out.stride(2),
                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_INT8=pv == "int8",
                        num_warps=num_warps, num_stages=num_stages)
+
+
+def _signatures(pv: str, dtype: str) -> tuple[dict, dict]:
+    """The runtime arguments of _quant_kv_kernel and _attn_kernel as triton.compile types."""
+    quant = {"K": f"*{dtype}", "V": f"*{dtype}", "K_MEAN": "*fp32", "V_INV": "*fp32",
+             "K_INT": "*i8", "K_SCALE": "*fp32", "V_T": "*i8", "keys": "i32", "padded": "i32",
+             "heads": "i32"}
+    quant.update({f"s_{t}{s}": "i32" for t in "kv" for s in "blh"})
+    attn = {"Q": f"*{dtype}", "K_INT": "*i8", "K_SCALE": "*fp32",
+            "V": "*i8" if pv == "int8" else f"*{dtype}", "V_SCALE": "*fp32", "O": f"*{dtype}"}
+    attn.update({name: "i32" for name in ("n_q", "keys", "padded", "heads")}, factor="fp32")
+    attn.update({f"s_{t}{s}": "i32" for t in "qvo" for s in "blh"})
+    return quant, attn
+
+
+def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str = "bf16"):
+    """Both kernels of one launch `config` (attention_int8.launch_config's keys) compiled for
+    sm_`capability` without a GPU (front end, backend passes, ptxas), the pointers and `padded`
+    16-divisible as in a real launch (not on 3.2). Returns (quantize_kv, attention) compiled
+    kernels (asm["ptx"], asm["cubin"], metadata.shared)."""
+    quant_sig, attn_sig = _signatures(config["pv"], dtype)
+    quant = _compile(_quant_kv_kernel, quant_sig, {"D": head_dim, "BLOCK_N": config["block_n"],
+                                                   "QUANT_V": config["pv"] == "int8"},
+                     capability, {"num_warps": 4})
+    attn = _compile(_attn_kernel, attn_sig,
+                    {"D": head_dim, "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"],
+                     "PV_INT8": config["pv"] == "int8"}, capability,
+                    {"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+    return quant, attn
+
+
+def _compile(fn, sig: dict, consts: dict, capability: int, options: dict):
+    """triton.compile of `fn`; ASTSource changed twice: argument indices (3.0-3.1), names with
+    `constants` (3.2), names with `constexprs` and dict attributes (3.3+)."""
+    from triton.backends.compiler import GPUTarget
+
+    names = fn.arg_names
+    aligned = [names.index(n) for n, t in sig.items() if t.startswith("*") or n == "padded"]
+    source, version = triton.compiler.ASTSource, tuple(map(int, triton.__version__.split(".")[:2]))
+    if version >= (3, 2):  # names; constexprs in the signature too
+        sig = {**sig, **{name: "constexpr" for name in consts}}
+    if version >= (3, 3):
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = source(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    elif version == (3, 2):  # its AttrsDescriptor is built from launch arguments: unaligned
+        src = source(fn=fn, signature=sig, constants=consts)
+    else:
+        attrs = triton.compiler.AttrsDescriptor(divisible_by_16=set(aligned))
+        src = source(fn=fn, signature={names.index(n): t for n, t in sig.items()},
+                     constants={names.index(n): v for n, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
