@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from .placement import attention_ready
 
 BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
-# Compute capabilities where `auto` picks the 8-bit kernel. Until bench/attention.py has been run
-# on each: Ada (8, 9) and Hopper (9, 0), the GPUs with INT8 tensor cores the kernel targets.
-# Blackwell and later stay on SDPA (cuDNN) until measured.
-AUTO_INT8_CAPABILITIES = ((8, 9), (9, 0))
+# Where `auto` picks the 8-bit kernel: compute capability -> the fewest keys at which
+# bench/attention.py measured it faster than cuDNN SDPA. H200 (bench/results/attention_h200.json):
+# 34.4 vs 37.5 ms at 32,760 keys (1.09x), 2.41 vs 2.16 ms at 8,100 (0.90x). Ada and Blackwell have
+# not been measured: SDPA there.
+AUTO_INT8_MIN_KEYS = {(9, 0): 16384}
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,20 @@ def check_backend(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def auto_choice(device: torch.device) -> str:
-    """What `auto` runs on `device`: "int8" on the capabilities listed above when the kernel can
-    run there, else "sdpa"."""
+def auto_min_keys(device: torch.device) -> int | None:
+    """The key count from which `auto` runs the 8-bit kernel on `device`; None: never (SDPA)."""
     from . import attention_int8
 
     if device.type != "cuda" or attention_int8.device_supported(device) is not None:
-        return "sdpa"
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return "int8" if torch.cuda.get_device_capability(index) in AUTO_INT8_CAPABILITIES else "sdpa"
+    return AUTO_INT8_MIN_KEYS.get(tuple(torch.cuda.get_device_capability(index)))
+
+
+def auto_choice(device: torch.device, keys: int) -> str:
+    """What `auto` runs for `keys` keys on `device`: "int8" where it was measured faster."""
+    least = auto_min_keys(device)
+    return "int8" if least is not None and keys >= least else "sdpa"
 
 
 @functools.lru_cache(maxsize=256)  # bounded: debug reasons name shapes
@@ -69,8 +75,8 @@ def _int8_or_reason(q, k, v, backend: str) -> str | None:
     """None when the 8-bit kernel runs these inputs, else why SDPA runs them instead."""
     from . import attention_int8
 
-    if backend == "auto" and auto_choice(q.device) != "int8":
-        return "auto picks sdpa on this device"
+    if backend == "auto" and auto_choice(q.device, k.shape[1]) != "int8":
+        return "auto picks sdpa for this device and length"
     device_reason = attention_int8.device_supported(q.device)
     if device_reason is not None:
         _say_once(logging.WARNING, f"attention 'int8' runs SDPA on {q.device}: {device_reason}")
