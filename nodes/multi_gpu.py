@@ -94,20 +94,45 @@ def _spec(handle):
     return ModelSpec.make(".multitalk.multi_gpu_worker:load_checkpoint", **spec)
 
 
-def _park(handle) -> None:
-    """The workers hold the model now; the loader's copy must not sit in GPU 0's memory."""
+def _hand_over(handle) -> None:
+    """The workers hold their own copies now: this process's copy is dropped (its tensors become
+    meta tensors, so preflight still reads the shapes) instead of sitting in host RAM or GPU 0.
+    ensure_local loads it again if a later prompt samples in this process."""
     import torch
 
     from ..wanvideo import placement
 
     wan = handle.model
-    if handle.device is None or torch.device(handle.device).type != "cuda" \
-            or getattr(wan, "block_streamer", None) is not None:
+    if handle.device is not None and torch.device(handle.device).type == "meta":
         return
-    log.info("WanVideo Multi-GPU: moving this process's copy of the model to %s; the workers "
-             "hold their own", handle.offload_device)
-    placement.move_module(wan, handle.offload_device)
-    handle.device = handle.offload_device
+    meta = torch.device("meta")
+    streamer = getattr(wan, "block_streamer", None)
+    if streamer is not None and hasattr(streamer, "detach"):
+        streamer.detach(wan, to=meta)
+    placement.move_module(wan, meta)
+    handle.device = meta
+    log.info("WanVideo Multi-GPU: the workers hold the model; this process's copy is released "
+             "(loaded again from %s if a prompt samples here)", handle.name or "its file")
+
+
+def ensure_local(handle):
+    """The model in this process: the handle's, or loaded again from the loader's files and
+    options after _hand_over released it."""
+    import torch
+
+    if handle.device is None or torch.device(handle.device).type != "meta":
+        return handle.model
+    import comfy.model_management as mm
+
+    from ..multitalk.multi_gpu_worker import load_checkpoint
+
+    spec = dict(handle.load_spec)
+    log.info("WanVideo Multi-GPU: loading %s into this process again (sampling here)",
+             handle.name or "the model")
+    compute = mm.get_torch_device()
+    handle.model = load_checkpoint(compute, **spec)
+    handle.device = compute if spec.get("load_device") == "main_device" else torch.device("cpu")
+    return handle.model
 
 
 def window_sampler(handle, args: MultiGpuArgs, block_swap: dict | None):
@@ -120,8 +145,8 @@ def window_sampler(handle, args: MultiGpuArgs, block_swap: dict | None):
     if placement is None:
         return None, None
     spec = _spec(handle)
-    _park(handle)
     pool = multi_gpu.shared_pool(spec, placement)
+    _hand_over(handle)
     if getattr(handle, "_multi_gpu_finalizer", None) is None:
         handle._multi_gpu_finalizer = weakref.finalize(handle, multi_gpu.shutdown_shared, spec)
     swap = dict(block_swap) if block_swap else None

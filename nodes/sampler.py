@@ -18,7 +18,7 @@ from ..multitalk.long_video import FPS, frames_for_seconds
 from ..wanvideo.config import latent_tokens
 from .conditioning import vae_encode, wan_latent_format
 from .model_loader import WANVIDEOMODEL
-from .multi_gpu import WANVIDEOMULTIGPU, MultiGpuArgs, window_sampler
+from .multi_gpu import WANVIDEOMULTIGPU, MultiGpuArgs, ensure_local, window_sampler
 from .text_embeds import conditioning_tensor
 from .types import BLOCKSWAPARGS, INFINITETALK_AUDIO, INFINITETALK_COND
 
@@ -230,6 +230,7 @@ class WanVideoInfiniteTalkSampler(io.ComfyNode):
         _dubbing(request, conditioning, plan)
         free_device_memory(device)
         sampler, release = _windows(model, multi_gpu, block_swap_args, device, conditioning)
+        wan = model.model   # loaded again if an earlier multi-GPU prompt released it
         callbacks = comfy_callbacks(int(steps) * plan.num_windows, device)
         try:
             result = generate_video(wan, request, lambda f: vae_encode(vae, f),
@@ -318,6 +319,7 @@ def _windows(model, multi_gpu, block_swap_args, device, conditioning):
                                           block_swap_kwargs(block_swap_args, tokens))
         if sampler is not None:
             return sampler, release
+    ensure_local(model)
     streamer = _block_swap(model, block_swap_args, device, conditioning.y.shape)
 
     def release_streamer():

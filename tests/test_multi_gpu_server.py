@@ -89,6 +89,11 @@ def test_two_workers_give_the_frames_of_one_process_and_stay(server):
     assert len(pids) == 2
     guided = _summary(server.run(multi(mode="guidance", seed=8), timeout=600))
     assert guided["images"] == plain["images"] and workers(server) == pids   # model kept
+    log = server.log_text()
+    assert "this process's copy is released" in log
+    # sampling here again: the released copy is loaded again from the file, same frames
+    assert _summary(server.run(short(seed=7), timeout=600))["checksum"] == plain["checksum"]
+    assert "into this process again" in server.log_text()
 
 
 def _wait_progress(server, pid):
