@@ -34,8 +34,9 @@ COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folde
                  "latent_preview", "node_helpers", "server", "execution"}
 # Imported only when present, each with a working fallback: Triton kernels (CUDA builds of torch
 # bring triton), extra attention backends the user installs on purpose, psutil for free host RAM
-# (/proc/meminfo otherwise).
-OPTIONAL_MODULES = {"triton", "flash_attn", "sageattention", "psutil"}
+# (/proc/meminfo otherwise). sentencepiece: only the full-size stand-in generator (a developer
+# tool; ComfyUI requires sentencepiece) uses it, and says so when it is missing.
+OPTIONAL_MODULES = {"triton", "flash_attn", "sageattention", "psutil", "sentencepiece"}
 # scripts/setup.sh installs these first and pinned, outside the requirement files.
 SETUP_PINNED = {"torch", "torchvision"}
 

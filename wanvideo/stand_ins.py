@@ -91,7 +91,11 @@ def tokenizer_model() -> bytes:
     import random
     import string
 
-    import sentencepiece as spm
+    try:
+        import sentencepiece as spm
+    except ImportError:  # a ComfyUI requirement; only this developer tool needs it here
+        raise RuntimeError("writing the umT5 stand-in needs the sentencepiece package (ComfyUI's "
+                           "requirements install it): pip install sentencepiece") from None
 
     rng, words = random.Random(0), TOKENIZER_WORDS.split()
     corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
