@@ -12,6 +12,8 @@ step (guidance 1/1) or three (5/4). The split is the runtime's auto choice (sequ
 1 and 3 passes on 2 GPUs). Step times are taken by the driver when rank 0 reports a finished
 step (rank 0 synchronises its GPU first); the first step is warm-up, the median of the others is
 reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker for that window.
+`--pieces 1,2,4` times the 2-GPU pool once per head-piece count of the overlapped all-to-all
+(wanvideo/sequence_parallel.py; 1 = nothing overlapped), all against the same 1-GPU run.
 The 2-GPU latents are compared with the 1-GPU ones (relative L2 and max-abs / max).
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from wanvideo_infinitetalk.multitalk.multi_gpu import ModelSpec, Placement, Work
 from wanvideo_infinitetalk.multitalk.window_job import WindowJob  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.sequence_parallel import DEFAULT_PIECES  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"one_pass_speedup": 1.85, "three_pass_speedup": 1.9, "rel_err": 2e-2}
@@ -63,10 +66,10 @@ def make_job(frames: int, width: int, height: int, steps: int, passes: int) -> W
         label=f"{passes}-pass window")
 
 
-def run_case(pool: WorkerPool, job: WindowJob, swap: dict) -> dict:
+def run_case(pool: WorkerPool, job: WindowJob, swap: dict, pieces=None) -> dict:
     marks = [time.perf_counter()]
     cb = SamplingCallbacks(progress=lambda done, total: marks.append(time.perf_counter()))
-    latents = pool.sample_window(job, cb, block_swap=swap)
+    latents = pool.sample_window(job, cb, block_swap=swap, sp_pieces=pieces)
     steps = [b - a for a, b in zip(marks, marks[1:])]
     timed = steps[1:] or steps
     stats = pool.info["last_stats"]
@@ -93,13 +96,13 @@ def cases(args) -> list[tuple[str, dict, int]]:
     return out
 
 
-def measure(pool: WorkerPool, args, size) -> dict:
+def measure(pool: WorkerPool, args, size, pieces=None) -> dict:
     results = {}
     for name, swap, passes in cases(args):
         job = make_job(args.frames, size[0], size[1], args.steps, passes)
-        r = results[f"{name}/{passes}pass"] = run_case(pool, job, swap)
-        print(f"[multigpu] {pool.placement.world} device(s), {name}, {passes} pass(es): "
-              f"median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
+        r = results[f"{name}/{passes}pass"] = run_case(pool, job, swap, pieces)
+        print(f"[multigpu] {pool.placement.world} device(s), {name}, {passes} pass(es), "
+              f"pieces {pieces}: median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
               f"peak VRAM {r['peak_vram_gb']} GiB", file=sys.stderr, flush=True)
     return results
 
@@ -131,7 +134,11 @@ def start_pools(args, spec: ModelSpec, devices: list[str]) -> tuple[WorkerPool, 
     return one, two, {"start_both_s": time.perf_counter() - t0}
 
 
-def summarize(r1: dict, r2: dict) -> dict:
+def summarize(r1: dict, by_pieces: dict) -> dict:
+    """The headline is the default piece count (sequence_parallel.DEFAULT_PIECES) when it was
+    measured, else the first; every measured count is listed beside it."""
+    head = DEFAULT_PIECES if DEFAULT_PIECES in by_pieces else next(iter(by_pieces))
+    r2 = by_pieces[head]
     out = {}
     for key in r1:
         a, b = r1[key], r2[key]
@@ -142,6 +149,13 @@ def summarize(r1: dict, r2: dict) -> dict:
                     "step_seconds_one_gpu": a["step_seconds"],
                     "step_seconds_two_gpus": b["step_seconds"]}
         out[key].update(rel_errors(b["latents"], a["latents"]))
+        out[key]["sp_pieces"] = head
+        out[key]["by_pieces"] = {
+            str(p): {"two_gpu_step_s": r[key]["median_step_s"],
+                     "speedup": a["median_step_s"] / r[key]["median_step_s"],
+                     "step_seconds": r[key]["step_seconds"],
+                     **rel_errors(r[key]["latents"], a["latents"])}
+            for p, r in by_pieces.items()}
         target = TARGETS["one_pass_speedup" if key.endswith("1pass") else "three_pass_speedup"]
         out[key]["meets_targets"] = bool(out[key]["speedup"] >= target
                                          and out[key]["rel_l2"] <= TARGETS["rel_err"])
@@ -157,6 +171,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=4, help="steps per window (first = warm-up)")
     p.add_argument("--modes", default="blockswap_all,resident")
     p.add_argument("--quant", default="fp8_e4m3fn_scaled")
+    p.add_argument("--pieces", default=str(DEFAULT_PIECES),
+                   help="comma list of head pieces for the overlapped all-to-all, each timed on "
+                        "2 GPUs in the same run (1 = no overlap)")
     args = p.parse_args(argv)
     if args.tiny:
         args.blocks, args.dim, args.ffn, args.frames, args.size = 2, 256, 512, 9, "64x64"
@@ -178,7 +195,7 @@ def main(argv=None):
     try:
         r1 = measure(one, args, size)
         one.shutdown()
-        r2 = measure(two, args, size)
+        r2 = {p: measure(two, args, size, p) for p in (int(v) for v in args.pieces.split(","))}
     finally:
         one.shutdown()
         two.shutdown()

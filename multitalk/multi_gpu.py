@@ -322,18 +322,19 @@ class WorkerPool:
     # ------------------------------------------------------------------ jobs
 
     def sample_window(self, job: WindowJob, callbacks: Optional[SamplingCallbacks] = None,
-                      block_swap: Optional[dict] = None, mode: Optional[str] = None
-                      ) -> torch.Tensor:
+                      block_swap: Optional[dict] = None, mode: Optional[str] = None,
+                      sp_pieces: Optional[int] = None) -> torch.Tensor:
         """Denoise one window on the workers; latents (fp32, host). block_swap: keywords of
         wanvideo.block_swap.install applied on every worker (None: their default); mode: the
-        split for this window (default: the placement's)."""
+        split for this window (default: the placement's); sp_pieces: head pieces of the
+        overlapped all-to-all (sequence_parallel.SequenceParallel.pieces; None: its default)."""
         mode = mode or self.placement.mode
         if mode not in MODES:
             raise ValueError(f"multi-GPU mode {mode!r} is not one of {MODES}")
         cb = callbacks or SamplingCallbacks()
         job = job.to_host()
         job.preview = cb.preview is not None
-        reply = self._exchange(("window", job, block_swap, mode), cb,
+        reply = self._exchange(("window", job, block_swap, mode, sp_pieces), cb,
                                what=job.label or "a window")
         if reply[0] == "interrupted":
             self.info["last_stats"] = dict(reply[1])

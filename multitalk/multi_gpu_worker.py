@@ -8,7 +8,8 @@ broadcast_object_list over a gloo "control" group, so all ranks run the same com
 same order:
 
     ("load", ModelSpec)            every rank builds its model          -> ("loaded", info)
-    ("window", job, swap, mode)    every rank denoises its share        -> ("done", latents, stats)
+    ("window", job, swap, mode, pieces)
+                                   every rank denoises its share        -> ("done", latents, stats)
                                                                          or ("interrupted", ...)
     ("release",)                   BlockSwap device slots freed         -> ("released",)
     ("shutdown",)                  every rank leaves the group and exits
@@ -23,6 +24,7 @@ it; the driver then stops the others (a collective cannot be left half-way safel
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import math
@@ -223,9 +225,12 @@ class Worker:
 
         return SamplingCallbacks(progress=progress, preview=preview if job.preview else None)
 
-    def window(self, job: WindowJob, swap: Optional[dict], mode: str):
+    def window(self, job: WindowJob, swap: Optional[dict], mode: str,
+               pieces: Optional[int] = None):
         self.block_swap(job, swap)
         sp, gp = self.layout(len(job.guidance.passes), mode)
+        if pieces is not None:
+            sp = dataclasses.replace(sp, pieces=pieces)
         checker = StopAgreement(self.control, self.stop if self.rank == 0 else None)
         model = self.model
         model.sequence_parallel = sp if sp.world > 1 else None

@@ -115,7 +115,12 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         model = tiny_model(TINY_I2V_4_HEADS)
         errors = forward_errors(model, SequenceParallel.from_group(), f"sp{world}")
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        errors |= forward_errors(model, SequenceParallel.from_group(pairs[rank // 2]), "sp2")
+        pair = pairs[rank // 2]
+        # the default cuts each pair rank's 2 heads into 2 pieces (overlapped all-to-alls);
+        # one piece is the plain exchange
+        assert SequenceParallel.from_group(pair).pieces_for(4) == 2
+        errors |= forward_errors(model, SequenceParallel.from_group(pair), "sp2")
+        errors |= forward_errors(model, SequenceParallel.from_group(pair, pieces=1), "sp2p1")
         errors |= guidance_errors(model)
         errors |= scale_errors(rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -72,6 +72,10 @@ def test_two_ranks_forward_equals_one_process(errors):
     _check(errors, "sp2/")
 
 
+def test_two_ranks_without_overlapped_pieces_equal_one_process(errors):
+    _check(errors, "sp2p1/")
+
+
 def test_guidance_parallel_step_equals_one_process(errors):
     _check(errors, "guidance/")
 
@@ -89,3 +93,23 @@ def test_every_case_was_measured(errors):
     for world in (2, 4):
         for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
             assert f"sp{world}/{name}" in cases
+    for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
+        assert f"sp2p1/{name}" in cases
+
+
+@pytest.mark.parametrize("world,asked,heads,used", [
+    (2, 2, 40, 2), (2, 4, 40, 4), (2, 3, 40, 2), (2, 7, 40, 5), (4, 4, 40, 2), (8, 2, 40, 1),
+    (5, 4, 40, 4), (2, 1, 40, 1), (4, 2, 4, 1)])
+def test_pieces_divide_each_ranks_heads(world, asked, heads, used):
+    from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel
+
+    sp = SequenceParallel(None, 0, world, asked)
+    assert sp.pieces_for(heads) == used
+    assert (heads // world) % used == 0
+
+
+def test_pieces_below_one_are_refused():
+    from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel
+
+    with pytest.raises(ValueError, match="pieces must be at least 1"):
+        SequenceParallel(None, 0, 2, 0)

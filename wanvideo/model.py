@@ -99,17 +99,14 @@ class SelfAttention(_Attention):
         return out, ((q, k) if return_qk else None)
 
     def _sharded(self, q, k, v, shard, return_qk: bool):
-        """Ulysses attention: one all-to-all of q, k, v together to [all tokens, some heads],
-        attention against the real tokens only (the padding is the sequence's tail), and back.
-        For the audio attention map it returns the local q and the first latent frame's keys
-        with all heads: the map reads nothing else (multitalk.audio_attention.affinity_map)."""
-        qkv = shard.heads_to_tokens(torch.stack([q, k, v], dim=2))   # [B, P, 3, H/w, D]
-        n = shard.length
-        out = attention(qkv[:, :, 0], qkv[:, :n, 1], qkv[:, :n, 2], self.backend)
-        out = self.o(shard.tokens_to_heads(out).flatten(2))
-        if not return_qk:
-            return out, None
-        return out, (q, shard.gather_heads(qkv[:, :shard.frame_tokens, 1]))
+        """Ulysses attention (sequence_parallel.TokenShard.attention): all tokens, some heads,
+        against the real tokens only (the padding is the sequence's tail), and back. For the
+        audio attention map it returns the local q and the first latent frame's keys with all
+        heads: the map reads nothing else (multitalk.audio_attention.affinity_map)."""
+        out, first_keys = shard.attention(
+            q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, self.backend), return_qk)
+        out = self.o(out.flatten(2))
+        return out, ((q, first_keys) if return_qk else None)
 
 
 class CrossAttention(_Attention):

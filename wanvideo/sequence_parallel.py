@@ -12,8 +12,14 @@ after the all-to-all the padding sits at the end of the gathered sequence: atten
 the first `length` keys and values, and padding tokens never influence a real token. Their own
 outputs are garbage that the final gather drops.
 
+The all-to-alls are hidden behind attention by splitting each rank's heads into `pieces`: piece
+p + 1 travels while attention runs on piece p, and piece p's result travels back while attention
+runs on piece p + 1; only the first piece's inputs and the last piece's output are exposed. Each
+piece is written once, straight into its send buffer (no stacked q/k/v copy), and received pieces
+are read in place as strided views (the alignment guard accepts them).
+
 Only torch.distributed collectives are used (all_to_all_single, all_gather, all_reduce); gloo
-supports all three on CPU, NCCL on CUDA.
+supports all three on CPU, NCCL on CUDA, both asynchronously.
 """
 from __future__ import annotations
 
@@ -41,13 +47,34 @@ class RankGroup:
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
 
+# Head pieces per rank for the overlapped all-to-all; bench/multigpu.py compares 1 (no overlap)
+# with more in one run (docs/BENCHMARKS.md).
+DEFAULT_PIECES = 2
+
+
 @dataclass(frozen=True)
 class SequenceParallel(RankGroup):
-    """Which ranks share one forward. Set it as `model.sequence_parallel` (None: one process)."""
+    """Which ranks share one forward. Set it as `model.sequence_parallel` (None: one process).
+    `pieces`: into how many head groups each rank's attention is cut so that communication of
+    one overlaps attention of another (1: one all-to-all each way, nothing overlapped); a count
+    that does not divide a rank's heads is lowered to the largest one that does."""
+
+    pieces: int = DEFAULT_PIECES
+
+    @classmethod
+    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES):
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces)
 
     def __post_init__(self):
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} does not fit a group of {self.world}")
+        if self.pieces < 1:
+            raise ValueError(f"pieces must be at least 1, got {self.pieces}")
+
+    def pieces_for(self, num_heads: int) -> int:
+        """The piece count used for a model of `num_heads` heads (divides heads / world)."""
+        local = num_heads // self.world
+        return max(p for p in range(1, min(self.pieces, local) + 1) if local % p == 0)
 
     def check_heads(self, num_heads: int) -> None:
         if num_heads % self.world:
@@ -111,30 +138,48 @@ class TokenShard:
 
     # ------------------------------------------------------------------- collectives
 
-    def _all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        """all_to_all over dim 0 of t [world, ...]: block j goes to rank j; the result's block j
-        came from rank j."""
-        t = t.contiguous()
-        out = torch.empty_like(t)
-        dist.all_to_all_single(out, t, group=self.sp.group)
-        return out
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend,
+                  first_frame_keys: bool = False):
+        """Ulysses attention over the whole sequence from this rank's tokens.
 
-    def heads_to_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, chunk, *M, H, D] (local tokens, all heads) -> [B, world*chunk, *M, H/world, D]
-        (all tokens in global order, this rank's heads)."""
-        w = self.sp.world
-        b, n, *mid, h, d = t.shape
-        blocks = t.reshape(b, n, -1, w, h // w, d).permute(3, 0, 1, 2, 4, 5)
-        got = self._all_to_all(blocks)                  # [w (token chunk), B, n, M, H/w, D]
-        return got.transpose(0, 1).reshape(b, w * n, *mid, h // w, d)
-
-    def tokens_to_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """Inverse of heads_to_tokens: [B, world*chunk, H/world, D] -> [B, chunk, H, D]."""
-        w = self.sp.world
-        b, _, hl, d = t.shape
-        blocks = t.reshape(b, w, self.chunk, hl, d).transpose(0, 1)
-        got = self._all_to_all(blocks)                  # [w (head block), B, chunk, H/w, D]
-        return got.permute(1, 2, 0, 3, 4).reshape(b, self.chunk, w * hl, d)
+        q, k, v [B, chunk, H, D] (local tokens, all heads); attend(q, k, v) runs attention on
+        [B, P, h, D] views. Returns out [B, chunk, H, D] and, with `first_frame_keys`, the keys of
+        the first latent frame with all heads [B, frame_tokens, H, D] (InfiniteTalk's speaker
+        map reads only those), else None."""
+        w, n, length = self.sp.world, self.chunk, self.length
+        b, _, h, d = q.shape
+        hl = h // w
+        pieces = self.sp.pieces_for(h)
+        hp = hl // pieces
+        sent = []
+        for p in range(pieces):   # every piece leaves before the first attention starts
+            send = q.new_empty(w, b, n, 3, hp, d)
+            for i, t in enumerate((q, k, v)):
+                # heads of rank j, piece p: j * hl + p * hp + [0, hp)
+                send[:, :, :, i].copy_(t.reshape(b, n, w, pieces, hp, d)[:, :, :, p]
+                                       .permute(2, 0, 1, 3, 4))
+            recv = torch.empty_like(send)
+            sent.append((recv, dist.all_to_all_single(recv, send, group=self.sp.group,
+                                                      async_op=True), send))
+        back, keys = [], []
+        for recv, work, _send in sent:
+            work.wait()
+            # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
+            qkv = recv.transpose(0, 1).reshape(b, w * n, 3, hp, d)
+            out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
+            if first_frame_keys:
+                keys.append(qkv[:, :self.frame_tokens, 1])
+            # [B, w * n, hp, D] -> token chunk j to rank j; the result's block j holds rank j's heads
+            send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
+            got = torch.empty_like(send_out)
+            back.append((got, dist.all_to_all_single(got, send_out, group=self.sp.group,
+                                                     async_op=True), send_out))
+        result = q.new_empty(b, n, w, pieces, hp, d)
+        for p, (got, work, _send) in enumerate(back):
+            work.wait()
+            result[:, :, :, p].copy_(got.permute(1, 2, 0, 3, 4))
+        first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
+        return result.view(b, n, h, d), first
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()
