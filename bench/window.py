@@ -1,6 +1,7 @@
 """One full InfiniteTalk window on a 14B-shaped model: fp8 weights, every block swapped.
 
     python bench/window.py --json [--steps 4] [--blocks 40] [--frames 81] [--size 832x480]
+    python bench/window.py --json --attention sdpa,int8     # both backends, same model, same run
 
 A 14B-shaped Wan2.1 I2V model with InfiniteTalk layers is built from random weights (no file),
 quantized to fp8 (scaled) on load, all blocks streamed by BlockSwap, and one 81-frame window at
@@ -41,6 +42,34 @@ def stand_in_vae(device):
     return encode, decode
 
 
+def run_window(model, swap, request, encode, decode, backend: str, cuda: bool) -> dict:
+    """One window with `backend` attention: step times (the first includes warm-up), total,
+    peak VRAM, BlockSwap statistics of this window only."""
+    from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks
+
+    model.set_attention(backend)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    swap.reset_stats()
+    step_times, last = [], [time.perf_counter()]
+
+    def progress(done, total):
+        sync()
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    t1 = time.perf_counter()
+    result = generate_video(model, request, encode, decode, SamplingCallbacks(progress=progress))
+    sync()
+    return {"seconds_per_step": step_times, "window_seconds": time.perf_counter() - t1,
+            "frames_out": result.num_frames,
+            "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+            "block_swap": swap.stats(), "finite": bool(torch.isfinite(result.frames).all())}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--json", action="store_true")
@@ -54,6 +83,9 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=5120)
     p.add_argument("--ffn", type=int, default=13824)
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test with small --dim")
+    p.add_argument("--attention", default="sdpa",
+                   help="comma list of attention backends (wanvideo/attention.py), each sampling "
+                        "the same window on the same model in turn")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()
@@ -72,33 +104,15 @@ def main(argv=None):
         features=[torch.randn(args.frames, 12, 768, generator=g)],
         steps=args.steps, clip_frames=args.frames, device=dev, seed=0)
     encode, decode = stand_in_vae(dev)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step_times = []
-    last = [time.perf_counter()]
-
-    def progress(done, total):
-        sync()
-        now = time.perf_counter()
-        step_times.append(now - last[0])
-        last[0] = now
-
-    from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks
-
-    t1 = time.perf_counter()
-    result = generate_video(model, request, encode, decode, SamplingCallbacks(progress=progress))
-    sync()
-    total_s = time.perf_counter() - t1
+    runs = {backend: run_window(model, swap, request, encode, decode, backend, cuda)
+            for backend in args.attention.split(",")}
+    first = next(iter(runs.values()))
     out = {
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
         "blocks": args.blocks, "blocks_swapped": args.blocks, "quantization": args.quant,
         "size": f"{width}x{height}x{args.frames}", "tokens": f_lat * (h // 2) * (w // 2),
-        "steps": args.steps, "passes_per_step": 3, "frames_out": result.num_frames,
-        "seconds_per_step": step_times, "window_seconds": total_s, "build_seconds": build_s,
-        "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-        "block_swap": swap.stats(), "finite": bool(torch.isfinite(result.frames).all()),
+        "steps": args.steps, "passes_per_step": 3, "build_seconds": build_s,
+        "attention": args.attention, **first, "by_attention": runs,
     }
     emit(out, args.out)
 
