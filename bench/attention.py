@@ -2,7 +2,9 @@
 one JSON object.
 
     python bench/attention.py [--tokens 32760 8100] [--heads 40] [--head-dim 128] [--reps 10]
-                              [--no-sweep | --configs N] [--out FILE]
+                              [--no-sweep | --configs N | --select I,J,...] [--precompile P]
+                              [--out FILE]
+    python bench/attention.py --list      # the sweep's configurations with their indices, no GPU
 
 Shapes are the 14B model's self-attention (batch 1, 40 heads, head dim 128, bf16): 32,760 tokens
 (81 frames at 832x480) and 8,100 (33 frames at 480x480). Inputs are DiT-like: Q and V N(0, 1), K
@@ -16,13 +18,29 @@ the first `--acc-heads` heads. Other launch configurations are timed too unless 
 (attention_int8.SWEEP, or its first N with `--configs N`; pv, INT8 or bf16 P.V, and block_n
 change the numerics, so each configuration gets its own accuracy figure). A configuration that
 fails keeps the last 800 characters of its exception chain (a Triton CompilationError's reason is
-at the end of its causes). The verdict
-judges the default configuration, the one the backend runs, and names the fastest accurate one.
+at the end of its causes) and the sweep goes on; one the installed Triton cannot build (a
+tl.range option it lacks: attention_int8.unsupported) is listed with "skipped" and its reason.
+Each timed configuration carries its speed-up over this run's cuDNN time and its error against
+fp32; "first_call_s" is its first call (compilation, when the cache misses, plus one run).
+The verdict judges the default configuration, the one the backend runs, and names the fastest
+accurate one.
+
+Compilation dominates a full sweep (5-25 s per configuration, one CPU core each), so
+`--precompile P` (default 8) first compiles every selected configuration in P child processes
+with tiny inputs that share the bench's Triton specialization (same heads and head dim; lengths
+not multiples of 16 like 32,760 and 8,100), filling Triton's on-disk cache; a child that fails or
+hangs only costs its slot (the timed pass records the failure). With `--out` the JSON is
+rewritten after every configuration, so a run cut short still leaves what it measured; the
+warp-specialized configurations, the likeliest to misbehave, come last in the sweep.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import statistics
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -103,15 +121,78 @@ def fp32_reference(q, k, v, heads: int) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-def time_ours(q, k, v, config: dict, reps: int) -> dict:
+def time_ours(q, k, v, config: dict, reps: int, quant_ms: dict | None = None) -> dict:
+    """`quant_ms` caches the K/V pass's time per (block_n, pv): the other keys do not touch it."""
     full = median_ms(lambda: ai.attention_int8(q, k, v, **config), reps)
     kv = ai.quantize_kv(k, v, config["block_n"], config["pv"])
     only = median_ms(lambda: ai.attend_quantized(q, kv, k.shape[1], config), reps)
-    quant = median_ms(lambda: ai.quantize_kv(k, v, config["block_n"], config["pv"]), reps)
-    return {"ms": full, "kernel_only_ms": only, "quantize_kv_ms": quant}
+    key = (config["block_n"], config["pv"])
+    quant_ms = {} if quant_ms is None else quant_ms
+    if key not in quant_ms:
+        quant_ms[key] = median_ms(lambda: ai.quantize_kv(k, v, config["block_n"], config["pv"]),
+                                  reps)
+    return {"ms": full, "kernel_only_ms": only, "quantize_kv_ms": quant_ms[key]}
 
 
-def run_size(tokens: int, args, sweep: bool, configs_limit: int | None = None) -> dict:
+def selected_configs(args) -> list[dict]:
+    """The default configuration first, then the sweep's selection (duplicates dropped)."""
+    if not args.sweep:
+        sweep = []
+    elif args.select:
+        sweep = [ai.SWEEP[int(i)] for i in args.select.split(",")]
+    else:
+        sweep = ai.SWEEP[:args.configs]
+    configs = []
+    for config in [ai.default_config(torch.device("cuda"), args.head_dim)] + sweep:
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def _precompile_one(job) -> str:
+    """Child process: one small launch of `config` (both kernels) into Triton's disk cache."""
+    config, heads, head_dim, capability = job
+    try:
+        if ai.unsupported(config, capability):
+            return "skipped"
+        tokens = 1032  # not a multiple of 16, like 32,760 and 8,100: the same specialization
+        q, k, v = (torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        ai.attention_int8(q, k, v, **config)
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the timed pass records it
+        return describe(exc, 200)
+
+
+def precompile(configs: list[dict], args) -> dict:
+    """Compile `configs` in `args.precompile` spawned children (CUDA cannot fork); returns
+    {"s": seconds, "results": [...]} (a child that hangs past the timeout is killed)."""
+    start = time.perf_counter()
+    jobs = [(config, args.heads, args.head_dim, capability()) for config in configs]
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(min(args.precompile, len(jobs)))
+    try:
+        results = pool.map_async(_precompile_one, jobs, chunksize=1).get(args.precompile_timeout)
+    except multiprocessing.TimeoutError:
+        results = [f"precompile timed out after {args.precompile_timeout} s"] * len(jobs)
+    finally:
+        pool.terminate()
+        pool.join()
+    return {"s": time.perf_counter() - start, "results": results}
+
+
+def capability() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def progress(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def run_size(tokens: int, args, configs: list[dict], partial=None) -> dict:
+    """`partial(entry)` is called after every configuration (the incremental --out)."""
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
     flops = 4 * tokens * tokens * args.heads * args.head_dim
     entry: dict = {"tokens": tokens, "tflop": flops / 1e12}
@@ -127,20 +208,40 @@ def run_size(tokens: int, args, sweep: bool, configs_limit: int | None = None) -
                            **errors(out[:, :, acc_slice], ref)}
         except RuntimeError as exc:  # a backend this build or GPU does not offer
             entry[name] = {"error": describe(exc)}
-    default = ai.default_config(q.device, args.head_dim)
-    configs = [default] + (ai.SWEEP[:configs_limit] if sweep else [])
-    entry["ours"], seen = [], []
+    cudnn_ms = entry["cudnn_sdpa"].get("ms")
+    entry["ours"], quant_ms = [], {}
     for config in configs:
-        if config in seen:
-            continue
-        seen.append(config)
-        try:
-            result = {"config": config, **time_ours(q, k, v, config, args.reps)}
-            out = ai.attention_int8(q, k, v, **config)
-            result.update(errors(out[:, :, acc_slice], ref), tflops=flops / result["ms"] / 1e9)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for one config
-            result = {"config": config, "error": describe(exc)}
+        index = ai.SWEEP.index(config) if config in ai.SWEEP else None
+        result = {"config": config, "sweep_index": index}
+        reason = ai.unsupported(config, capability())
+        if reason:
+            result["skipped"] = reason
+        else:
+            try:
+                start = time.perf_counter()
+                out = ai.attention_int8(q, k, v, **config)
+                torch.cuda.synchronize()
+                result["first_call_s"] = time.perf_counter() - start
+                result.update(errors(out[:, :, acc_slice], ref))
+                del out
+                result.update(time_ours(q, k, v, config, args.reps, quant_ms))
+                result["tflops"] = flops / result["ms"] / 1e9
+                if cudnn_ms:
+                    result["speedup_vs_cudnn"] = cudnn_ms / result["ms"]
+                    result["kernel_only_speedup_vs_cudnn"] = cudnn_ms / result["kernel_only_ms"]
+            except Exception as exc:  # noqa: BLE001 - a compile failure, out of shared memory...
+                result["error"] = describe(exc)
+                try:  # a launch that failed asynchronously shows here, not in the next config
+                    torch.cuda.synchronize()
+                except RuntimeError as late:  # a sticky CUDA error: later configs fail too
+                    result["error"] += " | then: " + describe(late, 200)
         entry["ours"].append(result)
+        progress(f"{tokens} tokens #{index}: " + (
+            f"{result['ms']:.3f} ms, x{result.get('speedup_vs_cudnn', 0):.3f} vs cuDNN, "
+            f"rel L2 {result['rel_l2']:.4f}" if "ms" in result else
+            result.get("skipped") or result.get("error", "")[-200:]), config)
+        if partial:
+            partial(entry)
     return entry
 
 
@@ -155,7 +256,15 @@ def verdict(entry: dict) -> dict:
     return {"speedup_vs_cudnn": speedup, "speedup_target": TARGETS.get(entry["tokens"]),
             "speed_ok": speedup >= TARGETS.get(entry["tokens"], 0),
             "accuracy_ok": ours["rel_l2"] <= REL_L2_TARGET and ours["cosine"] >= COSINE_TARGET,
-            "best_config": best["config"], "best_speedup_vs_cudnn": cudnn["ms"] / best["ms"]}
+            "best_config": best["config"], "best_sweep_index": best.get("sweep_index"),
+            "best_speedup_vs_cudnn": cudnn["ms"] / best["ms"],
+            "failed": [o.get("sweep_index") for o in entry["ours"] if "error" in o],
+            "skipped": [o.get("sweep_index") for o in entry["ours"] if "skipped" in o],
+            # fastest first: the table to pick a default from
+            "ranking": [[o.get("sweep_index"), round(cudnn["ms"] / o["ms"], 4),
+                         round(o["rel_l2"], 4)]
+                        for o in sorted((o for o in entry["ours"] if "ms" in o),
+                                        key=lambda o: o["ms"])]}
 
 
 def main(argv=None):
@@ -169,8 +278,18 @@ def main(argv=None):
                     help="time only the default launch configuration")
     ap.add_argument("--configs", type=int, default=None,
                     help="time only the first N configurations of the sweep")
+    ap.add_argument("--select", help="time only these sweep indices (comma-separated; --list)")
+    ap.add_argument("--list", action="store_true",
+                    help="print the sweep's configurations with their indices and exit")
+    ap.add_argument("--precompile", type=int, default=8,
+                    help="child processes compiling the configurations first (0: none)")
+    ap.add_argument("--precompile-timeout", type=float, default=300)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.list:
+        for index, config in enumerate(ai.SWEEP):
+            print(index, config, ai.unsupported(config) or "")
+        return
     device = torch.device("cuda")
     reason = ai.device_supported(device)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -182,8 +301,23 @@ def main(argv=None):
         import triton
 
         result["triton"] = triton.__version__
+        configs = selected_configs(args)
+        if args.precompile > 0 and len(configs) > 1:
+            try:  # only a speed-up: the timed pass compiles whatever is missing
+                result["precompile"] = precompile(configs, args)
+                progress(f"precompiled {len(configs)} configurations in "
+                         f"{result['precompile']['s']:.0f} s")
+            except Exception as exc:  # noqa: BLE001
+                result["precompile"] = {"error": describe(exc)}
+
+        def partial(entry):
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({**result, "sizes": result["sizes"] + [entry], "partial": True},
+                              f, indent=1, default=str)
+
         for tokens in args.tokens:
-            entry = run_size(tokens, args, args.sweep, args.configs)
+            entry = run_size(tokens, args, configs, partial)
             entry["verdict"] = verdict(entry)
             result["sizes"].append(entry)
             torch.cuda.empty_cache()

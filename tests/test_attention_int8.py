@@ -145,13 +145,30 @@ INTERPRETED = textwrap.dedent("""
 
     interpreter.ReduceOps.to_tensor = to_tensor
     results = []
-    cases = [(1, 200, 200, 2, 64, torch.float32, False, "int8", 128),
-             (2, 70, 130, 2, 128, torch.float32, True, "int8", 64),
-             (1, 130, 100, 1, 128, torch.float16, False, "int8", 128),
-             (1, 150, 200, 2, 64, torch.bfloat16, False, "int8", 128),
-             (1, 150, 200, 2, 64, torch.float32, True, "bf16", 64),
-             (1, 100, 300, 1, 128, torch.bfloat16, False, "bf16", 128)]
-    for b, lq, lk, h, d, dtype, strided, pv, block_n in cases:
+    # the last two fields: the loop options of attention_int8.LOOP_DEFAULTS that the case sets,
+    # and a key ramp (later keys up to 6x larger, so row maxima keep growing across blocks, by
+    # more than the lazy threshold now and then)
+    cases = [(1, 200, 200, 2, 64, torch.float32, False, "int8", 128, {}, False),
+             (2, 70, 130, 2, 128, torch.float32, True, "int8", 64, {}, False),
+             (1, 130, 100, 1, 128, torch.float16, False, "int8", 128, {}, False),
+             (1, 150, 200, 2, 64, torch.bfloat16, False, "int8", 128, {}, False),
+             (1, 150, 200, 2, 64, torch.float32, True, "bf16", 64, {}, False),
+             (1, 100, 300, 1, 128, torch.bfloat16, False, "bf16", 128, {}, False)]
+    loop_cases = [(1, 40, 1000, 1, 64, torch.float32, False, "int8", 64, {}, True),
+                  (1, 40, 1000, 1, 64, torch.float32, False, "int8", 64, {"lazy": True}, True),
+                  (1, 40, 1000, 1, 64, torch.bfloat16, False, "int8", 64, {"lazy": True}, False),
+                  (1, 70, 300, 1, 128, torch.bfloat16, False, "int8", 64, {"ws": True}, False),
+                  (1, 70, 300, 1, 128, torch.bfloat16, False, "int8", 64, {"unroll": 2}, False),
+                  (2, 70, 300, 2, 128, torch.bfloat16, True, "int8", 64, {"tma": True}, False),
+                  (1, 40, 1000, 1, 64, torch.float32, False, "int8", 64,
+                   {"tma": True, "lazy": True}, True),
+                  (1, 70, 300, 1, 128, torch.float32, False, "int8", 64,
+                   {"ws": True, "lazy": True}, True),
+                  (1, 70, 300, 1, 128, torch.float32, False, "bf16", 64, {"ws": True}, True)]
+    for *case, loop, _ in loop_cases:  # the installed Triton's tl.range must take the option
+        if ai.unsupported(dict(ai.LOOP_DEFAULTS, **loop)) is None:
+            cases.append((*case, loop, _))
+    for b, lq, lk, h, d, dtype, strided, pv, block_n, loop, ramp in cases:
         g = torch.Generator().manual_seed(lq)
         q = torch.randn(b, lq, h, d, generator=g).to(dtype)
         if strided:  # k and v as views into one [B, L, 2, H, D] tensor, as the all-to-all gives
@@ -159,13 +176,16 @@ INTERPRETED = textwrap.dedent("""
             kv[:, :, 0] += 6 * torch.randn(d, generator=g)
             k, v = kv.to(dtype)[:, :, 0], kv.to(dtype)[:, :, 1]
         else:
-            k = (torch.randn(b, lk, h, d, generator=g) + 6 * torch.randn(d, generator=g)).to(dtype)
+            k = torch.randn(b, lk, h, d, generator=g)
+            if ramp:
+                k = k * torch.linspace(1, 6, lk)[None, :, None, None]
+            k = (k + 6 * torch.randn(d, generator=g)).to(dtype)
             v = torch.randn(b, lk, h, d, generator=g).to(dtype)
-        out = ai.attention_int8(q, k, v, block_m=32, block_n=block_n, pv=pv)
+        out = ai.attention_int8(q, k, v, block_m=32, block_n=block_n, pv=pv, **loop)
         ref = a8.kernel_reference(*(t.transpose(1, 2) for t in (q, k, v)), block_n=block_n,
                                   pv=pv).transpose(1, 2)
         diff = (out.float() - ref.float())
-        results.append({"case": [b, lq, lk, h, d, str(dtype), strided, pv, block_n],
+        results.append({"case": [b, lq, lk, h, d, str(dtype), strided, pv, block_n, loop, ramp],
                         "rel": (diff.norm() / ref.float().norm()).item(),
                         "max_abs": diff.abs().max().item(),
                         "finite": bool(torch.isfinite(out).all())})
@@ -199,15 +219,42 @@ def _triton_version(triton) -> tuple[int, int]:
 
 
 def test_kernels_compile_for_sm90():
-    """Every configuration bench/attention.py sweeps (the defaults among them), both kernels,
-    compiled ahead of time for sm_90 by the installed Triton, no GPU needed: a compile break such
-    as Triton 3.6's int8 tl.dot accumulator rule shows here. ~25 s cold, less from the cache."""
+    """Every configuration bench/attention.py sweeps (the defaults among them, the warp-specialized,
+    lazy-rescale and unrolled loops too), both kernels, compiled ahead of time for sm_90 by the
+    installed Triton, no GPU needed: a compile break such as Triton 3.6's int8 tl.dot
+    accumulator rule shows here, not in the middle of a GPU sweep. A config whose tl.range
+    option this Triton lacks is skipped as the bench skips it (and named); the configs of
+    record must all build. ~2-4 min cold on 2 cores (21 configs), seconds from the cache."""
     pytest.importorskip("triton")
     kernels = ai._kernels()
+    skipped = []
     for config in ai.SWEEP:
+        reason = ai.unsupported(config)
+        if reason:
+            skipped.append((config, reason))
+            continue
         quant, attention = kernels.aot_compile(90, config)
         assert attention.asm["cubin"] and quant.asm["cubin"], config
+    if skipped:
+        print("\nnot built by this Triton:\n" + "\n".join(map(str, skipped)))
+    assert not [c for c, _ in skipped if c in ai.SWEEP[:8]]
     assert ai.default_config(torch.device("cpu"), 128) in ai.SWEEP
+    assert all(set(c) == set(ai.CONFIG_KEYS) for c in ai.SWEEP)
+
+
+def test_unsupported_loop_options_are_refused_with_a_reason():
+    """The bench skips what the installed Triton cannot build; lazy with bf16 P.V is refused
+    everywhere (bf16 P relative to a stale max rounds off the reference's numerics)."""
+    pytest.importorskip("triton")
+    kernels = ai._kernels()
+    assert ai.unsupported(ai.SWEEP[1]) is None
+    assert "pv='int8'" in ai.unsupported(dict(ai.SWEEP[6], lazy=True))
+    assert "not combined" in (ai.unsupported(dict(ai.SWEEP[1], ws=True, unroll=2)) or
+                              "not combined")  # or: this Triton lacks one of them
+    if "warp_specialize" not in kernels.RANGE_OPTIONS:
+        assert "warp_specialize" in ai.unsupported(dict(ai.SWEEP[1], ws=True))
+    with pytest.raises(ValueError, match="unroll"):
+        ai.launch_config(torch.zeros(1, 1, 1, 64), unroll=0)
 
 
 # ----------------------------------------------------------------------------- plumbing, CPU

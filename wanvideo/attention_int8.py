@@ -85,13 +85,60 @@ def _kernels():
 
 
 PV_CHOICES = ("int8", "bf16")
-CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages")
-# The launch configurations bench/attention.py times (all without spills on sm_90) and
-# tests/test_attention_int8.py compiles ahead of time for sm_90 with the installed Triton.
-SWEEP = [dict(zip(CONFIG_KEYS, c)) for c in (
+CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages", "ws", "lazy", "unroll",
+               "tma")
+# The speed-only loop options and their off values (what every config before them ran):
+# ws: tl.range(warp_specialize=True) on the key loop (Triton 3.4+); lazy (pv="int8" only): rescale
+# the accumulator only when a row max grows by more than 8 in log2 units
+# (attention_int8_kernels.LAZY_THRESHOLD; the integers of P are the reference's, only the fp32
+# block weights round differently: ~6e-8 rel under the interpreter); unroll: tl.range's
+# loop_unroll_factor (1: none); tma (pv="int8" only): K and V^T tiles through device-side tensor
+# descriptors (one TMA copy per tile in place of every thread's cp.async and address arithmetic).
+# None of them changes an integer of the reference. attention_int8_kernels.unsupported() says
+# which the installed Triton cannot build, and that ws does nothing on sm_90 with Triton 3.6 and
+# 3.8 (their warp-specialization pass runs for sm_100+ only: identical PTX, checked).
+LOOP_DEFAULTS = {"ws": False, "lazy": False, "unroll": 1, "tma": False}
+
+
+def _config(pv, block_m, block_n, num_warps, num_stages, **loop) -> dict:
+    return {"pv": pv, "block_m": block_m, "block_n": block_n, "num_warps": num_warps,
+            "num_stages": num_stages, **LOOP_DEFAULTS, **loop}
+
+
+# The launch configurations bench/attention.py times and tests/test_attention_int8.py compiles
+# ahead of time for sm_90 with the installed Triton. The first eight are the H200 sweep of record
+# (docs/ATTENTION_8BIT.md); the rest wait for their first GPU run: lazy rescaling, TMA loads and
+# unrolling on the default and the tutorial's Hopper shapes (128 x 128, 8 warps, 3-4 stages),
+# warp specialization last. Appended, so `--configs N` keeps meaning what it meant.
+SWEEP = [_config(*c) for c in (
     ("int8", 64, 128, 4, 2), ("int8", 64, 128, 4, 3), ("int8", 128, 128, 8, 2),
     ("int8", 128, 128, 8, 3), ("int8", 128, 64, 8, 3), ("int8", 64, 64, 4, 3),
-    ("bf16", 128, 64, 8, 3), ("bf16", 128, 64, 8, 2))]
+    ("bf16", 128, 64, 8, 3), ("bf16", 128, 64, 8, 2))] + [
+    _config("int8", 64, 128, 4, 3, lazy=True),                      # 8
+    # unrolled by 2 the pipeline holds twice the tiles: 64/128/4/3 would need 205 KB (one CTA
+    # per SM, which the default relies on being two); 128-row tiles run one CTA per SM anyway
+    _config("int8", 128, 128, 8, 2, unroll=2),
+    _config("int8", 128, 128, 8, 4),                                # 10: the tutorial's
+    _config("int8", 128, 128, 8, 3, lazy=True),
+    _config("int8", 64, 128, 4, 3, tma=True),
+    _config("int8", 128, 128, 8, 3, tma=True),
+    _config("int8", 64, 128, 4, 3, tma=True, lazy=True),
+    _config("bf16", 128, 128, 8, 3),                                # 15
+    # 16-20, warp-specialized, last: the bench skips them (with the reason) where the installed
+    # Triton does not warp-specialize for the GPU (3.6 and 3.8: sm_100+ only)
+    _config("int8", 64, 128, 4, 3, ws=True),                        # 16
+    _config("int8", 128, 128, 8, 3, ws=True),
+    _config("int8", 64, 128, 4, 3, ws=True, tma=True),
+    _config("int8", 128, 128, 8, 4, ws=True, tma=True),             # the tutorial's WS shape
+    _config("bf16", 128, 128, 8, 3, ws=True),                       # 20
+]
+
+
+def unsupported(config: dict, capability: int | None = None) -> str | None:
+    """None when the installed Triton can build `config` (its tl.range and descriptor options)
+    and, with `capability` (e.g. 90), the option does something on that GPU; otherwise why not:
+    bench/attention.py records the reason and skips the config. Imports triton."""
+    return _kernels().unsupported(config, capability)
 
 
 def default_config(device: torch.device, head_dim: int) -> dict:
@@ -106,10 +153,8 @@ def default_config(device: torch.device, head_dim: int) -> dict:
     - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
     bench/attention.py sweeps the alternatives, bf16 P.V included."""
     if device.type == "cuda" and _capability(device) >= (9, 0):
-        return {"pv": "int8", "block_m": 64, "block_n": KERNEL_BLOCK_N, "num_warps": 4,
-                "num_stages": 3}
-    return {"pv": "int8", "block_m": 128, "block_n": KERNEL_BLOCK_N, "num_warps": 8,
-            "num_stages": 2}
+        return _config("int8", 64, KERNEL_BLOCK_N, 4, 3)
+    return _config("int8", 128, KERNEL_BLOCK_N, 8, 2)
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -151,6 +196,8 @@ def launch_config(q: torch.Tensor, **overrides) -> dict:
     config.update({name: value for name, value in overrides.items() if value is not None})
     if config["pv"] not in PV_CHOICES:
         raise ValueError(f"pv {config['pv']!r} is not one of {PV_CHOICES}")
+    if int(config["unroll"]) < 1:
+        raise ValueError(f"unroll {config['unroll']!r} must be >= 1")
     return config
 
 
@@ -174,8 +221,8 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
-    Call `supported` first: this function assumes it returned None. `overrides`: pv, block_m,
-    block_n, num_warps, num_stages (bench/attention.py's sweep)."""
+    Call `supported` first: this function assumes it returned None. `overrides`: CONFIG_KEYS
+    (bench/attention.py's sweep)."""
     config = launch_config(q, **overrides)
     kv = quantize_kv(k, v, config["block_n"], config["pv"])
     return attend_quantized(q, kv, k.shape[1], config)

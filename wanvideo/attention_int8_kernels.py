@@ -13,10 +13,63 @@ accumulator must match out_dtype, whose default is float32), tl.sum gets no dtyp
 it), and there is no `from __future__ import annotations` (Triton 3.0's interpreter recognizes a
 constexpr parameter only by a real tl.constexpr annotation). aot_compile compiles without a GPU.
 """
+import inspect
+
 import triton
 import triton.language as tl
 
 MAGIC = 12582912.0  # 1.5 * 2**23
+# Lazy rescaling (config "lazy"): the reference max of a row moves only when a block's max exceeds
+# it by more than this many log2 units, so most blocks skip the accumulator rescale. P stays
+# relative to the block's own max (<= 127 as INT8), only its fp32 block weight may reach 2**8.
+LAZY_THRESHOLD = 8.0
+# tl.range's loop options of the installed Triton (warp_specialize, loop_unroll_factor: 3.4+);
+# a config that needs one this release lacks is refused by unsupported() before compiling.
+RANGE_OPTIONS = frozenset(inspect.signature(tl.range.__init__).parameters) - {"self"}
+
+
+def _ws_pass_below_sm100() -> bool:
+    """Whether the installed Triton's NVIDIA backend runs its automatic warp-specialization pass
+    for sm_8x/9x. In 3.6 and 3.8 make_ttgir adds it only in the `capability // 10 >= 10` branch,
+    so on Hopper tl.range(warp_specialize=True) compiles to the very PTX of the plain loop (seen
+    for pointer and descriptor loads): timing it would only repeat the ws=False figure. When the
+    source cannot be read, assume it does (the bench then measures it)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        source = inspect.getsource(CUDABackend.make_ttgir)
+    except Exception:  # noqa: BLE001 - another backend layout: let the GPU decide
+        return True
+    parts = source.split("capability // 10 in [8, 9]", 1)
+    return len(parts) < 2 or "warp_specialize" in parts[1].split("elif", 1)[0]
+
+
+WS_BELOW_SM100 = _ws_pass_below_sm100()
+
+
+def unsupported(config: dict, capability: int | None = None) -> str | None:
+    """None when the installed Triton can build `config`'s loop options (for sm_`capability`,
+    e.g. 90, when given), otherwise why not."""
+    needs = {"warp_specialize": config.get("ws", False),
+             "loop_unroll_factor": config.get("unroll", 1) > 1}
+    missing = [name for name, used in needs.items() if used and name not in RANGE_OPTIONS]
+    if missing:
+        return f"Triton {triton.__version__}'s tl.range has no {', '.join(missing)}"
+    if config.get("ws", False) and capability is not None and capability < 100 \
+            and not WS_BELOW_SM100:
+        return (f"ws is a no-op on sm_{capability}: Triton {triton.__version__} runs its warp "
+                "specialization pass only for sm_100+ (same PTX as ws=False)")
+    if config.get("lazy", False) and config.get("pv", "int8") != "int8":
+        # bf16 P is exp2(s - m_new): a stale m_new changes its bf16 roundings (1e-3 rel off the
+        # reference under the interpreter, not the reference's numerics any more)
+        return "lazy rescaling is for pv='int8' only (its P does not depend on the row max)"
+    if config.get("tma", False):
+        if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+            return f"Triton {triton.__version__} has no device-side tensor descriptors"
+        if config.get("pv", "int8") != "int8":
+            return "tma is for pv='int8' only (the bf16 path reads V in place, any strides)"
+    if config.get("ws", False) and config.get("unroll", 1) > 1:
+        return "ws and unroll > 1 are not combined (one tl.range option at a time)"
+    return None
 
 
 @triton.jit
@@ -71,13 +124,20 @@ def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int) -> None:
 
 
 @triton.jit
-def _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _block_scores(q_int, q_scale, k_ptrs, k_off, k_scale, cols, keys, m_i,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  LAZY: tl.constexpr, TMA: tl.constexpr):
     """Exact int32 scores of one key block, read as floats 1.5 * 2**23 + n: the product starts
     from an accumulator holding those bits, so no int-to-float conversion is needed (that unit
     is as slow as exp2's); |n| < 2**21 keeps it exact. Returns (f, f_max, c, m_block, m_new):
-    the block's row max in the log2 domain is m_block = n_max * c, c = qscale * kscale."""
-    k = tl.load(k_ptrs)
+    the block's row max in the log2 domain is m_block = n_max * c, c = qscale * kscale. LAZY:
+    m_new keeps the old max unless the block's exceeds it by more than LAZY_THRESHOLD (the first
+    block always sets it: -inf + 8 is -inf). TMA: k_ptrs is a tensor descriptor, k_off the
+    block's first key."""
+    if TMA:
+        k = k_ptrs.load([k_off, 0])
+    else:
+        k = tl.load(k_ptrs)
     magic = tl.full([BLOCK_M, BLOCK_N], 0x4B400000, tl.int32)
     f = tl.dot(q_int, tl.trans(k), acc=magic, out_dtype=tl.int32).to(tl.float32, bitcast=True)
     if MASKED:
@@ -85,7 +145,11 @@ def _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
     f_max = tl.max(f, axis=1)
     c = q_scale * k_scale
     m_block = (f_max - 12582912.0) * c
-    return f, f_max, c, m_block, tl.maximum(m_i, m_block)
+    if LAZY:
+        m_new = tl.where(m_block > m_i + 8.0, m_block, m_i)  # 8.0: LAZY_THRESHOLD
+    else:
+        m_new = tl.maximum(m_i, m_block)
+    return f, f_max, c, m_block, m_new
 
 
 @triton.jit
@@ -98,13 +162,15 @@ def _exp2_block(f, c, shift, cols, keys, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols, keys,
+def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_off, k_scale, cols, keys,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   MASKED: tl.constexpr):
+                   MASKED: tl.constexpr, LAZY: tl.constexpr, TMA: tl.constexpr):
     """One key block, INT8 P.V: P = round(127 * exp2(s - m_block)) per row of the block, an exact
-    int32 product with V (read as floats like the scores), weighted by exp2(m_block - m_new)."""
-    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
-                                                BLOCK_M, BLOCK_N, MASKED)
+    int32 product with V (read as floats like the scores), weighted by exp2(m_block - m_new).
+    P never depends on m_new, so LAZY changes only fp32 roundings of the block weights (which
+    reach 2**8 at most), not the integers."""
+    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, k_off, k_scale, cols,
+                                                keys, m_i, BLOCK_M, BLOCK_N, MASKED, LAZY, TMA)
     alpha = tl.math.exp2(m_i - m_new)
     p_scale = tl.math.exp2(m_block - m_new)
     p = _exp2_block(f, c, -(f_max * c), cols, keys, MASKED)
@@ -113,21 +179,30 @@ def _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, vt_ptrs, k_scale, cols
     offset = tl.full([BLOCK_M], 0x4B400000, tl.int32) * BLOCK_N
     l_block = tl.sum(bits, axis=1) - offset  # int32 in, int32 out (no dtype=: Triton <= 3.2)
     l_i = l_i * alpha + p_scale * l_block.to(tl.float32)
-    v_t = tl.load(vt_ptrs)
+    if TMA:
+        v_t = vt_ptrs.load([0, k_off])
+    else:
+        v_t = tl.load(vt_ptrs)
     magic = tl.full([BLOCK_M, D], 0x4B400000, tl.int32)
     pv = tl.dot(bits.to(tl.int8), tl.trans(v_t), acc=magic, out_dtype=tl.int32)
     pv = pv.to(tl.float32, bitcast=True)
-    acc = acc * alpha[:, None] + (pv - 12582912.0) * p_scale[:, None]
+    if LAZY:
+        acc = _rescale_if_moved(acc, alpha, m_i, m_new)
+        acc = acc + (pv - 12582912.0) * p_scale[:, None]
+    else:
+        acc = acc * alpha[:, None] + (pv - 12582912.0) * p_scale[:, None]
     return acc, m_new, l_i
 
 
 @triton.jit
 def _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_scale, cols, keys,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   LAZY: tl.constexpr):
     """One key block, bf16 P.V (SageAttention 1's choice): P = exp2(s - m_new) rounded to bf16,
-    V as given (cast to bf16), the product accumulated in fp32 by the tensor cores."""
-    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, k_scale, cols, keys, m_i,
-                                                BLOCK_M, BLOCK_N, MASKED)
+    V as given (cast to bf16), the product accumulated in fp32 by the tensor cores. LAZY
+    compiles (P up to 2**8) but unsupported() refuses it: P's bf16 roundings would move."""
+    f, f_max, c, m_block, m_new = _block_scores(q_int, q_scale, k_ptrs, 0, k_scale, cols, keys,
+                                                m_i, BLOCK_M, BLOCK_N, MASKED, LAZY, False)
     alpha = tl.math.exp2(m_i - m_new)
     p = _exp2_block(f, c, (m_block - m_new) - f_max * c, cols, keys, MASKED)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -135,16 +210,55 @@ def _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_scale, cols,
         v = tl.load(v_ptrs, mask=cols[:, None] < keys, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc=acc * alpha[:, None])
+    if LAZY:
+        acc = _rescale_if_moved(acc, alpha, m_i, m_new)
+    else:
+        acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc=acc)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _rescale_if_moved(acc, alpha, m_i, m_new):
+    """acc * alpha only when some row of the tile moved its max: a tile-wide branch (one
+    reduction) in place of BLOCK_M * D multiplies per block. Rows that did not move have
+    alpha = exp2(0) = 1 exactly, so multiplying them too changes nothing."""
+    moved = tl.max((m_new != m_i).to(tl.int32), axis=0)
+    if moved != 0:
+        acc = acc * alpha[:, None]
+    return acc
+
+
+@triton.jit
+def _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_off, k_scale, cols, keys,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               PV_INT8: tl.constexpr, MASKED: tl.constexpr, LAZY: tl.constexpr,
+               TMA: tl.constexpr):
+    if PV_INT8:
+        acc, m_i, l_i = _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_off,
+                                       k_scale, cols, keys, BLOCK_M, BLOCK_N, D, MASKED, LAZY,
+                                       TMA)
+    else:
+        acc, m_i, l_i = _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_scale,
+                                       cols, keys, BLOCK_M, BLOCK_N, MASKED, LAZY)
+    return acc, m_i, l_i
 
 
 @triton.jit
 def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, factor,
                  s_qb, s_ql, s_qh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PV_INT8: tl.constexpr):
-    """V is the INT8 transposed copy [B*H, D, padded] when PV_INT8, else the input V."""
+                 PV_INT8: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
+                 UNROLL: tl.constexpr, TMA: tl.constexpr):
+    """V is the INT8 transposed copy [B*H, D, padded] when PV_INT8, else the input V.
+    The grid is (query tiles, batch * heads) with the query tiles fastest, so the CTAs resident at
+    one time share one head's K/V (a few MB of INT8) in L2. The full key blocks run unmasked; the
+    partial last one is peeled off the loop. WS / UNROLL pick tl.range options for that loop (only
+    the taken branch is compiled, so releases without them build the plain loop). TMA (INT8 P.V):
+    K and V^T tiles come through device-side tensor descriptors, one TMA copy per tile in place
+    of each thread's cp.async of 16 bytes and its address arithmetic (issue slots are what this
+    loop is short of), and the loads Triton's automatic warp specialization moves to a producer
+    warp where it runs (sm_100+ in 3.6 and 3.8: see unsupported())."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -161,7 +275,13 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
     cols = tl.arange(0, BLOCK_N)
     base = bh.to(tl.int64) * padded * D
     k_ptrs = K_INT + base + cols[:, None] * D + d[None, :]
-    if PV_INT8:
+    if TMA:  # one (batch, head): the buffers are zero-padded to whole blocks, so no bounds
+        k_ptrs = tl.make_tensor_descriptor(K_INT + base, shape=[padded, D], strides=[D, 1],
+                                           block_shape=[BLOCK_N, D])
+        v_ptrs = tl.make_tensor_descriptor(V + base, shape=[D, padded], strides=[padded, 1],
+                                           block_shape=[D, BLOCK_N])
+        v_step = 0
+    elif PV_INT8:
         v_ptrs = V + base + d[:, None] * padded + cols[None, :]
         v_step = BLOCK_N
     else:
@@ -172,27 +292,34 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     full = keys // BLOCK_N
-    for j in range(0, full):
-        if PV_INT8:
-            acc, m_i, l_i = _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
-                                           tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N, D,
-                                           False)
-        else:
-            acc, m_i, l_i = _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
-                                           tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N,
-                                           False)
-        k_ptrs += BLOCK_N * D
-        v_ptrs += v_step
+    if WS:
+        for j in tl.range(0, full, warp_specialize=True):
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, j * BLOCK_N,
+                                       tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N, D,
+                                       PV_INT8, False, LAZY, TMA)
+            if not TMA:
+                k_ptrs += BLOCK_N * D
+                v_ptrs += v_step
+    elif UNROLL > 1:
+        for j in tl.range(0, full, loop_unroll_factor=UNROLL):
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, j * BLOCK_N,
+                                       tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N, D,
+                                       PV_INT8, False, LAZY, TMA)
+            if not TMA:
+                k_ptrs += BLOCK_N * D
+                v_ptrs += v_step
+    else:
+        for j in range(0, full):
+            acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, j * BLOCK_N,
+                                       tl.load(ks_ptr + j), cols, keys, BLOCK_M, BLOCK_N, D,
+                                       PV_INT8, False, LAZY, TMA)
+            if not TMA:
+                k_ptrs += BLOCK_N * D
+                v_ptrs += v_step
     if full * BLOCK_N < keys:
-        tail = cols + full * BLOCK_N
-        if PV_INT8:
-            acc, m_i, l_i = _int8_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
-                                           tl.load(ks_ptr + full), tail, keys, BLOCK_M, BLOCK_N,
-                                           D, True)
-        else:
-            acc, m_i, l_i = _bf16_pv_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs,
-                                           tl.load(ks_ptr + full), tail, keys, BLOCK_M, BLOCK_N,
-                                           True)
+        acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, full * BLOCK_N,
+                                   tl.load(ks_ptr + full), cols + full * BLOCK_N, keys, BLOCK_M,
+                                   BLOCK_N, D, PV_INT8, True, LAZY, TMA)
     out = acc / l_i[:, None]
     if PV_INT8:
         out = out * tl.load(V_SCALE + bh * D + d)[None, :]
@@ -201,8 +328,14 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
 
 
 def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, pv: str,
-              block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+              block_m: int, block_n: int, num_warps: int, num_stages: int, ws: bool = False,
+              lazy: bool = False, unroll: int = 1, tma: bool = False) -> None:
     """`v`: quantize_kv's transposed INT8 V for pv="int8", the input V for pv="bf16"."""
+    reason = unsupported(dict(pv=pv, ws=ws, lazy=lazy, unroll=unroll, tma=tma))
+    if reason:
+        raise RuntimeError(reason)
+    if tma:
+        _set_scratch_allocator()
     b, n_q, h, d = q.shape
     grid = (triton.cdiv(n_q, block_m), b * h)
     v_strides = (0, 0, 0) if pv == "int8" else (v.stride(0), v.stride(1), v.stride(2))
@@ -210,7 +343,24 @@ def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, p
                        q.stride(0), q.stride(1), q.stride(2), *v_strides,
                        out.stride(0), out.stride(1), out.stride(2),
                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_INT8=pv == "int8",
+                       WS=bool(ws), LAZY=bool(lazy), UNROLL=int(unroll), TMA=bool(tma),
                        num_warps=num_warps, num_stages=num_stages)
+
+
+_ALLOCATOR_SET = []
+
+
+def _set_scratch_allocator() -> None:
+    """Device-side tensor descriptors live in global scratch memory that Triton asks the
+    program's allocator for (once per process; torch's caching allocator serves it)."""
+    if not _ALLOCATOR_SET:
+        import torch
+
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET.append(True)
 
 
 def _signatures(pv: str, dtype: str) -> tuple[dict, dict]:
@@ -230,14 +380,21 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
     """Both kernels of one launch `config` (attention_int8.launch_config's keys) compiled for
     sm_`capability` without a GPU (front end, backend passes, ptxas), the pointers and `padded`
     16-divisible as in a real launch (not on 3.2). Returns (quantize_kv, attention) compiled
-    kernels (asm["ptx"], asm["cubin"], metadata.shared)."""
+    kernels (asm["ptx"], asm["cubin"], metadata.shared). Raises RuntimeError for a config
+    unsupported() refuses."""
+    reason = unsupported(config)
+    if reason:
+        raise RuntimeError(reason)
     quant_sig, attn_sig = _signatures(config["pv"], dtype)
     quant = _compile(_quant_kv_kernel, quant_sig, {"D": head_dim, "BLOCK_N": config["block_n"],
                                                    "QUANT_V": config["pv"] == "int8"},
                      capability, {"num_warps": 4})
     attn = _compile(_attn_kernel, attn_sig,
                     {"D": head_dim, "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"],
-                     "PV_INT8": config["pv"] == "int8"}, capability,
+                     "PV_INT8": config["pv"] == "int8", "WS": bool(config.get("ws", False)),
+                     "LAZY": bool(config.get("lazy", False)),
+                     "UNROLL": int(config.get("unroll", 1)),
+                     "TMA": bool(config.get("tma", False))}, capability,
                     {"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     return quant, attn
 
