@@ -327,6 +327,19 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
              mask=in_q)
 
 
+# The compiled kernel of the latest attention() launch (n_regs, n_spills, metadata.shared on a
+# GPU): bench/attention.py reports them per configuration, the occupancy facts behind a timing.
+LAST_LAUNCH = [None]
+
+
+def launch_facts() -> dict:
+    """Registers, spills and shared memory of the latest launch (empty under the interpreter)."""
+    kernel = LAST_LAUNCH[0]
+    facts = {name: getattr(kernel, name, None) for name in ("n_regs", "n_spills")}
+    facts["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
+    return {name: value for name, value in facts.items() if isinstance(value, int)}
+
+
 def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, pv: str,
               block_m: int, block_n: int, num_warps: int, num_stages: int, ws: bool = False,
               lazy: bool = False, unroll: int = 1, tma: bool = False) -> None:
@@ -339,7 +352,7 @@ def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, p
     b, n_q, h, d = q.shape
     grid = (triton.cdiv(n_q, block_m), b * h)
     v_strides = (0, 0, 0) if pv == "int8" else (v.stride(0), v.stride(1), v.stride(2))
-    _attn_kernel[grid](q, k_int, k_scale, v, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
+    LAST_LAUNCH[0] = _attn_kernel[grid](q, k_int, k_scale, v, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
                        q.stride(0), q.stride(1), q.stride(2), *v_strides,
                        out.stride(0), out.stride(1), out.stride(2),
                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_INT8=pv == "int8",
