@@ -2,13 +2,20 @@
 server with this pack installed, at full size, on cards of 12 / 16 / 24 GB rehearsed on a big GPU.
 
     python bench/e2e.py --models DIR [--generate] --cards 12,24 --out e2e.json
+    python bench/e2e.py --models DIR --cards 16 --plan cold,long --long-seconds 60 --out long.json
     python bench/e2e.py --tiny --cards 0 --out e2e_tiny.json     # CPU smoke run, tiny models
 
-Per card a fresh server runs the graph cold (every model loaded), then warm (new speech and seed,
-models cached), and on the 16 GB card one window of the official recipe (3 guidance passes) to
-time its steps. Per executed node: wall time from ComfyUI's websocket messages, peak card memory
-(NVML: what the card holds, CUDA context included) and server RSS; per window the sampler's own
-sample / decode / encode split; the MP4 is opened and its frames and audio counted.
+Per card a fresh server runs the plan (--plan, in its order; default cold,warm,official, plus long
+when --long-seconds is given): cold (every model loaded), warm (new speech and seed, models
+cached), official (one window of the official recipe, 3 guidance passes, to time its steps; on the
+16 GB card or with --tiny only) and long (--long-seconds of speech, the speech file of the warm run
+repeated, LoRA recipe, the sampler's stream_to_mp4 on: each window goes into an MP4 as it is made
+and SaveVideo takes that file, with no CreateVideo and no IMAGE batch of the whole video). Per
+executed node: wall time from ComfyUI's websocket messages, peak card memory (NVML: what the card
+holds, CUDA context included) and server RSS; per window the sampler's own sample / decode /
+encode split and the server RSS at the end of its sampling and its peak (cut by the sampler's
+progress messages; target: growth <= 1 GB from window 2 to the last); every MP4 (SaveVideo's and
+the streamed one) is opened and its frames and audio counted against the speech's length.
 
 A smaller card is rehearsed two ways at once, because each alone is wrong (docs/BENCHMARKS.md):
 PyTorch's per-process memory fraction makes an allocation past the card fail as it would on the
@@ -35,6 +42,11 @@ GiB = 1 << 30
 # Memory a real card spends outside PyTorch's allocator (CUDA context, cuBLAS/cuDNN handles):
 # taken off the allocator's cap so the whole process fits the card.
 OUTSIDE_ALLOCATOR = int(0.75 * GiB)
+# Plan entries -> (result label, speech input, seed).
+RUNS = {"cold": ("cold", "cold", 1), "warm": ("warm", "warm", 2),
+        "official": ("official_one_window", "warm", 3), "long": ("long", "long", 4)}
+RSS_GROWTH_TARGET_GB = 1.0
+TINY_LONG_SIZE = 64  # frame side of the tiny long run (the tiny demo's is 128)
 WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "infinitetalk_single_speaker.json")
 TINY_WORKFLOW = os.path.join(ROOT, "example_workflows", "api", "infinitetalk_tiny_demo.json")
 NEEDED = ["wan2.1_i2v_480p_14B_fp8_e4m3fn.safetensors", "Wan2_1-InfiniTetalk-Single_fp16.safetensors",
@@ -63,11 +75,27 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="LoRA recipe: steps at guidance 1")
     p.add_argument("--official-steps", type=int, default=2,
                    help="steps of the timed official-recipe window (16 GB card)")
-    p.add_argument("--speech", nargs=2, metavar="WAV", help="two speech files (cold, warm)")
+    p.add_argument("--speech", nargs=2, metavar="WAV",
+                   help="two speech files (cold, warm; the long run repeats the second)")
+    p.add_argument("--long-seconds", type=float, default=0.0,
+                   help="seconds of speech of the long run (0 = no long run)")
+    p.add_argument("--plan", default=None,
+                   help="runs per card, in order, from " + ",".join(RUNS) + " (default "
+                        "cold,warm,official, plus long with --long-seconds); official runs on "
+                        "the 16 GB card or with --tiny only")
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.plan is None:
+        args.plan = "cold,warm,official" + (",long" if args.long_seconds > 0 else "")
+    args.plan = [r.strip() for r in args.plan.split(",") if r.strip()]
+    unknown = [r for r in args.plan if r not in RUNS]
+    if unknown or not args.plan:
+        p.error(f"--plan: unknown runs {unknown}; choose from {list(RUNS)}")
+    if "long" in args.plan and args.long_seconds <= 0:
+        p.error("--plan names long: give --long-seconds")
+    return args
 
 
 def prepare_comfy(tar: str | None) -> None:
@@ -124,7 +152,30 @@ def write_inputs(args, base: str) -> dict[str, str]:
     demo_assets.write_portrait(os.path.join(inp, names["image"]), size=512)
     for key, src in zip(("cold", "warm"), args.speech or (None, None)):
         exact_wav(src, os.path.join(inp, names[key]), args.seconds)
+    if "long" in args.plan:  # real speech throughout: the warm run's file said again and again
+        names["long"] = "e2e_speech_long.wav"
+        repeat_wav(args.speech[1] if args.speech else None, os.path.join(inp, names["long"]),
+                   args.long_seconds)
     return names
+
+
+def repeat_wav(src: str | None, dst: str, seconds: float) -> None:
+    """`src` repeated end to end and cut to exactly `seconds` (a modulated tone without src)."""
+    import wave
+
+    import demo_assets
+
+    if src is None:
+        demo_assets.tone_wav(dst, seconds)
+        return
+    with wave.open(src) as r:
+        params, data = r.getparams(), r.readframes(r.getnframes())
+    if not data:
+        raise SystemExit(f"{src} holds no audio")
+    want = int(round(seconds * params.framerate)) * params.sampwidth * params.nchannels
+    with wave.open(dst, "wb") as w:
+        w.setparams(params)
+        w.writeframes((data * (want // len(data) + 1))[:want])
 
 
 def exact_wav(src: str | None, dst: str, seconds: float) -> None:
@@ -144,9 +195,26 @@ def exact_wav(src: str | None, dst: str, seconds: float) -> None:
         w.writeframes(data[:want] + b"\0" * max(0, want - len(data)))
 
 
-def graph(args, names: dict, speech: str, seed: int, official: bool = False) -> dict:
+def graph(args, names: dict, speech: str, seed: int, official: bool = False,
+          stream: bool = False) -> dict:
+    """The API workflow with the bench's inputs. `stream`: the sampler writes each window into an
+    MP4 (stream_to_mp4) and returns that file as its VIDEO output; SaveVideo takes it directly
+    (remuxed, not re-encoded) and CreateVideo, which would build the video from an IMAGE batch,
+    is dropped (the sampler's images output then holds only the first frame)."""
     with open(TINY_WORKFLOW if args.tiny else WORKFLOW) as f:
         prompt = json.load(f)
+    if stream:
+        sid = sampler_id(prompt)
+        prompt[sid]["inputs"].update(stream_to_mp4=True, filename_prefix="video/e2e_long_stream")
+        for key in [k for k, v in prompt.items() if v["class_type"] == "CreateVideo"]:
+            del prompt[key]
+        save = next(v for v in prompt.values() if v["class_type"] == "SaveVideo")
+        save["inputs"]["video"] = [sid, 2]
+        if args.tiny:  # many windows in little CPU time: the VAE decode dominates a tiny
+            # window and grows faster than the pixels (2 cores: ~1 s at 64x64, 5+ s at 128)
+            for node in prompt.values():
+                if node["class_type"] == "InfiniteTalkImageToVideo":
+                    node["inputs"].update(width=TINY_LONG_SIZE, height=TINY_LONG_SIZE)
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LoadImage":
@@ -167,31 +235,53 @@ def sampler_id(prompt: dict) -> str:
     return next(k for k, v in prompt.items() if v["class_type"] == "WanVideoInfiniteTalkSampler")
 
 
-def run_once(client, server, monitor, prompt: dict, timeout: float) -> dict:
+def run_once(client, server, monitor, prompt: dict, timeout: float,
+             seconds: float | None = None) -> dict:
+    """Queue `prompt`, wait, measure. `seconds`: the speech's length, which the MP4s must have
+    (round(seconds x 25) frames, audio within 0.1 s); None: not checked."""
     log_from = len(server.log_text())
     queued = time.monotonic()
-    entry = client.wait(client.queue(prompt), timeout)
+    prompt_id = client.queue(prompt)
+    try:
+        entry = client.wait(prompt_id, timeout)
+        err = harness.execution_error(entry)
+    except TimeoutError:  # keep what was measured (windows done so far), stop the prompt
+        client.interrupt()
+        entry = {"events": client.messages(prompt_id), "outputs": {}}
+        err = {"exception_message": f"not finished after {timeout:g} s (--timeout); "
+                                    "interrupted"}
     done = time.monotonic()
-    err = harness.execution_error(entry)
     log = server.log_text()[log_from:]
+    sid = sampler_id(prompt)
     out = {"ok": err is None, "queue_to_done_s": round(done - queued, 2),
+           "stream_to_mp4": bool(prompt[sid]["inputs"].get("stream_to_mp4")),
            "stages": stages.node_stages(entry, prompt, queued, monitor),
-           "step_times_s": stages.step_times(entry, sampler_id(prompt)),
+           "step_times_s": stages.step_times(entry, sid),
            "windows": stages.window_lines(log), "blocks_swapped": stages.blocks_swapped(log),
-           **{k: round(v, 3) for k, v in monitor.window(queued, done).items()}}
+           **{k: round(v, 3) for k, v in monitor.window(queued, done).items()},
+           **stages.window_rss(entry, sid, int(prompt[sid]["inputs"]["steps"]), monitor, queued,
+                               RSS_GROWTH_TARGET_GB)}
     if err is not None:
         out["error"] = err
         out["log_tail"] = log[-4000:]
         return out
-    out["video"] = probe_video(server.base, entry)
+    save = next(k for k, v in prompt.items() if v["class_type"] == "SaveVideo")
+    out["video"] = probe_video(server.base, entry, save, seconds)
+    if out["stream_to_mp4"]:  # the file the sampler wrote window by window (its preview entry)
+        out["streamed_video"] = probe_video(server.base, entry, sid, seconds)
     return out
 
 
-def probe_video(base: str, entry: dict) -> dict:
-    """Frames, frame rate and audio length of the MP4 SaveVideo wrote."""
+def probe_video(base: str, entry: dict, node: str | None = None,
+                seconds: float | None = None) -> dict:
+    """Frames and audio length of the MP4 that `node` (any node: None) lists in its outputs; with
+    `seconds`, whether they match round(seconds x 25) frames and seconds of audio (+-0.1 s)."""
     import av
 
-    for node_out in entry.get("outputs", {}).values():
+    outputs = entry.get("outputs", {})
+    for key, node_out in outputs.items():
+        if node is not None and str(key) != str(node):
+            continue
         for item in node_out.get("images", []) + node_out.get("videos", []):
             if str(item.get("filename", "")).endswith(".mp4"):
                 path = os.path.join(base, "output", item.get("subfolder", ""), item["filename"])
@@ -201,12 +291,19 @@ def probe_video(base: str, entry: dict) -> dict:
                     a = c.streams.audio[0]
                     samples = sum(f.samples for f in c.decode(audio=0))
                     rate = a.rate
-                return {"file": path, "frames": frames, "audio_s": round(samples / rate, 3),
-                        "bytes": os.path.getsize(path)}
+                out = {"file": path, "frames": frames, "audio_s": round(samples / rate, 3),
+                       "bytes": os.path.getsize(path)}
+                if seconds is not None:
+                    want = int(round(seconds * 25))
+                    out.update(frames_expected=want, frames_ok=frames == want,
+                               audio_ok=abs(out["audio_s"] - seconds) <= 0.1)
+                return out
     return {"file": None}
 
 
-def run_card(args, card: float) -> dict:
+def run_card(args, card: float, save=lambda partial: None) -> dict:
+    """The plan on one card; save(result so far) after every run (a later crash or a kill at a
+    time limit keeps the runs done)."""
     base = prepare_base(args, card)
     names = write_inputs(args, base)
     extra = []
@@ -229,17 +326,28 @@ def run_card(args, card: float) -> dict:
     try:
         with stages.Monitor(server.proc.pid, gpu) as monitor:
             t0 = time.monotonic()
-            plan = [("cold", graph(args, names, "cold", 1)), ("warm", graph(args, names, "warm", 2))]
-            if card == 16 or args.tiny:
-                plan.append(("official_one_window", graph(args, names, "warm", 3, official=True)))
-            for label, prompt in plan:
-                result["runs"][label] = run_once(client, server, monitor, prompt, args.timeout)
-                print(f"[e2e] card {card:g}: {label} {result['runs'][label]['queue_to_done_s']} s "
-                      f"ok={result['runs'][label]['ok']}", flush=True)
-                if not result["runs"][label]["ok"]:
+            for name in args.plan:
+                if name == "official" and not (card == 16 or args.tiny):
+                    continue
+                label, speech, seed = RUNS[name]
+                prompt = graph(args, names, speech, seed, official=name == "official",
+                               stream=name == "long")
+                seconds = {"cold": args.seconds, "warm": args.seconds,
+                           "long": args.long_seconds}.get(name)
+                run = result["runs"][label] = run_once(client, server, monitor, prompt,
+                                                       args.timeout, seconds)
+                growth = run.get("rss_growth_window2_to_last_gb")
+                print(f"[e2e] card {card:g}: {label} {run['queue_to_done_s']} s ok={run['ok']}"
+                      f" windows={len(run['rss_per_window_gb'])}"
+                      + (f" rss growth window 2 -> last {growth} GB" if growth is not None
+                         else ""), flush=True)
+                result["trace"] = monitor.trace(t0)
+                save(result)
+                if not run["ok"]:
                     break
             result["trace"] = monitor.trace(t0)
-        result["load"] = load_figures(result["runs"]["cold"])
+        first = next(iter(result["runs"].values()), {})  # the run that loaded the models
+        result["load"] = load_figures(result["runs"].get("cold", first))
         result["official_estimate"] = official_estimate(result["runs"], args)
     finally:
         client.close()
@@ -301,12 +409,17 @@ def main(argv=None) -> int:
             raise SystemExit("--models is required without --tiny")
         prepare_models(args)
     report = {"bench": "e2e", "gpu": gpu_name(), "tiny": args.tiny, "seconds": args.seconds,
-              "steps": args.steps, "mode": "real ComfyUI server over HTTP + websocket",
-              "cards": []}
+              "steps": args.steps, "plan": args.plan, "long_seconds": args.long_seconds,
+              "mode": "real ComfyUI server over HTTP + websocket", "cards": []}
+
+    def save(partial: dict | None = None) -> None:  # after each run: a later failure keeps it
+        with open(args.out, "w") as f:
+            json.dump(dict(report, cards=report["cards"] + ([partial] if partial else [])), f,
+                      indent=1)
+
     for card in (float(c) for c in args.cards.split(",")):
-        report["cards"].append(run_card(args, card))
-        with open(args.out, "w") as f:  # after each card: a later failure keeps the rest
-            json.dump(report, f, indent=1)
+        report["cards"].append(run_card(args, card, save))
+        save()
     print(json.dumps({"cards": [{k: v for k, v in c.items() if k != "trace"}
                                 for c in report["cards"]]}, indent=1))
     return 0

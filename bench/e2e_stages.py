@@ -1,6 +1,6 @@
 """Measurements for bench/e2e.py: a sampler thread reading the card's used memory (NVML, what a
 real card would show: CUDA context and caches included) and the server's RSS every 50 ms, and the
-per-stage figures cut out of those samples by ComfyUI's websocket messages."""
+per-stage and per-window figures cut out of those samples by ComfyUI's websocket messages."""
 from __future__ import annotations
 
 import re
@@ -102,6 +102,60 @@ def step_times(entry: dict, node: str) -> list[float]:
     ts = [m["received"] for m in entry["events"] if m.get("type") == "progress"
           and (m.get("data") or {}).get("node") == node]
     return [round(b - a, 3) for a, b in zip(ts, ts[1:])]
+
+
+def window_ends(entry: dict, node: str, steps: int) -> tuple[list[float], int | None]:
+    """(receive times of the progress messages that end each window's sampling, windows planned).
+    The sampler reports one ProgressBar over all windows (nodes/sampler.py comfy_callbacks):
+    value = finished steps of the whole video, max = steps x windows, so window k's sampling ends
+    at value == k x steps. Only the unbroken run of windows 1, 2, ... is returned."""
+    ends, planned = {}, None
+    for m in entry["events"]:
+        d = m.get("data") or {}
+        if m.get("type") != "progress" or d.get("node") != node:
+            continue
+        value, total = int(d.get("value", 0)), int(d.get("max", 0))
+        if steps > 0 and total % steps == 0:
+            planned = total // steps
+        if steps > 0 and value > 0 and value % steps == 0:
+            ends.setdefault(value // steps, m["received"])
+    out = []
+    while len(out) + 1 in ends:
+        out.append(ends[len(out) + 1])
+    return out, planned
+
+
+def node_start(entry: dict, node: str) -> float | None:
+    """When the `executing` message of `node` arrived (None: it did not execute)."""
+    return next((m["received"] for m in entry["events"] if m.get("type") == "executing"
+                 and (m.get("data") or {}).get("node") == node), None)
+
+
+def window_rss(entry: dict, node: str, steps: int, monitor: Monitor, queued_at: float,
+               target_gb: float = 1.0) -> dict:
+    """Server RSS per sampler window: window k spans from the end of window k-1's sampling (the
+    sampler's start for k = 1) to the end of its own sampling, so it holds window k-1's decode,
+    colour match, motion encode and MP4 write plus window k's sampling. Per window: RSS at the
+    end of its sampling and the peak inside it; growth from window 2 to the last of both."""
+    ends, planned = window_ends(entry, node, steps)
+    start = node_start(entry, node)
+    if start is None or not ends or not monitor.samples:
+        return {"rss_per_window_gb": [], "windows_planned": planned}
+    rows, prev = [], start
+    for k, t in enumerate(ends, 1):
+        w = monitor.window(prev, t)
+        rows.append({"window": k, "sampled_at_s": round(t - queued_at, 2),
+                     "end": round(w["rss_end_gb"], 3), "peak": round(w["peak_rss_gb"], 3)})
+        prev = t
+    out = {"rss_per_window_gb": rows, "windows_planned": planned}
+    if len(rows) >= 2:
+        growth = rows[-1]["end"] - rows[1]["end"]
+        peak_growth = max(r["peak"] for r in rows[1:]) - rows[1]["peak"]
+        out.update(rss_growth_window2_to_last_gb=round(growth, 3),
+                   rss_peak_growth_window2_to_last_gb=round(peak_growth, 3),
+                   rss_flat_target={"max_growth_gb": target_gb,
+                                    "met": growth <= target_gb and peak_growth <= target_gb})
+    return out
 
 
 def window_lines(log_text: str) -> list[dict]:

@@ -18,8 +18,9 @@ COMFY = os.path.join(ROOT, ".cache", "ComfyUI", "main.py")
 def test_e2e_bench_smoke_run(tmp_path):
     out = tmp_path / "e2e.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--tiny",
-                          "--cards", "0", "--seconds", "2", "--work", str(tmp_path / "work"),
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--cards", "0", "--seconds", "2", "--long-seconds", "12",
+                          "--work", str(tmp_path / "work"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     card = json.loads(out.read_text())["cards"][0]
     cold, warm = card["runs"]["cold"], card["runs"]["warm"]
@@ -34,6 +35,24 @@ def test_e2e_bench_smoke_run(tmp_path):
     assert len(cold["windows"]) == 2 and len(cold["step_times_s"]) > 0
     assert card["official_estimate"]["windows"] == 2
     assert card["trace"] and card["load"]["WanVideoModelLoader"]["wall_s"] >= 0
+    # the long run (default plan + --long-seconds): 12 s streamed window by window into an MP4
+    # that SaveVideo took as it is (no CreateVideo), host RSS cut per window by the progress
+    long = card["runs"]["long"]
+    assert long["ok"] and long["stream_to_mp4"], long.get("error")
+    assert "CreateVideo" not in [s["class"] for s in long["stages"]]
+    streamed, saved = long["streamed_video"], long["video"]
+    assert "e2e_long_stream" in streamed["file"] and streamed["file"] != saved["file"]
+    for v in (streamed, saved):
+        assert v["frames"] == v["frames_expected"] == 300 and v["frames_ok"] and v["audio_ok"]
+    windows = long["windows"]  # tiny clip 33 frames, 9 carried: 1 + ceil((300 - 33) / 24)
+    assert len(windows) == windows[0]["of"] == long["windows_planned"] == 13
+    rows = long["rss_per_window_gb"]
+    assert [r["window"] for r in rows] == list(range(1, 14))
+    assert all(r["peak"] >= r["end"] > 0.1 for r in rows)
+    assert [r["sampled_at_s"] for r in rows] == sorted(r["sampled_at_s"] for r in rows)
+    assert long["rss_growth_window2_to_last_gb"] == round(rows[-1]["end"] - rows[1]["end"], 3)
+    assert long["rss_flat_target"]["max_growth_gb"] == 1.0
+    assert isinstance(long["rss_flat_target"]["met"], bool)
 
 
 def test_plots_from_the_committed_results(tmp_path):
