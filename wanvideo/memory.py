@@ -50,8 +50,11 @@ def _memory_fraction(device: torch.device) -> float:
     refuses to reserve beyond fraction x total, so every budget must see the capped card. The
     getter exists from torch 2.5; older versions report no cap."""
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    device = torch.device(device)
+    # the getter refuses a bare "cuda" (no index); the allocator means the current device then
+    index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        return float(getter(device)) if getter is not None else 1.0
+        return float(getter(index)) if getter is not None else 1.0
     except (RuntimeError, TypeError):
         return 1.0
 
