@@ -38,6 +38,23 @@ def test_readings_follow_the_cap(monkeypatch, fraction, want_free, want_total):
     assert free_device_bytes(cuda) == want_free
 
 
+@pytest.mark.parametrize("device", [torch.device("cuda"), "cuda", torch.device("cuda", 1)])
+def test_a_device_without_index_reads_the_current_devices_cap(monkeypatch, device):
+    """torch's getter refuses a bare "cuda" with ValueError (bench/window.py hit it on an H200)."""
+    fake_cuda(monkeypatch, free=100 * GiB, total=140 * GiB, allocated=0, reserved=0, fraction=1.0)
+    caps = {0: 1.0, 1: 0.1}
+
+    def getter(d):
+        if not isinstance(d, int):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, "
+                             f"but got:{d}")
+        return caps[d]
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", getter)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert memory.device_total_bytes(device) == 14 * GiB
+
+
 def test_budget_refusal_names_the_capped_figure(monkeypatch):
     fake_cuda(monkeypatch, free=100 * GiB, total=140 * GiB, allocated=0, reserved=0,
               fraction=12 / 140)
