@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="runs per card, in order, from " + ",".join(RUNS) + " (default "
                         "cold,warm,official, plus long with --long-seconds); official runs on "
                         "the 16 GB card or with --tiny only")
+    p.add_argument("--attention", default=None,
+                   help="the model loader's attention backend for every run (default: the "
+                        "workflow's own, sdpa)")
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (smoke run)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", required=True)
@@ -220,6 +223,8 @@ def graph(args, names: dict, speech: str, seed: int, official: bool = False,
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "LoadImage":
             inputs["image"] = names["image"]
+        elif kind == "WanVideoModelLoader" and args.attention:
+            inputs["attention"] = args.attention
         elif kind == "LoadAudio":
             inputs["audio"] = names[speech]
         elif kind == "WanVideoInfiniteTalkSampler":
