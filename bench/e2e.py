@@ -423,6 +423,7 @@ def main(argv=None) -> int:
         prepare_models(args)
     report = {"bench": "e2e", "gpu": gpu_name(), "tiny": args.tiny, "seconds": args.seconds,
               "steps": args.steps, "plan": args.plan, "long_seconds": args.long_seconds,
+              "attention": args.attention or "as in the workflow",
               "mode": "real ComfyUI server over HTTP + websocket", "cards": []}
 
     def save(partial: dict | None = None) -> None:  # after each run: a later failure keeps it
