@@ -251,7 +251,7 @@ def test_unsupported_loop_options_are_refused_with_a_reason():
     assert "pv='int8'" in ai.unsupported(dict(ai.SWEEP[6], lazy=True))
     assert "not combined" in (ai.unsupported(dict(ai.SWEEP[1], ws=True, unroll=2)) or
                               "not combined")  # or: this Triton lacks one of them
-    if "warp_specialize" not in kernels.RANGE_OPTIONS:
+    if "warp_specialize" not in kernels.range_options():
         assert "warp_specialize" in ai.unsupported(dict(ai.SWEEP[1], ws=True))
     with pytest.raises(ValueError, match="unroll"):
         ai.launch_config(torch.zeros(1, 1, 1, 64), unroll=0)

@@ -13,6 +13,7 @@ accumulator must match out_dtype, whose default is float32), tl.sum gets no dtyp
 it), and there is no `from __future__ import annotations` (Triton 3.0's interpreter recognizes a
 constexpr parameter only by a real tl.constexpr annotation). aot_compile compiles without a GPU.
 """
+import functools
 import inspect
 
 import triton
@@ -23,12 +24,17 @@ MAGIC = 12582912.0  # 1.5 * 2**23
 # it by more than this many log2 units, so most blocks skip the accumulator rescale. P stays
 # relative to the block's own max (<= 127 as INT8), only its fp32 block weight may reach 2**8.
 LAZY_THRESHOLD = 8.0
-# tl.range's loop options of the installed Triton (warp_specialize, loop_unroll_factor: 3.4+);
-# a config that needs one this release lacks is refused by unsupported() before compiling.
-RANGE_OPTIONS = frozenset(inspect.signature(tl.range.__init__).parameters) - {"self"}
 
 
-def _ws_pass_below_sm100() -> bool:
+@functools.lru_cache(maxsize=None)
+def range_options() -> frozenset:
+    """tl.range's loop options in the installed Triton (warp_specialize, loop_unroll_factor:
+    3.4+); a config that needs one this release lacks is refused by unsupported()."""
+    return frozenset(inspect.signature(tl.range.__init__).parameters) - {"self"}
+
+
+@functools.lru_cache(maxsize=None)
+def ws_pass_below_sm100() -> bool:
     """Whether the installed Triton's NVIDIA backend runs its automatic warp-specialization pass
     for sm_8x/9x. In 3.6 and 3.8 make_ttgir adds it only in the `capability // 10 >= 10` branch,
     so on Hopper tl.range(warp_specialize=True) compiles to the very PTX of the plain loop (seen
@@ -43,19 +49,17 @@ def _ws_pass_below_sm100() -> bool:
     return len(parts) < 2 or "warp_specialize" in parts[1].split("elif", 1)[0]
 
 
-WS_BELOW_SM100 = _ws_pass_below_sm100()
-
 
 def unsupported(config: dict, capability: int | None = None) -> str | None:
     """None when the installed Triton can build `config`'s loop options (for sm_`capability`,
     e.g. 90, when given), otherwise why not."""
     needs = {"warp_specialize": config.get("ws", False),
              "loop_unroll_factor": config.get("unroll", 1) > 1}
-    missing = [name for name, used in needs.items() if used and name not in RANGE_OPTIONS]
+    missing = [name for name, used in needs.items() if used and name not in range_options()]
     if missing:
         return f"Triton {triton.__version__}'s tl.range has no {', '.join(missing)}"
     if config.get("ws", False) and capability is not None and capability < 100 \
-            and not WS_BELOW_SM100:
+            and not ws_pass_below_sm100():
         return (f"ws is a no-op on sm_{capability}: Triton {triton.__version__} runs its warp "
                 "specialization pass only for sm_100+ (same PTX as ws=False)")
     if config.get("lazy", False) and config.get("pv", "int8") != "int8":
