@@ -235,6 +235,10 @@ COPY_EXCEPTIONS = {
         "dtype cast of the scale for the same dequantization, on the layer's own device",
     ("wanvideo/quant_linear.py", "QuantLinear._forward_nvfp4_native", "(ga * self.weight_scale_2).to"):
         "dtype cast of a scalar product to the output dtype in the forward",
+    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "send[:, :, :, i].copy_"):
+        "writes q/k/v activations into the all-to-all send buffer; same device",
+    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "result[:, :, :, p].copy_"):
+        "places one received piece of the attention output (activations); same device",
 }
 # wanvideo/block_swap.py is being refactored elsewhere: its current copies, keyed by file and
 # call, are allowed until that work routes them through placement and empties this list.

@@ -249,37 +249,22 @@ def _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, k_off, k_scale, co
 
 
 @triton.jit
-def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, factor,
-                 s_qb, s_ql, s_qh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PV_INT8: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
-                 UNROLL: tl.constexpr, TMA: tl.constexpr):
-    """V is the INT8 transposed copy [B*H, D, padded] when PV_INT8, else the input V.
-    The grid is (query tiles, batch * heads) with the query tiles fastest, so the CTAs resident at
-    one time share one head's K/V (a few MB of INT8) in L2. The full key blocks run unmasked; the
-    partial last one is peeled off the loop. WS / UNROLL pick tl.range options for that loop (only
-    the taken branch is compiled, so releases without them build the plain loop). TMA (INT8 P.V):
-    K and V^T tiles come through device-side tensor descriptors, one TMA copy per tile in place
-    of each thread's cp.async of 16 bytes and its address arithmetic (issue slots are what this
-    loop is short of), and the loads Triton's automatic warp specialization moves to a producer
-    warp where it runs (sm_100+ in 3.6 and 3.8: see unsupported())."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = bh % heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows[:, None].to(tl.int64)
-    d = tl.arange(0, D)
-    in_q = rows[:, None] < n_q
-    q = tl.load(Q + b * s_qb + h * s_qh + rows64 * s_ql + d[None, :], mask=in_q, other=0.0)
-    q = q.to(tl.float32)
+def _query_tile(q_ptrs, in_q, factor):
+    """One tile of queries as per-row INT8 (q_int) and its scales times `factor` (q_scale)."""
+    q = tl.load(q_ptrs, mask=in_q, other=0.0).to(tl.float32)
     q_amax = tl.max(tl.abs(q), axis=1)
     q_int = _to_int8(q, tl.where(q_amax > 0, tl.math.div_rn(127.0, q_amax), 0.0)[:, None])
-    q_scale = q_amax * factor
-    cols = tl.arange(0, BLOCK_N)
-    base = bh.to(tl.int64) * padded * D
+    return q_int, q_amax * factor
+
+
+@triton.jit
+def _kv_tiles(K_INT, V, base, b, h, s_vb, s_vh, s_vl, cols, d, padded,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, PV_INT8: tl.constexpr, TMA: tl.constexpr):
+    """Where one (batch, head)'s first key block is read: (K, V or V^T, V's step per block).
+    `base`: the head's offset in the INT8 K and transposed INT8 V (zero-padded to `padded` keys);
+    bf16 P.V reads the input V. TMA: tensor descriptors (whole blocks, so no bounds)."""
     k_ptrs = K_INT + base + cols[:, None] * D + d[None, :]
-    if TMA:  # one (batch, head): the buffers are zero-padded to whole blocks, so no bounds
+    if TMA:
         k_ptrs = tl.make_tensor_descriptor(K_INT + base, shape=[padded, D], strides=[D, 1],
                                            block_shape=[BLOCK_N, D])
         v_ptrs = tl.make_tensor_descriptor(V + base, shape=[D, padded], strides=[padded, 1],
@@ -291,6 +276,50 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
     else:
         v_ptrs = V + b * s_vb + h * s_vh + cols[:, None].to(tl.int64) * s_vl + d[None, :]
         v_step = BLOCK_N * s_vl
+    return k_ptrs, v_ptrs, v_step
+
+
+@triton.jit
+def _store_tile(O, acc, l_i, V_SCALE, b, h, bh, s_ob, s_oh, s_ol, rows64, d, in_q,
+                D: tl.constexpr, PV_INT8: tl.constexpr):
+    """The normalised output tile (times V's per-channel scales for INT8 P.V) in O's dtype."""
+    out = acc / l_i[:, None]
+    if PV_INT8:
+        out = out * tl.load(V_SCALE + bh * D + d)[None, :]
+    tl.store(O + b * s_ob + h * s_oh + rows64 * s_ol + d[None, :], out.to(O.dtype.element_ty),
+             mask=in_q)
+
+
+# _attn_kernel: V is the INT8 transposed copy [B*H, D, padded] when PV_INT8, else the input V.
+# The grid is (query tiles, batch * heads) with the query tiles fastest, so the CTAs resident at
+# one time share one head's K/V (a few MB of INT8) in L2. The full key blocks run unmasked; the
+# partial last one is peeled off the loop. WS / UNROLL pick tl.range options for that loop (only
+# the taken branch is compiled, so releases without them build the plain loop). TMA (INT8 P.V):
+# K and V^T tiles come through device-side tensor descriptors, one TMA copy per tile in place of
+# each thread's cp.async of 16 bytes and its address arithmetic (issue slots are what this loop
+# is short of), and the loads Triton's automatic warp specialization moves to a producer warp
+# where it runs (sm_100+ in 3.6 and 3.8: see unsupported()).
+@triton.jit
+def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, factor,
+                 s_qb, s_ql, s_qh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PV_INT8: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
+                 UNROLL: tl.constexpr, TMA: tl.constexpr):
+    """One (query tile, batch * head) program; see the comment above for the layout."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = bh % heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows[:, None].to(tl.int64)
+    d = tl.arange(0, D)
+    in_q = rows[:, None] < n_q
+    q_int, q_scale = _query_tile(Q + b * s_qb + h * s_qh + rows64 * s_ql + d[None, :], in_q,
+                                 factor)
+    cols = tl.arange(0, BLOCK_N)
+    base = bh.to(tl.int64) * padded * D
+    k_ptrs, v_ptrs, v_step = _kv_tiles(K_INT, V, base, b, h, s_vb, s_vh, s_vl, cols, d, padded,
+                                       BLOCK_N, D, PV_INT8, TMA)
     ks_ptr = K_SCALE + bh * (padded // BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -324,11 +353,7 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
         acc, m_i, l_i = _key_block(acc, m_i, l_i, q_int, q_scale, k_ptrs, v_ptrs, full * BLOCK_N,
                                    tl.load(ks_ptr + full), cols + full * BLOCK_N, keys, BLOCK_M,
                                    BLOCK_N, D, PV_INT8, True, LAZY, TMA)
-    out = acc / l_i[:, None]
-    if PV_INT8:
-        out = out * tl.load(V_SCALE + bh * D + d)[None, :]
-    tl.store(O + b * s_ob + h * s_oh + rows64 * s_ol + d[None, :], out.to(O.dtype.element_ty),
-             mask=in_q)
+    _store_tile(O, acc, l_i, V_SCALE, b, h, bh, s_ob, s_oh, s_ol, rows64, d, in_q, D, PV_INT8)
 
 
 # The compiled kernel of the latest attention() launch (n_regs, n_spills, metadata.shared on a
