@@ -165,25 +165,15 @@ def write_inputs(args, base: str) -> dict[str, str]:
 
 def repeat_wav(src: str | None, dst: str, seconds: float) -> None:
     """`src` repeated end to end and cut to exactly `seconds` (a modulated tone without src)."""
-    import wave
-
-    import demo_assets
-
-    if src is None:
-        demo_assets.tone_wav(dst, seconds)
-        return
-    with wave.open(src) as r:
-        params, data = r.getparams(), r.readframes(r.getnframes())
-    if not data:
-        raise SystemExit(f"{src} holds no audio")
-    want = int(round(seconds * params.framerate)) * params.sampwidth * params.nchannels
-    with wave.open(dst, "wb") as w:
-        w.setparams(params)
-        w.writeframes((data * (want // len(data) + 1))[:want])
+    _fit_wav(src, dst, seconds, repeat=True)
 
 
 def exact_wav(src: str | None, dst: str, seconds: float) -> None:
     """`src` cut or padded with silence to exactly `seconds` (a modulated tone without src)."""
+    _fit_wav(src, dst, seconds, repeat=False)
+
+
+def _fit_wav(src: str | None, dst: str, seconds: float, repeat: bool) -> None:
     import wave
 
     import demo_assets
@@ -193,7 +183,11 @@ def exact_wav(src: str | None, dst: str, seconds: float) -> None:
         return
     with wave.open(src) as r:
         params, data = r.getparams(), r.readframes(r.getnframes())
+    if repeat and not data:
+        raise SystemExit(f"{src} holds no audio")
     want = int(round(seconds * params.framerate)) * params.sampwidth * params.nchannels
+    if repeat:
+        data = data * (want // len(data) + 1)
     with wave.open(dst, "wb") as w:
         w.setparams(params)
         w.writeframes(data[:want] + b"\0" * max(0, want - len(data)))
