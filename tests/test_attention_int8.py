@@ -275,6 +275,45 @@ def test_auto_on_cpu_is_sdpa_without_warning(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_auto_survives_a_kernel_that_cannot_be_built(monkeypatch, caplog):
+    """`auto` where the kernel was chosen but fails (a Triton that does not compile it): the call
+    returns SDPA's result, one warning names the error, and the kernel is not tried again on
+    that device. An explicit int8 raises the error instead."""
+    calls = []
+
+    def broken(q, k, v, **_):
+        calls.append(1)
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_90a")
+
+    monkeypatch.setattr(attn, "_int8_or_reason", lambda *a: None)
+    monkeypatch.setattr(ai, "attention_int8", broken)
+    monkeypatch.setattr(attn, "_INT8_FAILED", {})
+    q, k, v = (bl(t) for t in dit_like(1100, 64))
+    want = attn.attention(q, k, v, "sdpa")
+    with caplog.at_level(logging.WARNING, logger=attn.__name__):
+        first = attn.attention(q, k, v, "auto")
+        second = attn.attention(q, k, v, "auto")
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert len(calls) == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "does not support .target sm_90a" in warned[0]
+    with pytest.raises(RuntimeError, match="sm_90a"):
+        attn.attention(q, k, v, "int8")
+
+
+def test_auto_does_not_hide_out_of_memory(monkeypatch):
+    def oom(q, k, v, **_):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attn, "_int8_or_reason", lambda *a: None)
+    monkeypatch.setattr(ai, "attention_int8", oom)
+    monkeypatch.setattr(attn, "_INT8_FAILED", {})
+    q, k, v = (bl(t) for t in dit_like(1100, 64))
+    with pytest.raises(torch.OutOfMemoryError):
+        attn.attention(q, k, v, "auto")
+    assert not attn._INT8_FAILED
+
+
 def test_int8_on_cpu_falls_back_to_sdpa_and_warns_once(caplog):
     """Chosen behaviour: an explicit int8 on a device the kernel cannot run on computes SDPA (the
     model still works, e.g. a workflow moved to another machine) and says so once per device."""

@@ -27,6 +27,8 @@ BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
 AUTO_INT8_MIN_KEYS = {(9, 0): 16384}
 
 log = logging.getLogger(__name__)
+# devices where `auto` saw the 8-bit kernel fail (device -> error): SDPA there from then on
+_INT8_FAILED: dict = {}
 
 
 def available_backends() -> list[str]:
@@ -84,6 +86,27 @@ def _int8_or_reason(q, k, v, backend: str) -> str | None:
     return attention_int8.supported(q, k, v)
 
 
+def _int8(q, k, v, backend: str) -> torch.Tensor:
+    """The 8-bit kernel. Under `auto` a kernel that cannot be built or run here (a Triton or
+    driver that does not compile it) must not end the user's run: SDPA takes over for this device
+    from then on, with one warning naming the error. An explicit "int8" raises it."""
+    from . import attention_int8
+
+    if backend == "int8":
+        return attention_int8.attention_int8(q, k, v)
+    if q.device in _INT8_FAILED:
+        return _sdpa(q, k, v)
+    try:
+        return attention_int8.attention_int8(q, k, v)
+    except torch.OutOfMemoryError:
+        raise   # SDPA would need the memory too; the caller's budget logic handles this
+    except Exception as e:  # noqa: BLE001 - any build or launch failure of the optional kernel
+        _INT8_FAILED[q.device] = f"{type(e).__name__}: {e}"
+        log.warning("attention 'auto': the 8-bit kernel failed on %s (%s); SDPA runs there from "
+                    "now on", q.device, _INT8_FAILED[q.device])
+        return _sdpa(q, k, v)
+
+
 def _sdpa(q, k, v) -> torch.Tensor:
     q, k, v = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
@@ -97,9 +120,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         q, k, v = (attention_ready(t) for t in (q, k, v))
         reason = _int8_or_reason(q, k, v, backend)
         if reason is None:
-            from .attention_int8 import attention_int8
-
-            return attention_int8(q, k, v)
+            return _int8(q, k, v, backend)
         if log.isEnabledFor(logging.DEBUG):
             _say_once(logging.DEBUG, f"attention {backend!r} -> SDPA: {reason}")
         return _sdpa(q, k, v)
