@@ -363,6 +363,25 @@ class ComfyClient:
             with self._cond:
                 self._cond.wait(0.2)
 
+    def wait_progress(self, prompt_id: str, node: str, timeout: float = 300.0) -> None:
+        """Block until `node` of the prompt reports progress (e.g. a sampler's first step), so a
+        test can interrupt or kill mid-run. Raises ComfyError when the prompt ends first and
+        TimeoutError after `timeout`, each with the server log's tail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msgs = self.messages(prompt_id)
+            if any(m.get("type") == "progress" and (m.get("data") or {}).get("node") == node
+                   for m in msgs):
+                return
+            if any(m.get("type") in TERMINAL for m in msgs):
+                raise ComfyError(f"prompt {prompt_id} ended before node {node} reported "
+                                 f"progress; log tail:\n{self.log_text()[-3000:]}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"node {node} of prompt {prompt_id} reported no progress "
+                                   f"after {timeout}s; log tail:\n{self.log_text()[-3000:]}")
+            with self._cond:
+                self._cond.wait(0.05)
+
     def run(self, prompt: dict, timeout: float = 120.0) -> dict:
         """queue + wait; raises ExecutionFailed with the error message unless it succeeded."""
         entry = self.wait(self.queue(prompt), timeout)

@@ -96,16 +96,6 @@ def test_two_workers_give_the_frames_of_one_process_and_stay(server):
     assert "into this process again" in server.log_text()
 
 
-def _wait_progress(server, pid):
-    deadline = time.monotonic() + 300
-    while not any(m["type"] == "progress" and m["data"]["node"] == "8"
-                  for m in server.messages(pid)):
-        assert time.monotonic() < deadline, server.log_text()[-3000:]
-        assert not any(m["type"] in h.TERMINAL for m in server.messages(pid)), \
-            server.log_text()[-3000:]
-        time.sleep(0.05)
-
-
 def _ensure_workers(server) -> list[int]:
     if len(workers(server)) != 2:
         server.run(multi(seed=9), timeout=600)
@@ -115,7 +105,7 @@ def _ensure_workers(server) -> list[int]:
 def test_cancel_stops_every_worker_and_they_stay_usable(server):
     pids = _ensure_workers(server)
     pid = server.queue(multi(audio="speech12s.wav", clip=17, motion=5, steps=50, seed=4))
-    _wait_progress(server, pid)
+    server.wait_progress(pid, "8")
     server.interrupt()
     entry = server.wait(pid, timeout=120)
     kinds = [m["type"] for m in entry["events"]]
@@ -127,7 +117,7 @@ def test_cancel_stops_every_worker_and_they_stay_usable(server):
 def test_killed_worker_is_reported_and_the_next_prompt_starts_new_ones(server):
     old = _ensure_workers(server)
     pid = server.queue(multi(audio="speech12s.wav", clip=17, motion=5, steps=50, seed=6))
-    _wait_progress(server, pid)
+    server.wait_progress(pid, "8")
     os.kill(old[1], signal.SIGKILL)
     err = h.execution_error(server.wait(pid, timeout=120))
     assert err is not None and err["node_id"] == "8", err

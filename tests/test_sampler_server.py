@@ -294,13 +294,7 @@ def test_block_swap_args_give_identical_frames_and_previews_are_sent(server):
 
 def test_interrupt_mid_window_then_next_prompt_succeeds(server):
     pid = server.queue(graph(audio="speech12s.wav", clip=17, motion=5, steps=50, seed=4))
-    deadline = time.monotonic() + 300
-    while not any(m["type"] == "progress" and m["data"]["node"] == "8"
-                  for m in server.messages(pid)):
-        assert time.monotonic() < deadline, server.log_text()[-3000:]
-        assert not any(m["type"] in h.TERMINAL for m in server.messages(pid)), \
-            server.log_text()[-3000:]
-        time.sleep(0.1)
+    server.wait_progress(pid, "8")
     server.interrupt()
     entry = server.wait(pid, timeout=300)
     kinds = [m["type"] for m in entry["events"]]
