@@ -45,6 +45,17 @@ class RandomWeights(Mapping):
         return len(self.shapes)
 
 
+# The shared GPU hosts forbid NVLink multicast (it can take the GPUs out of service).
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def forbid_multicast() -> None:
+    """Set NO_MULTICAST_ENV (unless already set) before spawning ranks: they inherit it."""
+    for key, value in NO_MULTICAST_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def build(blocks: int, quant: str, dim: int = 5120, ffn: int = 13824, device="cuda",
           storage="cpu", seed: int = 0, **quant_options):
     """Random-weight model with InfiniteTalk layers; `quant` as fp8_optimization.quantize_model;

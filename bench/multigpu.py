@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
+from common import build, emit, forbid_multicast  # noqa: E402  (also loads the pack)
 
 from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput  # noqa: E402
 from wanvideo_infinitetalk.multitalk.multi_gpu import ModelSpec, Placement, WorkerPool  # noqa: E402
@@ -38,10 +38,6 @@ from wanvideo_infinitetalk.wanvideo.sequence_parallel import DEFAULT_PIECES  # n
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"one_pass_speedup": 1.85, "three_pass_speedup": 1.9, "rel_err": 2e-2}
-# The shared GPU hosts forbid NVLink multicast (it can take the GPUs out of service); the
-# workers inherit this environment.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def worker_model(device, blocks: int, dim: int, ffn: int, quant: str, seed: int):
@@ -184,8 +180,7 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    for k, v in SAFE_ENV.items():
-        os.environ.setdefault(k, v)
+    forbid_multicast()  # the workers inherit it
     size = tuple(int(v) for v in args.size.split("x"))
     devices = ["cpu", "cpu"] if args.device == "cpu" else \
         [f"cuda:{int(i)}" for i in args.gpus.split(",")][:2]

@@ -37,14 +37,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
+from common import build, emit, forbid_multicast  # noqa: E402  (also loads the pack)
 
 from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel  # noqa: E402
 
-# The shared GPU hosts forbid NVLink multicast; the spawned ranks inherit this environment.
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1"}
 # The pack's Triton kernels (fused_ops, quant_kernels, attention_int8_kernels), by kernel name.
 TRITON = ("amax_scale", "scale_cast_rows", "rms_rope", "layer_norm")
 # First match wins (lower-cased substrings; TRITON names match the start of a kernel name).
@@ -282,8 +279,7 @@ def parse(argv):
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    for k, v in SAFE_ENV.items():
-        os.environ.setdefault(k, v)
+    forbid_multicast()  # the workers inherit it
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(args, free_port(), tmp), nprocs=args.world, join=True,
