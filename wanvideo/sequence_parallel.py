@@ -32,6 +32,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from . import head_exchange
+
 
 @dataclass(frozen=True)
 class RankGroup:
@@ -151,35 +153,32 @@ class TokenShard:
         hl = h // w
         pieces = self.sp.pieces_for(h)
         hp = hl // pieces
+        # Every piece leaves before the first attention starts. pack/unpack (head_exchange) write
+        # all pieces' chunks in one launch each; a piece of the send buffer is contiguous.
+        send = head_exchange.pack((q, k, v), q.new_empty(pieces, w, b, n, 3, hp, d))
         sent = []
-        for p in range(pieces):   # every piece leaves before the first attention starts
-            send = q.new_empty(w, b, n, 3, hp, d)
-            for i, t in enumerate((q, k, v)):
-                # heads of rank j, piece p: j * hl + p * hp + [0, hp)
-                send[:, :, :, i].copy_(t.reshape(b, n, w, pieces, hp, d)[:, :, :, p]
-                                       .permute(2, 0, 1, 3, 4))
-            recv = torch.empty_like(send)
-            sent.append((recv, dist.all_to_all_single(recv, send, group=self.sp.group,
-                                                      async_op=True), send))
+        for p in range(pieces):
+            recv = torch.empty_like(send[p])
+            sent.append((recv, dist.all_to_all_single(recv, send[p], group=self.sp.group,
+                                                      async_op=True)))
+        got = q.new_empty(pieces, w, b, n, hp, d)
         back, keys = [], []
-        for recv, work, _send in sent:
+        for p, (recv, work) in enumerate(sent):
             work.wait()
             # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
             qkv = recv.transpose(0, 1).reshape(b, w * n, 3, hp, d)
             out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
             if first_frame_keys:
                 keys.append(qkv[:, :self.frame_tokens, 1])
-            # [B, w * n, hp, D] -> token chunk j to rank j; the result's block j holds rank j's heads
+            # [B, w * n, hp, D] -> token chunk j to rank j; block j of got[p] holds rank j's heads
             send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
-            got = torch.empty_like(send_out)
-            back.append((got, dist.all_to_all_single(got, send_out, group=self.sp.group,
-                                                     async_op=True), send_out))
-        result = q.new_empty(b, n, w, pieces, hp, d)
-        for p, (got, work, _send) in enumerate(back):
+            back.append((dist.all_to_all_single(got[p], send_out, group=self.sp.group,
+                                                async_op=True), send_out))
+        for work, _send in back:
             work.wait()
-            result[:, :, :, p].copy_(got.permute(1, 2, 0, 3, 4))
+        result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
         first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
-        return result.view(b, n, h, d), first
+        return result, first
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()

@@ -1,0 +1,100 @@
+"""head_exchange: the packing around the Ulysses all-to-alls, against a reference that picks every
+(rank, piece, token) chunk by hand; the Triton kernel against the torch path (interpreter on CPU,
+the real kernel on CUDA), byte for byte."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wanvideo_infinitetalk.wanvideo import head_exchange as hx
+
+# (B, n, H, D, world, pieces)
+SHAPES = [(1, 7, 8, 4, 2, 1), (1, 5, 8, 4, 2, 2), (2, 3, 12, 8, 2, 3), (1, 6, 16, 2, 4, 2)]
+
+
+def _reference_send(qkv, world, pieces):
+    b, n, h, d = qkv[0].shape
+    hp = h // (world * pieces)
+    send = torch.empty(pieces, world, b, n, len(qkv), hp, d, dtype=qkv[0].dtype)
+    for p in range(pieces):
+        for j in range(world):
+            lo = (j * pieces + p) * hp
+            for i, t in enumerate(qkv):
+                send[p, j, :, :, i] = t[:, :, lo:lo + hp]
+    return send
+
+
+def _inputs(shape, dtype=torch.float32, device="cpu"):
+    b, n, h, d, world, pieces = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    qkv = tuple(torch.randn(b, n, h, d, generator=g).to(device, dtype) for _ in range(3))
+    return qkv, world, pieces
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_matches_reference(shape):
+    qkv, world, pieces = _inputs(shape)
+    b, n, h, d = qkv[0].shape
+    send = torch.full((pieces, world, b, n, 3, h // (world * pieces), d), float("nan"))
+    hx.pack(qkv, send)
+    assert torch.equal(send, _reference_send(qkv, world, pieces))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unpack_inverts_a_single_tensor_pack(shape):
+    qkv, world, pieces = _inputs(shape)
+    got = _reference_send(qkv[:1], world, pieces)[:, :, :, :, 0]
+    out = torch.full_like(qkv[0], float("nan"))
+    hx.unpack(got.contiguous(), out)
+    assert torch.equal(out, qkv[0])
+
+
+def test_pack_reads_strided_token_views():
+    """Views whose rows are not dense (a slice of a wider tensor) take the torch path, same bytes."""
+    wide = torch.randn(1, 5, 16, 4)
+    qkv = tuple(wide[:, :, 8 * i // 2:8 * i // 2 + 8] for i in range(3))
+    send = torch.empty(1, 2, 1, 5, 3, 4, 4)
+    hx.pack(qkv, send)
+    assert torch.equal(send, _reference_send(qkv, 2, 1))
+
+
+def _kernel_matches_torch(device, dtype):
+    for shape in SHAPES:
+        qkv, world, pieces = _inputs(shape, dtype, device)
+        b, n, h, d = qkv[0].shape
+        hp = h // (world * pieces)
+        want = hx.pack(tuple(t.cpu() for t in qkv), torch.empty(pieces, world, b, n, 3, hp, d,
+                                                                dtype=dtype))
+        send = torch.zeros(pieces, world, b, n, 3, hp, d, dtype=dtype, device=device)
+        hx._launch(list(qkv), send, world, pieces, to_exchange=True)
+        assert torch.equal(send.cpu(), want), shape
+        out = torch.zeros_like(qkv[0])
+        hx._launch([out], send[:, :, :, :, 1].contiguous(), world, pieces, to_exchange=False)
+        assert torch.equal(out, qkv[1]), shape
+
+
+def test_kernel_under_triton_interpreter():
+    """The Triton kernel's indexing on CPU tensors (TRITON_INTERPRET=1, chosen before triton is
+    first imported, hence a fresh process)."""
+    pytest.importorskip("triton")
+    code = ("import conftest, torch, test_head_exchange as t\n"
+            "t._kernel_matches_torch('cpu', torch.float32)\n"
+            "t._kernel_matches_torch('cpu', torch.bfloat16)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_torch_on_cuda(dtype):
+    _kernel_matches_torch("cuda", dtype)
+    # The public entry points pick the kernel for CUDA tensors with dense rows.
+    qkv, world, pieces = _inputs((1, 300, 40, 128, 2, 2), dtype, "cuda")
+    assert hx._use_kernel(list(qkv), torch.empty(2, 2, 1, 300, 3, 10, 128, dtype=dtype,
+                                                 device="cuda"))
