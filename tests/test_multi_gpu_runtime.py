@@ -14,6 +14,7 @@ import pytest
 
 import mgpu_support as ms
 from wanvideo_infinitetalk.multitalk import multi_gpu as mg
+from wanvideo_infinitetalk.multitalk import multi_gpu_worker as mw
 from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks, SamplingInterrupted
 
 TOLERANCE = 1e-5
@@ -41,23 +42,36 @@ def pool4():
 
 
 def _check(pool, model, job, mode, layout):
+    """layout: (sequence, guidance) for one round of every pass, or the rounds
+    [(sequence, guidance, plan indices), ...] of a mixed schedule."""
     got = pool.sample_window(job, mode=mode)
     stats = pool.info["last_stats"]
-    assert (stats["sequence"], stats["guidance"]) == layout, stats
+    passes = len(job.guidance.passes)
+    rounds = [(*layout, tuple(range(passes)))] if isinstance(layout, tuple) else layout
+    assert [(r["sequence"], r["guidance"], tuple(r["passes"])) for r in stats["rounds"]] \
+        == rounds, stats
+    assert (stats["sequence"], stats["guidance"]) == rounds[0][:2], stats
     err = ms.rel_err(got, ms.reference(model, job))
     assert err <= TOLERANCE, f"{mode} {layout}: relative error {err:.3g}"
 
 
-# (latent grid, speakers, text scale, audio scale, mode) -> (sequence, guidance) degrees
+# 3 passes on 2 ranks: passes 0 and 1 one per rank, then pass 2 split over both
+HYBRID_2 = [(1, 2, (0, 1)), (2, 1, (2,))]
+# 3 passes on 4 ranks: passes 0 and 1 each split over a pair, then pass 2 over all 4
+HYBRID_4 = [(2, 2, (0, 1)), (4, 1, (2,))]
+
+# (latent grid, speakers, text scale, audio scale, mode) -> (sequence, guidance) degrees or rounds
 CASES_2 = [
-    (ms.ODD, 1, 5.0, 4.0, "auto", (2, 1)),          # 3 passes: 2 does not split 3 evenly
+    (ms.ODD, 1, 5.0, 4.0, "auto", HYBRID_2),
+    (ms.EVEN, 2, 5.0, 4.0, "auto", HYBRID_2),
     (ms.ODD, 2, 5.0, 4.0, "sequence", (2, 1)),
     (ms.EVEN, 2, 5.0, 1.0, "auto", (1, 2)),         # 2 passes, one per rank
     (ms.ODD, 2, 5.0, 4.0, "guidance", (1, 2)),      # 3 passes on 2 ranks: one rank idles once
     (ms.EVEN, 1, 1.0, 1.0, "auto", (2, 1)),         # one pass per step (distilled LoRAs)
 ]
 CASES_4 = [
-    (ms.ODD, 2, 5.0, 4.0, "auto", (4, 1)),
+    (ms.ODD, 2, 5.0, 4.0, "auto", HYBRID_4),
+    (ms.EVEN, 1, 5.0, 4.0, "auto", HYBRID_4),
     (ms.EVEN, 1, 5.0, 4.0, "sequence", (4, 1)),
     (ms.ODD, 2, 5.0, 1.0, "auto", (2, 2)),          # both combined: 2 passes x 2 token chunks
     (ms.EVEN, 2, 5.0, 4.0, "guidance", (2, 2)),
@@ -75,6 +89,29 @@ def test_four_workers_equal_one_process(pool4, model, latent, speakers, text, au
     _check(pool4, model, ms.job(latent, speakers, text=text, audio=audio), mode, layout)
 
 
+@pytest.mark.parametrize("world, passes, heads, rounds", [
+    (2, 3, 4, HYBRID_2),
+    (4, 3, 4, HYBRID_4),
+    (3, 3, 6, [(1, 3, (0, 1, 2))]),
+    (2, 2, 4, [(1, 2, (0, 1))]),
+    (2, 1, 4, [(2, 1, (0,))]),
+    (4, 2, 4, [(2, 2, (0, 1))]),
+    (8, 3, 40, [(4, 2, (0, 1)), (8, 1, (2,))]),
+    (6, 4, 40, [(2, 3, (0, 1, 2, 3))]),   # the 4th pass fits no layout alone: today's one
+])
+def test_auto_schedule_rounds(world, passes, heads, rounds):
+    assert mw.choose_rounds(world, passes, "auto", heads) == rounds
+
+
+def test_fixed_modes_keep_one_layout_for_every_pass():
+    assert mw.choose_rounds(2, 3, "sequence", 4) == [(2, 1, (0, 1, 2))]
+    assert mw.choose_rounds(2, 3, "guidance", 4) == [(1, 2, (0, 1, 2))]
+    assert mw.choose_rounds(4, 3, "guidance", 4) == [(2, 2, (0, 1, 2))]
+    for mode in mg.MODES:
+        with pytest.raises(ValueError, match="attention heads"):
+            mw.choose_rounds(3, 2, mode, 40)
+
+
 def test_progress_and_previews_come_from_rank_0(pool2):
     seen, previews = [], []
     cb = SamplingCallbacks(progress=lambda d, t: seen.append((d, t)),
@@ -88,7 +125,8 @@ def test_progress_and_previews_come_from_rank_0(pool2):
 @pytest.mark.parametrize("mode", ["auto", "guidance"])
 def test_interrupt_stops_every_rank_at_one_block_and_workers_stay(pool2, model, mode):
     """guidance mode: 3 passes on 2 ranks, the rank with one pass joins the checks of the
-    other's second pass; a stop agreed there must not leave a collective hanging."""
+    other's second pass; a stop agreed there must not leave a collective hanging. auto: the same
+    3 passes in two rounds (2 side by side, then 1 split over both ranks)."""
     pids = pool2.pids()
     stop = {"at": None}
     steps = []
