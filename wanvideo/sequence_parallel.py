@@ -159,12 +159,12 @@ class TokenShard:
         sent = []
         for p in range(pieces):
             recv = torch.empty_like(send[p])
-            sent.append((recv, dist.all_to_all_single(recv, send[p], group=self.sp.group,
-                                                      async_op=True)))
+            sent.append((recv, self._exchange(recv, send[p])))
         got = q.new_empty(pieces, w, b, n, hp, d)
         back, keys = [], []
-        for p, (recv, work) in enumerate(sent):
-            work.wait()
+        for p, (recv, works) in enumerate(sent):
+            for work in works:
+                work.wait()
             # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
             qkv = recv.transpose(0, 1).reshape(b, w * n, 3, hp, d)
             out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
@@ -172,13 +172,29 @@ class TokenShard:
                 keys.append(qkv[:, :self.frame_tokens, 1])
             # [B, w * n, hp, D] -> token chunk j to rank j; block j of got[p] holds rank j's heads
             send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
-            back.append((dist.all_to_all_single(got[p], send_out, group=self.sp.group,
-                                                async_op=True), send_out))
-        for work, _send in back:
-            work.wait()
+            back.append((self._exchange(got[p], send_out), send_out))
+        for works, _send in back:
+            for work in works:
+                work.wait()
         result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
         first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
         return result, first
+
+    def _exchange(self, recv: torch.Tensor, send: torch.Tensor) -> list:
+        """all_to_all_single(recv, send) (chunk j of `send` to rank j, chunk i of `recv` from rank
+        i), started asynchronously; returns the works to wait on. This rank's own chunk is a
+        plain device copy: all_to_all_single routes it through NCCL's send/receive kernel too,
+        which on 2x H200 doubled the bytes that kernel moves (bench/sp_profile.py)."""
+        me, group = self.sp.rank, self.sp.group
+        ops = []
+        for j in range(self.sp.world):
+            if j != me:
+                peer = j if group is None else dist.get_global_rank(group, j)
+                ops += [dist.P2POp(dist.isend, send[j], peer, group),
+                        dist.P2POp(dist.irecv, recv[j], peer, group)]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        recv[me].copy_(send[me])
+        return works
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()
