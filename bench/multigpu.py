@@ -8,8 +8,9 @@ InfiniteTalk model from random weights (bench/common.build, same seed, so every 
 same weights), quantized to fp8 (scaled). Both pools start at once (their builds overlap); then
 the 1-GPU pool and after it the 2-GPU pool denoise one 81-frame 832x480 window (32,760 tokens)
 in four settings: BlockSwap with every block streamed, or every block resident; one pass per
-step (guidance 1/1) or three (5/4). The split is the runtime's auto choice (sequence parallel for
-1 and 3 passes on 2 GPUs). Step times are taken by the driver when rank 0 reports a finished
+step (guidance 1/1) or three (5/4). The split is the runtime's auto choice: 1 pass split over
+both GPUs (sequence parallel); 3 passes in rounds, 2 side by side then 1 split over both
+("rounds" in each result). Step times are taken by the driver when rank 0 reports a finished
 step (rank 0 synchronises its GPU first); the first step is warm-up, the median of the others is
 reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker for that window.
 `--pieces 1,2,4` times the 2-GPU pool once per head-piece count of the overlapped all-to-all
@@ -70,7 +71,8 @@ def run_case(pool: WorkerPool, job: WindowJob, swap: dict, pieces=None) -> dict:
     timed = steps[1:] or steps
     stats = pool.info["last_stats"]
     return {"step_seconds": steps, "median_step_s": statistics.median(timed),
-            "layout": {"sequence": stats["sequence"], "guidance": stats["guidance"]},
+            "layout": {"sequence": stats["sequence"], "guidance": stats["guidance"],
+                       "rounds": stats.get("rounds")},
             "peak_vram_gb": [None if r["peak_vram_bytes"] is None
                              else round(r["peak_vram_bytes"] / 2 ** 30, 2)
                              for r in stats["ranks"]],
