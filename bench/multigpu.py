@@ -13,8 +13,10 @@ both GPUs (sequence parallel); 3 passes in rounds, 2 side by side then 1 split o
 ("rounds" in each result). Step times are taken by the driver when rank 0 reports a finished
 step (rank 0 synchronises its GPU first); the first step is warm-up, the median of the others is
 reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker for that window.
-`--pieces 1,2,4` times the 2-GPU pool once per head-piece count of the overlapped all-to-all
-(wanvideo/sequence_parallel.py; 1 = nothing overlapped), all against the same 1-GPU run.
+`--sp keys,heads:2,heads:1` times the 2-GPU pool once per way of exchanging the split attention's
+inputs (wanvideo/sequence_parallel.py: `keys` sends keys and values and merges partial attention;
+`heads:N` is the Ulysses all-to-all cut into N overlapped head pieces, 1 = nothing overlapped;
+`auto` is the runtime's default), all against the same 1-GPU run; the first is the headline.
 The 2-GPU latents are compared with the 1-GPU ones (relative L2 and max-abs / max).
 """
 from __future__ import annotations
@@ -35,7 +37,6 @@ from wanvideo_infinitetalk.multitalk.multi_gpu import ModelSpec, Placement, Work
 from wanvideo_infinitetalk.multitalk.window_job import WindowJob  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
-from wanvideo_infinitetalk.wanvideo.sequence_parallel import DEFAULT_PIECES  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"one_pass_speedup": 1.85, "three_pass_speedup": 1.9, "rel_err": 2e-2}
@@ -63,10 +64,17 @@ def make_job(frames: int, width: int, height: int, steps: int, passes: int) -> W
         label=f"{passes}-pass window")
 
 
-def run_case(pool: WorkerPool, job: WindowJob, swap: dict, pieces=None) -> dict:
+def sp_options(variant: str) -> dict:
+    """'keys' / 'heads' / 'heads:2' / 'auto' -> SequenceParallel fields."""
+    exchange, _, pieces = variant.partition(":")
+    return {"exchange": exchange, **({"pieces": int(pieces)} if pieces else {})}
+
+
+def run_case(pool: WorkerPool, job: WindowJob, swap: dict, variant=None) -> dict:
     marks = [time.perf_counter()]
     cb = SamplingCallbacks(progress=lambda done, total: marks.append(time.perf_counter()))
-    latents = pool.sample_window(job, cb, block_swap=swap, sp_pieces=pieces)
+    latents = pool.sample_window(job, cb, block_swap=swap,
+                                 sp_options=sp_options(variant) if variant else None)
     steps = [b - a for a, b in zip(marks, marks[1:])]
     timed = steps[1:] or steps
     stats = pool.info["last_stats"]
@@ -94,13 +102,13 @@ def cases(args) -> list[tuple[str, dict, int]]:
     return out
 
 
-def measure(pool: WorkerPool, args, size, pieces=None) -> dict:
+def measure(pool: WorkerPool, args, size, variant=None) -> dict:
     results = {}
     for name, swap, passes in cases(args):
         job = make_job(args.frames, size[0], size[1], args.steps, passes)
-        r = results[f"{name}/{passes}pass"] = run_case(pool, job, swap, pieces)
+        r = results[f"{name}/{passes}pass"] = run_case(pool, job, swap, variant)
         print(f"[multigpu] {pool.placement.world} device(s), {name}, {passes} pass(es), "
-              f"pieces {pieces}: median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
+              f"sp {variant}: median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
               f"peak VRAM {r['peak_vram_gb']} GiB", file=sys.stderr, flush=True)
     return results
 
@@ -132,11 +140,10 @@ def start_pools(args, spec: ModelSpec, devices: list[str]) -> tuple[WorkerPool, 
     return one, two, {"start_both_s": time.perf_counter() - t0}
 
 
-def summarize(r1: dict, by_pieces: dict) -> dict:
-    """The headline is the default piece count (sequence_parallel.DEFAULT_PIECES) when it was
-    measured, else the first; every measured count is listed beside it."""
-    head = DEFAULT_PIECES if DEFAULT_PIECES in by_pieces else next(iter(by_pieces))
-    r2 = by_pieces[head]
+def summarize(r1: dict, by_sp: dict) -> dict:
+    """The headline is the first `--sp` variant; every measured one is listed beside it."""
+    head = next(iter(by_sp))
+    r2 = by_sp[head]
     out = {}
     for key in r1:
         a, b = r1[key], r2[key]
@@ -147,13 +154,13 @@ def summarize(r1: dict, by_pieces: dict) -> dict:
                     "step_seconds_one_gpu": a["step_seconds"],
                     "step_seconds_two_gpus": b["step_seconds"]}
         out[key].update(rel_errors(b["latents"], a["latents"]))
-        out[key]["sp_pieces"] = head
-        out[key]["by_pieces"] = {
+        out[key]["sp"] = head
+        out[key]["by_sp"] = {
             str(p): {"two_gpu_step_s": r[key]["median_step_s"],
                      "speedup": a["median_step_s"] / r[key]["median_step_s"],
                      "step_seconds": r[key]["step_seconds"],
                      **rel_errors(r[key]["latents"], a["latents"])}
-            for p, r in by_pieces.items()}
+            for p, r in by_sp.items()}
         target = TARGETS["one_pass_speedup" if key.endswith("1pass") else "three_pass_speedup"]
         out[key]["meets_targets"] = bool(out[key]["speedup"] >= target
                                          and out[key]["rel_l2"] <= TARGETS["rel_err"])
@@ -169,9 +176,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=4, help="steps per window (first = warm-up)")
     p.add_argument("--modes", default="blockswap_all,resident")
     p.add_argument("--quant", default="fp8_e4m3fn_scaled")
-    p.add_argument("--pieces", default=str(DEFAULT_PIECES),
-                   help="comma list of head pieces for the overlapped all-to-all, each timed on "
-                        "2 GPUs in the same run (1 = no overlap)")
+    p.add_argument("--sp", default="auto",
+                   help="comma list of sequence-parallel variants (auto, keys, heads, heads:N), "
+                        "each timed on 2 GPUs in the same run; the first is the headline")
     args = p.parse_args(argv)
     if args.tiny:
         args.blocks, args.dim, args.ffn, args.frames, args.size = 2, 256, 512, 9, "64x64"
@@ -192,7 +199,7 @@ def main(argv=None):
     try:
         r1 = measure(one, args, size)
         one.shutdown()
-        r2 = {p: measure(two, args, size, p) for p in (int(v) for v in args.pieces.split(","))}
+        r2 = {v: measure(two, args, size, v) for v in args.sp.split(",")}
     finally:
         one.shutdown()
         two.shutdown()

@@ -214,12 +214,13 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
         if rank == 0:
             res["single"], want = measure(model, inp, args, clock, lambda: None)
         barrier()
-        model.sequence_parallel = sp = SequenceParallel.from_group()
+        model.sequence_parallel = sp = SequenceParallel.from_group(exchange=args.exchange)
         res["split"], got = measure(model, inp, args, clock, barrier)
         res["split"]["pieces"] = sp.pieces_for(model.config.num_heads)
-        res["by_pieces"] = {}
+        res["split"]["exchange"] = args.exchange
+        res["by_pieces"] = {}   # the head exchange (Ulysses) at each extra piece count
         for p in args.pieces:
-            model.sequence_parallel = SequenceParallel.from_group(pieces=p)
+            model.sequence_parallel = SequenceParallel.from_group(pieces=p, exchange="heads")
             res["by_pieces"][str(p)] = measure(model, inp, args, clock, barrier, profiled=False)[0]
         if rank == 0:
             got, want = got.double(), want.double()
@@ -271,7 +272,10 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--pieces", default="", help="comma list of extra head-piece counts to time")
+    p.add_argument("--exchange", default="auto", choices=("auto", "heads", "keys"),
+                   help="how the profiled split forward exchanges attention inputs")
+    p.add_argument("--pieces", default="",
+                   help="comma list of extra head-piece counts to time with the head exchange")
     args = p.parse_args(argv)
     args.pieces = [int(v) for v in args.pieces.split(",") if v.strip()]
     return args

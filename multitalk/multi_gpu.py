@@ -323,18 +323,23 @@ class WorkerPool:
 
     def sample_window(self, job: WindowJob, callbacks: Optional[SamplingCallbacks] = None,
                       block_swap: Optional[dict] = None, mode: Optional[str] = None,
-                      sp_pieces: Optional[int] = None) -> torch.Tensor:
+                      sp_options: Optional[dict] = None) -> torch.Tensor:
         """Denoise one window on the workers; latents (fp32, host). block_swap: keywords of
         wanvideo.block_swap.install applied on every worker (None: their default); mode: the
-        split for this window (default: the placement's); sp_pieces: head pieces of the
-        overlapped all-to-all (sequence_parallel.SequenceParallel.pieces; None: its default)."""
+        split for this window (default: the placement's); sp_options: fields of
+        sequence_parallel.SequenceParallel for the split forwards, "pieces" (head pieces of the
+        overlapped all-to-all) and "exchange" (auto / heads / keys); None: their defaults."""
         mode = mode or self.placement.mode
         if mode not in MODES:
             raise ValueError(f"multi-GPU mode {mode!r} is not one of {MODES}")
+        unknown = set(sp_options or {}) - {"pieces", "exchange"}
+        if unknown:
+            raise ValueError(f"sp_options {sorted(unknown)} are not SequenceParallel options "
+                             "(pieces, exchange)")
         cb = callbacks or SamplingCallbacks()
         job = job.to_host()
         job.preview = cb.preview is not None
-        reply = self._exchange(("window", job, block_swap, mode, sp_pieces), cb,
+        reply = self._exchange(("window", job, block_swap, mode, sp_options), cb,
                                what=job.label or "a window")
         if reply[0] == "interrupted":
             self.info["last_stats"] = dict(reply[1])

@@ -8,7 +8,7 @@ broadcast_object_list over a gloo "control" group, so all ranks run the same com
 same order:
 
     ("load", ModelSpec)            every rank builds its model          -> ("loaded", info)
-    ("window", job, swap, mode, pieces)
+    ("window", job, swap, mode, sp_options)
                                    every rank denoises its share        -> ("done", latents, stats)
                                                                          or ("interrupted", ...)
     ("release",)                   BlockSwap device slots freed         -> ("released",)
@@ -249,14 +249,15 @@ class Worker:
             self.layouts[s] = parallel_layout(s)
         return self.layouts[s]
 
-    def rounds(self, passes: int, mode: str, pieces: Optional[int] = None):
+    def rounds(self, passes: int, mode: str, sp_options: Optional[dict] = None):
         """[(SequenceParallel, GuidanceParallel, plan indices)] for choose_rounds' schedule; all
-        ranks build the same layouts in the same (round) order."""
+        ranks build the same layouts in the same (round) order. sp_options: SequenceParallel
+        fields (pieces, exchange) for every round's split."""
         out = []
         for s, g, indices in choose_rounds(self.world, passes, mode, self.model.config.num_heads):
             sp, gp = self.layout(s)
-            if pieces is not None:
-                sp = dataclasses.replace(sp, pieces=pieces)
+            if sp_options:
+                sp = dataclasses.replace(sp, **sp_options)
             out.append((sp, gp, indices))
         return out
 
@@ -289,9 +290,9 @@ class Worker:
         return SamplingCallbacks(progress=progress, preview=preview if job.preview else None)
 
     def window(self, job: WindowJob, swap: Optional[dict], mode: str,
-               pieces: Optional[int] = None):
+               sp_options: Optional[dict] = None):
         self.block_swap(job, swap)
-        rounds = self.rounds(len(job.guidance.passes), mode, pieces)
+        rounds = self.rounds(len(job.guidance.passes), mode, sp_options)
         checker = StopAgreement(self.control, self.stop if self.rank == 0 else None)
         model = self.model
         model.block_hook = checker

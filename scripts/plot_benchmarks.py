@@ -18,7 +18,7 @@ Which file, when several measure the same thing (the newest measurement wins):
 - e2e_long_rss.png: the same rule among the reports with an ok "long" run that recorded
   `rss_per_window_gb`; the smallest card with one is drawn.
 - multigpu: the same rule among multigpu_*.json, where "current bench" means its cases record
-  `by_pieces`; the 2-GPU time is the one at the case's default piece count (`sp_pieces`).
+  `by_sp` (or the older `by_pieces`); the 2-GPU time is the headline variant's (`sp`).
 """
 from __future__ import annotations
 
@@ -210,19 +210,24 @@ def multigpu_report(results: str) -> tuple[str, dict] | None:
         cases = report.get("cases", {})
         if not cases:
             continue
-        rank = _newness(path, any("by_pieces" in c for c in cases.values()))
+        rank = _newness(path, any("by_sp" in c or "by_pieces" in c for c in cases.values()))
         if best is None or rank > best[0]:
             best = (rank, path, report)
     return best and (best[1], best[2])
 
 
-def _two_gpu(case: dict) -> tuple[float, float, int | None]:
-    """(2-GPU step s, speed-up, pieces) at the case's default piece count."""
-    pieces = case.get("sp_pieces")
-    at = case.get("by_pieces", {}).get(str(pieces))
+def _two_gpu(case: dict) -> tuple[float, float, str | None]:
+    """(2-GPU step s, speed-up, sequence-parallel variant) of the case's headline variant
+    (`sp` / `by_sp`; results before the key exchange: `sp_pieces` / `by_pieces`)."""
+    if "by_sp" in case:
+        variant, table = case.get("sp"), case["by_sp"]
+    else:
+        variant, table = case.get("sp_pieces"), case.get("by_pieces", {})
+        variant = None if variant is None else f"heads:{variant}"
+    at = table.get(str(variant)) or table.get(str(variant).replace("heads:", ""))
     if at:
-        return at["two_gpu_step_s"], at["speedup"], pieces
-    return case["two_gpu_step_s"], case["speedup"], pieces
+        return at["two_gpu_step_s"], at["speedup"], variant
+    return case["two_gpu_step_s"], case["speedup"], variant
 
 
 def plot_multigpu(plt, path: str, report: dict, out: str) -> str:
@@ -260,7 +265,7 @@ def plot_multigpu(plt, path: str, report: dict, out: str) -> str:
     pieces = ", ".join(str(p) for p in sorted(pieces_seen, key=str))
     fig.suptitle(f"1 vs {len(report.get('devices', [])) or 2} x {report.get('gpu', '?')}: "
                  f"{report.get('model', '')}, {report.get('window', '')} "
-                 f"({report.get('tokens', 0):,} tokens), head pieces {pieces} (default)",
+                 f"({report.get('tokens', 0):,} tokens), attention exchange {pieces}",
                  fontsize=9)
     fig.text(0.005, 0.005, "from " + os.path.basename(path), fontsize=6, color="grey")
     return _save(fig, out, "multigpu_speedup.png")

@@ -72,8 +72,16 @@ def test_two_ranks_forward_equals_one_process(errors):
     _check(errors, "sp2/")
 
 
+def test_two_ranks_exchanging_heads_equal_one_process(errors):
+    _check(errors, "sp2heads/")
+
+
 def test_two_ranks_without_overlapped_pieces_equal_one_process(errors):
     _check(errors, "sp2p1/")
+
+
+def test_four_ranks_exchanging_keys_equal_one_process(errors):
+    _check(errors, "sp4keys/")
 
 
 def test_guidance_parallel_step_equals_one_process(errors):
@@ -90,11 +98,9 @@ def test_fp8_activation_scales_are_agreed_over_the_shard(errors):
 
 def test_every_case_was_measured(errors):
     cases = {k for e in errors.values() for k in e}
-    for world in (2, 4):
+    for tag in ("sp2", "sp4", "sp2heads", "sp2p1", "sp4keys"):
         for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
-            assert f"sp{world}/{name}" in cases
-    for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
-        assert f"sp2p1/{name}" in cases
+            assert f"{tag}/{name}" in cases
 
 
 @pytest.mark.parametrize("world,asked,heads,used", [
@@ -106,6 +112,24 @@ def test_pieces_divide_each_ranks_heads(world, asked, heads, used):
     sp = SequenceParallel(None, 0, world, asked)
     assert sp.pieces_for(heads) == used
     assert (heads // world) % used == 0
+
+
+@pytest.mark.parametrize("world,exchange,sdpa,keys", [
+    (2, "auto", True, True), (2, "auto", False, False), (4, "auto", True, False),
+    (2, "heads", True, False), (4, "keys", True, True), (2, "keys", False, False)])
+def test_which_exchange_runs(world, exchange, sdpa, keys):
+    """auto: keys on 2 ranks when the attention is SDPA; the 8-bit kernel (no log-sum-exp)
+    always exchanges heads."""
+    from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel
+
+    assert SequenceParallel(None, 0, world, exchange=exchange).by_keys(sdpa) is keys
+
+
+def test_unknown_exchange_is_refused():
+    from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel
+
+    with pytest.raises(ValueError, match="exchange 'ring' is not one of"):
+        SequenceParallel(None, 0, 2, exchange="ring")
 
 
 def test_pieces_below_one_are_refused():

@@ -68,6 +68,13 @@ def auto_choice(device: torch.device, keys: int) -> str:
     return "int8" if least is not None and keys >= least else "sdpa"
 
 
+def sdpa_for(backend: str, device: torch.device, keys: int) -> bool:
+    """Whether `attention(..., backend)` over `keys` keys on `device` runs PyTorch SDPA."""
+    if backend == "auto":
+        return device in _INT8_FAILED or auto_choice(device, keys) == "sdpa"
+    return backend == "sdpa"
+
+
 @functools.lru_cache(maxsize=256)  # bounded: debug reasons name shapes
 def _say_once(level: int, message: str) -> None:
     log.log(level, message)
@@ -110,6 +117,37 @@ def _int8(q, k, v, backend: str) -> torch.Tensor:
 def _sdpa(q, k, v) -> torch.Tensor:
     q, k, v = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """SDPA that also returns the log-sum-exp of each query's scaled scores (natural log), so
+    that attention over key blocks computed apart can be merged exactly (merge_partial):
+    q [B, Lq, H, D], k/v [B, Lk, H, D] -> (out [B, Lq, H, D], lse [B, H, Lq] fp32).
+    CUDA: cuDNN's SDPA kernel (the one F.scaled_dot_product_attention picks on Hopper; torch 2.5+
+    signature), else the memory-efficient kernel; elsewhere the fp32 math."""
+    b, lq, h, _ = q.shape
+    qt, kt, vt = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
+    if q.is_cuda:
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qt, kt, vt, None, True, 0.0, False, False)[:2]
+        except (RuntimeError, TypeError):   # older signature / cuDNN refuses this shape
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                qt, kt, vt, None, True)[:2]
+    else:
+        scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.matmul(torch.exp(scores - lse[..., None]), vt.float()).to(q.dtype)
+    # cuDNN gives [B, H, Lq, 1], the efficient kernel pads Lq to a multiple of 32
+    return out.transpose(1, 2), lse.reshape(b, h, -1)[:, :, :lq].float()
+
+
+def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor):
+    """Attention over the keys of A and B together from the two parts (attention_lse's outputs):
+    the softmax weights of A's keys sum to sigmoid(lse_a - lse_b) of the whole."""
+    w = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1).to(out_a.dtype)
+    return torch.lerp(out_b, out_a, w), torch.logaddexp(lse_a, lse_b)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:

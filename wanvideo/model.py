@@ -15,7 +15,7 @@ from torch import nn
 
 from . import fused_ops, placement
 from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
-from .attention import attention
+from .attention import attention, sdpa_for
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
 from .sequence_parallel import sharded_forward, split_rotations
@@ -103,8 +103,11 @@ class SelfAttention(_Attention):
         against the real tokens only (the padding is the sequence's tail), and back. For the
         audio attention map it returns the local q and the first latent frame's keys with all
         heads: the map reads nothing else (multitalk.audio_attention.affinity_map)."""
-        out, first_keys = shard.attention(
-            q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, self.backend), return_qk)
+        if shard.sp.by_keys(sdpa_for(self.backend, q.device, shard.length)):
+            out, first_keys = shard.attention_by_keys(q, k, v, return_qk)
+        else:
+            out, first_keys = shard.attention(
+                q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, self.backend), return_qk)
         out = self.o(out.flatten(2))
         return out, ((q, first_keys) if return_qk else None)
 

@@ -52,6 +52,8 @@ class RankGroup:
 # Head pieces per rank for the overlapped all-to-all; bench/multigpu.py compares 1 (no overlap)
 # with more in one run (docs/BENCHMARKS.md).
 DEFAULT_PIECES = 2
+# How self-attention's inputs travel (SequenceParallel.by_keys): auto, heads (Ulysses), keys.
+EXCHANGES = ("auto", "heads", "keys")
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,30 @@ class SequenceParallel(RankGroup):
     that does not divide a rank's heads is lowered to the largest one that does."""
 
     pieces: int = DEFAULT_PIECES
+    exchange: str = "auto"
 
     @classmethod
-    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES):
-        return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces)
+    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES, exchange: str = "auto"):
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces, exchange)
 
     def __post_init__(self):
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} does not fit a group of {self.world}")
         if self.pieces < 1:
             raise ValueError(f"pieces must be at least 1, got {self.pieces}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
+
+    def by_keys(self, sdpa: bool) -> bool:
+        """Whether self-attention exchanges keys/values (TokenShard.attention_by_keys) instead of
+        heads (TokenShard.attention). `sdpa`: the unsplit attention would run PyTorch SDPA (the
+        key exchange needs its log-sum-exp; the 8-bit kernel and other backends keep heads).
+        auto: keys on 2 ranks, where it moves the same bytes as the head exchange but hides
+        them behind attention over the rank's own keys; heads beyond (the key exchange's bytes
+        grow with the ranks)."""
+        if self.exchange == "auto":
+            return sdpa and self.world == 2
+        return self.exchange == "keys" and sdpa
 
     def pieces_for(self, num_heads: int) -> int:
         """The piece count used for a model of `num_heads` heads (divides heads / world)."""
@@ -179,6 +195,43 @@ class TokenShard:
         result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
         first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
         return result, first
+
+    def attention_by_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          first_frame_keys: bool = False):
+        """Attention of this rank's queries over every rank's keys, all heads, from the same
+        inputs and with the same outputs as `attention` (SDPA only). Every rank sends its keys
+        and values to every other, starts on its own keys while they travel, then folds in
+        each other rank's keys through the log-sum-exp (attention.merge_partial): nothing comes
+        back, no head reshuffle, and the transfer hides behind the first attention."""
+        from .attention import attention_lse, merge_partial
+
+        w, me, length = self.sp.world, self.sp.rank, self.length
+        k, v = k.contiguous(), v.contiguous()
+        got = {j: (torch.empty_like(k), torch.empty_like(v)) for j in range(w) if j != me}
+        ops = []
+        for j, (kj, vj) in got.items():
+            peer = j if self.sp.group is None else dist.get_global_rank(self.sp.group, j)
+            ops += [dist.P2POp(dist.isend, k, peer, self.sp.group),
+                    dist.P2POp(dist.isend, v, peer, self.sp.group),
+                    dist.P2POp(dist.irecv, kj, peer, self.sp.group),
+                    dist.P2POp(dist.irecv, vj, peer, self.sp.group)]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        chunks = {**got, me: (k, v)}
+        real = {j: max(0, min(self.chunk, length - j * self.chunk)) for j in range(w)}
+        out = lse = None
+        for step, j in enumerate([me] + [j for j in range(w) if j != me]):
+            if step == 1:   # every other rank's keys are needed from here on
+                for work in works:
+                    work.wait()
+            if real[j] == 0:
+                continue
+            kj, vj = chunks[j]
+            part, part_lse = attention_lse(q, kj[:, :real[j]], vj[:, :real[j]])
+            out, lse = (part, part_lse) if out is None else merge_partial(out, lse, part, part_lse)
+        first = None
+        if first_frame_keys:
+            first = torch.cat([chunks[j][0] for j in range(w)], dim=1)[:, :self.frame_tokens]
+        return out, first
 
     def _exchange(self, recv: torch.Tensor, send: torch.Tensor) -> list:
         """all_to_all_single(recv, send) (chunk j of `send` to rank j, chunk i of `recv` from rank

@@ -1,0 +1,62 @@
+"""attention_lse / merge_partial (the key exchange of sequence parallelism): attention over key
+blocks computed apart and merged equals attention over all keys; the log-sum-exp is the natural
+log of the softmax normaliser; on CUDA the cuDNN path against the fp32 math."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wanvideo_infinitetalk.wanvideo.attention import attention_lse, merge_partial
+
+
+def _inputs(lq=37, lk=53, h=3, d=16, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(lq * lk)
+    q, k, v = (torch.randn(2, n, h, d, generator=g) for n in (lq, lk, lk))
+    k = k + 3 * torch.randn(1, 1, h, d, generator=g)   # a shared bias, as real keys have
+    return tuple(t.to(device, dtype) for t in (q, k, v))
+
+
+def _reference(q, k, v):
+    qt, kt, vt = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = qt @ kt.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return (torch.softmax(s, -1) @ vt).transpose(1, 2), torch.logsumexp(s, -1)
+
+
+def test_lse_and_output_match_the_math():
+    q, k, v = _inputs()
+    out, lse = attention_lse(q, k, v)
+    want, want_lse = _reference(q, k, v)
+    assert out.shape == q.shape and lse.shape == (2, 3, 37) and lse.dtype == torch.float32
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert torch.allclose(lse.double(), want_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("cuts", [(20,), (1, 30), (10, 11, 40)])
+def test_merged_blocks_equal_attention_over_all_keys(cuts):
+    q, k, v = _inputs()
+    bounds = [0, *cuts, k.shape[1]]
+    out = lse = None
+    for a, b in zip(bounds, bounds[1:]):
+        part = attention_lse(q, k[:, a:b], v[:, a:b])
+        out, lse = part if out is None else merge_partial(out, lse, *part)
+    want, want_lse = _reference(q, k, v)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    assert torch.allclose(lse.double(), want_lse, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lq,lk", [(300, 517), (1560, 4680)])
+def test_cuda_lse_matches_the_math(lq, lk):
+    q, k, v = _inputs(lq, lk, 4, 128, torch.bfloat16, "cuda")
+    out, lse = attention_lse(q, k, v)
+    want, want_lse = _reference(q, k, v)
+    assert (lse.double() - want_lse).abs().max() < 2e-2
+    assert (out.double() - want).norm() / want.norm() < 1e-2
+    sdpa = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert (out.double() - sdpa.double()).norm() / sdpa.double().norm() < 1e-2
+    # two halves merged give the whole, within bf16 noise
+    half = lk // 2
+    merged, _ = merge_partial(*attention_lse(q, k[:, :half], v[:, :half]),
+                              *attention_lse(q, k[:, half:], v[:, half:]))
+    assert (merged.double() - want).norm() / want.norm() < 1e-2
