@@ -60,3 +60,38 @@ def test_cuda_lse_matches_the_math(lq, lk):
     merged, _ = merge_partial(*attention_lse(q, k[:, :half], v[:, :half]),
                               *attention_lse(q, k[:, half:], v[:, half:]))
     assert (merged.double() - want).norm() / want.norm() < 1e-2
+
+
+def _triton_merge_matches_torch(device, dtype):
+    from wanvideo_infinitetalk.wanvideo import attention as att
+
+    q, k, v = _inputs(45, 70, 5, 32, dtype, device)
+    a = att.attention_lse(q, k[:, :33], v[:, :33])
+    b = att.attention_lse(q, k[:, 33:], v[:, 33:])
+    want = att.merge_partial(*(t.cpu() for t in a), *(t.cpu() for t in b))
+    got = att._merge_triton(*a, *b)
+    assert got[0].dtype == dtype and got[0].shape == q.shape and got[1].shape == (2, 5, 45)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got[0].cpu().float(), want[0].float(), atol=tol), device
+    assert torch.allclose(got[1].cpu(), want[1], atol=1e-5), device
+
+
+def test_merge_kernel_under_triton_interpreter():
+    """The Triton merge's indexing on CPU tensors (TRITON_INTERPRET=1, fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import conftest, torch, test_attention_lse as t\n"
+            "t._triton_merge_matches_torch('cpu', torch.float32)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_kernel_matches_torch_on_cuda(dtype):
+    _triton_merge_matches_torch("cuda", dtype)

@@ -145,9 +145,32 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                   lse_b: torch.Tensor):
     """Attention over the keys of A and B together from the two parts (attention_lse's outputs):
-    the softmax weights of A's keys sum to sigmoid(lse_a - lse_b) of the whole."""
-    w = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1).to(out_a.dtype)
-    return torch.lerp(out_b, out_a, w), torch.logaddexp(lse_a, lse_b)
+    the softmax weights of A's keys sum to sigmoid(lse_a - lse_b) of the whole. fp32 math and one
+    rounding to out_a's dtype; on CUDA one Triton pass (attention_merge_kernels)."""
+    from .fused_ops import enabled   # not at import: fused_ops -> quant_kernels -> ...
+
+    d = out_a.shape[-1]
+    if (enabled(out_a) and d in (32, 64, 128, 256) and out_a.stride(-1) == 1
+            and out_b.stride(-1) == 1 and out_b.dtype == out_a.dtype):
+        return _merge_triton(out_a, lse_a, out_b, lse_b)
+    w = torch.sigmoid(lse_a - lse_b).transpose(1, 2).unsqueeze(-1)
+    out = torch.lerp(out_b.float(), out_a.float(), w).to(out_a.dtype)
+    return out, torch.logaddexp(lse_a, lse_b)
+
+
+def _merge_triton(out_a, lse_a, out_b, lse_b):
+    from . import attention_merge_kernels   # imports triton
+
+    b, lq, h, d = out_a.shape
+    out = torch.empty(b, lq, h, d, dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty(b, h, lq, dtype=torch.float32, device=out_a.device)
+    attention_merge_kernels.merge[(b * lq,)](
+        out_a, out_b, lse_a, lse_b, out, lse, lq, h,
+        out_a.stride(0), out_a.stride(1), out_a.stride(2),
+        out_b.stride(0), out_b.stride(1), out_b.stride(2),
+        *lse_a.stride(), *lse_b.stride(), D=d, BLOCK_H=max(16, 1 << (h - 1).bit_length()),
+        num_warps=4)
+    return out, lse
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:

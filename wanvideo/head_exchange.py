@@ -44,7 +44,7 @@ def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, piec
         block = min(1024, max(16, 1 << (chunk - 1).bit_length()))
     ptrs = tokens + [tokens[0]] * (3 - len(tokens))
     _kernel()[(b * n, world * pieces)](
-        *ptrs, exchange, b * n, tokens[0].stride(1), chunk, world, pieces,
+        *ptrs, exchange, b * n, tokens[0].stride(1), world, pieces, CHUNK=chunk,
         NT=len(tokens), TO_EXCHANGE=to_exchange, BLOCK=block, num_warps=max(1, block // 256))
 
 

@@ -7,7 +7,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_chunk(t_ptr, e_ptr, t_off, e_off, CHUNK, TO_EXCHANGE: tl.constexpr,
+def _copy_chunk(t_ptr, e_ptr, t_off, e_off, CHUNK: tl.constexpr, TO_EXCHANGE: tl.constexpr,
                 BLOCK: tl.constexpr):
     for off in range(0, CHUNK, BLOCK):
         cols = off + tl.arange(0, BLOCK)
@@ -19,9 +19,10 @@ def _copy_chunk(t_ptr, e_ptr, t_off, e_off, CHUNK, TO_EXCHANGE: tl.constexpr,
 
 
 @triton.jit
-def exchange(t0, t1, t2, e_ptr, ROWS, ROW_STRIDE, CHUNK, WORLD, PIECES,
+def exchange(t0, t1, t2, e_ptr, ROWS, ROW_STRIDE, WORLD, PIECES, CHUNK: tl.constexpr,
              NT: tl.constexpr, TO_EXCHANGE: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: token row r, head group c = j * PIECES + p, each of the NT (1-3) tensors."""
+    """One program: token row r, head group c = j * PIECES + p, each of the NT (1-3) tensors.
+    CHUNK (hp * D elements) is a compile-time constant: a model has one or two."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     j = c // PIECES

@@ -230,7 +230,8 @@ class TokenShard:
             out, lse = (part, part_lse) if out is None else merge_partial(out, lse, part, part_lse)
         first = None
         if first_frame_keys:
-            first = torch.cat([chunks[j][0] for j in range(w)], dim=1)[:, :self.frame_tokens]
+            need = math.ceil(self.frame_tokens / self.chunk)   # chunks holding the first frame
+            first = torch.cat([chunks[j][0] for j in range(need)], dim=1)[:, :self.frame_tokens]
         return out, first
 
     def _exchange(self, recv: torch.Tensor, send: torch.Tensor) -> list:
