@@ -16,7 +16,8 @@ reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker fo
 `--sp keys,heads:2,heads:1` times the 2-GPU pool once per way of exchanging the split attention's
 inputs (wanvideo/sequence_parallel.py: `keys` sends keys and values and merges partial attention;
 `heads:N` is the Ulysses all-to-all cut into N overlapped head pieces, 1 = nothing overlapped;
-`auto` is the runtime's default), all against the same 1-GPU run; the first is the headline.
+`heads` alone is the runtime's default), all against the same 1-GPU run; the first is the
+headline.
 The 2-GPU latents are compared with the 1-GPU ones (relative L2 and max-abs / max).
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def make_job(frames: int, width: int, height: int, steps: int, passes: int) -> W
 
 
 def sp_options(variant: str) -> dict:
-    """'keys' / 'heads' / 'heads:2' / 'auto' -> SequenceParallel fields."""
+    """'keys' / 'heads' / 'heads:2' -> SequenceParallel fields."""
     exchange, _, pieces = variant.partition(":")
     return {"exchange": exchange, **({"pieces": int(pieces)} if pieces else {})}
 
@@ -176,8 +177,8 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=4, help="steps per window (first = warm-up)")
     p.add_argument("--modes", default="blockswap_all,resident")
     p.add_argument("--quant", default="fp8_e4m3fn_scaled")
-    p.add_argument("--sp", default="auto",
-                   help="comma list of sequence-parallel variants (auto, keys, heads, heads:N), "
+    p.add_argument("--sp", default="heads",
+                   help="comma list of sequence-parallel variants (heads, heads:N, keys), "
                         "each timed on 2 GPUs in the same run; the first is the headline")
     args = p.parse_args(argv)
     if args.tiny:

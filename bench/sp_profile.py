@@ -272,7 +272,7 @@ def parse(argv):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--exchange", default="auto", choices=("auto", "heads", "keys"),
+    p.add_argument("--exchange", default="heads", choices=("heads", "keys"),
                    help="how the profiled split forward exchanges attention inputs")
     p.add_argument("--pieces", default="",
                    help="comma list of extra head-piece counts to time with the head exchange")

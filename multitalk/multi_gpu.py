@@ -328,7 +328,7 @@ class WorkerPool:
         wanvideo.block_swap.install applied on every worker (None: their default); mode: the
         split for this window (default: the placement's); sp_options: fields of
         sequence_parallel.SequenceParallel for the split forwards, "pieces" (head pieces of the
-        overlapped all-to-all) and "exchange" (auto / heads / keys); None: their defaults."""
+        overlapped all-to-all) and "exchange" (heads / keys); None: their defaults."""
         mode = mode or self.placement.mode
         if mode not in MODES:
             raise ValueError(f"multi-GPU mode {mode!r} is not one of {MODES}")

@@ -113,21 +113,22 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                             world_size=world)
     try:
         model = tiny_model(TINY_I2V_4_HEADS)
-        # 4 ranks: auto exchanges heads (Ulysses); the key exchange works there too
+        # 4 ranks: the default exchanges heads (Ulysses); the key exchange works there too
         assert not SequenceParallel.from_group().by_keys(True)
         errors = forward_errors(model, SequenceParallel.from_group(), f"sp{world}")
         errors |= forward_errors(model, SequenceParallel.from_group(exchange="keys"),
                                  f"sp{world}keys")
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         pair = pairs[rank // 2]
-        # 2 ranks: auto exchanges keys and values (the tiny model runs SDPA)
-        assert SequenceParallel.from_group(pair).by_keys(True)
-        errors |= forward_errors(model, SequenceParallel.from_group(pair), "sp2")
-        # heads: the default cuts each pair rank's 2 heads into 2 pieces (overlapped
-        # all-to-alls); one piece is the plain exchange
-        heads = SequenceParallel.from_group(pair, exchange="heads")
+        # 2 ranks: the default cuts each pair rank's 2 heads into 2 pieces (overlapped
+        # all-to-alls); one piece is the plain exchange; keys exchanges keys and values (the
+        # tiny model runs SDPA)
+        heads = SequenceParallel.from_group(pair)
         assert heads.pieces_for(4) == 2 and not heads.by_keys(True)
-        errors |= forward_errors(model, heads, "sp2heads")
+        errors |= forward_errors(model, heads, "sp2")
+        keys = SequenceParallel.from_group(pair, exchange="keys")
+        assert keys.by_keys(True)
+        errors |= forward_errors(model, keys, "sp2keys")
         errors |= forward_errors(model, SequenceParallel.from_group(pair, pieces=1,
                                                                     exchange="heads"), "sp2p1")
         errors |= guidance_errors(model)

@@ -72,8 +72,8 @@ def test_two_ranks_forward_equals_one_process(errors):
     _check(errors, "sp2/")
 
 
-def test_two_ranks_exchanging_heads_equal_one_process(errors):
-    _check(errors, "sp2heads/")
+def test_two_ranks_exchanging_keys_equal_one_process(errors):
+    _check(errors, "sp2keys/")
 
 
 def test_two_ranks_without_overlapped_pieces_equal_one_process(errors):
@@ -98,7 +98,7 @@ def test_fp8_activation_scales_are_agreed_over_the_shard(errors):
 
 def test_every_case_was_measured(errors):
     cases = {k for e in errors.values() for k in e}
-    for tag in ("sp2", "sp4", "sp2heads", "sp2p1", "sp4keys"):
+    for tag in ("sp2", "sp4", "sp2keys", "sp2p1", "sp4keys"):
         for name in ("even_1spk", "even_2spk", "odd_1spk", "odd_2spk"):
             assert f"{tag}/{name}" in cases
 
@@ -115,11 +115,11 @@ def test_pieces_divide_each_ranks_heads(world, asked, heads, used):
 
 
 @pytest.mark.parametrize("world,exchange,sdpa,keys", [
-    (2, "auto", True, True), (2, "auto", False, False), (4, "auto", True, False),
-    (2, "heads", True, False), (4, "keys", True, True), (2, "keys", False, False)])
+    (2, "heads", True, False), (4, "heads", True, False), (2, "keys", True, True),
+    (4, "keys", True, True), (2, "keys", False, False)])
 def test_which_exchange_runs(world, exchange, sdpa, keys):
-    """auto: keys on 2 ranks when the attention is SDPA; the 8-bit kernel (no log-sum-exp)
-    always exchanges heads."""
+    """heads unless keys is asked for; the 8-bit kernel (no log-sum-exp) always exchanges
+    heads."""
     from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel
 
     assert SequenceParallel(None, 0, world, exchange=exchange).by_keys(sdpa) is keys

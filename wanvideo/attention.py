@@ -123,17 +123,20 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """SDPA that also returns the log-sum-exp of each query's scaled scores (natural log), so
     that attention over key blocks computed apart can be merged exactly (merge_partial):
     q [B, Lq, H, D], k/v [B, Lk, H, D] -> (out [B, Lq, H, D], lse [B, H, Lq] fp32).
-    CUDA: cuDNN's SDPA kernel (the one F.scaled_dot_product_attention picks on Hopper; torch 2.5+
-    signature), else the memory-efficient kernel; elsewhere the fp32 math."""
+    CUDA: cuDNN's SDPA kernel for fp16/bf16 (the one F.scaled_dot_product_attention picks on
+    Hopper; torch 2.5+ signature), else the memory-efficient kernel; elsewhere the fp32 math."""
     b, lq, h, _ = q.shape
     qt, kt, vt = (attention_ready(t.transpose(1, 2)) for t in (q, k, v))
-    if q.is_cuda:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         try:
             out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 qt, kt, vt, None, True, 0.0, False, False)[:2]
         except (RuntimeError, TypeError):   # older signature / cuDNN refuses this shape
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                 qt, kt, vt, None, True)[:2]
+    elif q.is_cuda:   # cuDNN returned NaN for fp32 on an H200 instead of refusing it
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qt, kt, vt, None, True)[:2]
     else:
         scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         lse = torch.logsumexp(scores, dim=-1)

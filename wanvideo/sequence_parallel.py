@@ -52,8 +52,9 @@ class RankGroup:
 # Head pieces per rank for the overlapped all-to-all; bench/multigpu.py compares 1 (no overlap)
 # with more in one run (docs/BENCHMARKS.md).
 DEFAULT_PIECES = 2
-# How self-attention's inputs travel (SequenceParallel.by_keys): auto, heads (Ulysses), keys.
-EXCHANGES = ("auto", "heads", "keys")
+# How self-attention's inputs travel (SequenceParallel.by_keys): heads (Ulysses, the default:
+# bit-identical to one process) or keys (opt-in; docs/MULTI_GPU.md has the measured trade-off).
+EXCHANGES = ("heads", "keys")
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,10 @@ class SequenceParallel(RankGroup):
     that does not divide a rank's heads is lowered to the largest one that does."""
 
     pieces: int = DEFAULT_PIECES
-    exchange: str = "auto"
+    exchange: str = "heads"
 
     @classmethod
-    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES, exchange: str = "auto"):
+    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES, exchange: str = "heads"):
         return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces, exchange)
 
     def __post_init__(self):
@@ -82,11 +83,9 @@ class SequenceParallel(RankGroup):
         """Whether self-attention exchanges keys/values (TokenShard.attention_by_keys) instead of
         heads (TokenShard.attention). `sdpa`: the unsplit attention would run PyTorch SDPA (the
         key exchange needs its log-sum-exp; the 8-bit kernel and other backends keep heads).
-        auto: keys on 2 ranks, where it moves the same bytes as the head exchange but hides
-        them behind attention over the rank's own keys; heads beyond (the key exchange's bytes
-        grow with the ranks)."""
-        if self.exchange == "auto":
-            return sdpa and self.world == 2
+        On 2x H200 keys was 1.0-1.1% faster per step than heads, but its merged softmax rounds
+        differently from one process (rel. L2 0.018 / 0.067 after a 1 / 3-pass window, against
+        0.0 for heads), so heads stays the default."""
         return self.exchange == "keys" and sdpa
 
     def pieces_for(self, num_heads: int) -> int:
