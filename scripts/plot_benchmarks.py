@@ -18,7 +18,8 @@ Which file, when several measure the same thing (the newest measurement wins):
 - e2e_long_rss.png: the same rule among the reports with an ok "long" run that recorded
   `rss_per_window_gb`; the smallest card with one is drawn.
 - multigpu: the same rule among multigpu_*.json, where "current bench" means its cases record
-  `by_sp` (or the older `by_pieces`); the 2-GPU time is the headline variant's (`sp`).
+  `by_sp` (or the older `by_pieces`) and whose headline variant (`sp`) is not the opt-in key
+  exchange; the 2-GPU time is the headline variant's.
 """
 from __future__ import annotations
 
@@ -210,7 +211,10 @@ def multigpu_report(results: str) -> tuple[str, dict] | None:
         cases = report.get("cases", {})
         if not cases:
             continue
-        rank = _newness(path, any("by_sp" in c or "by_pieces" in c for c in cases.values()))
+        current = any("by_sp" in c or "by_pieces" in c for c in cases.values())
+        # a run headlined by an opt-in variant (the key exchange) does not show the default
+        default = not any(str(c.get("sp", "")).startswith("keys") for c in cases.values())
+        rank = _newness(path, current and default)
         if best is None or rank > best[0]:
             best = (rank, path, report)
     return best and (best[1], best[2])
