@@ -346,8 +346,8 @@ class WorkerPool:
             raise SamplingInterrupted(-1, f"multi-GPU, {reply[2]}")
         stats = self.info["last_stats"] = reply[2]
         peaks = [r["peak_vram_bytes"] for r in stats["ranks"]]
-        log.info("WanVideo multi-GPU %s: sequence %d x guidance %d%s", job.label or "window",
-                 stats["sequence"], stats["guidance"], "" if None in peaks else
+        log.info("WanVideo multi-GPU %s: %s%s", job.label or "window", describe_rounds(stats),
+                 "" if None in peaks else
                  ", peak VRAM " + " / ".join(f"{p / 2 ** 30:.1f}" for p in peaks) + " GiB")
         return reply[1]
 
@@ -435,6 +435,21 @@ class WorkerPool:
 
 
 _SHARED: dict = {}
+
+
+def describe_rounds(stats: dict) -> str:
+    """The step's split for the log: 'sequence 2 x guidance 1', or with rounds
+    'passes 1-2: sequence 1 x guidance 2, then pass 3: sequence 2 x guidance 1'."""
+    rounds = stats.get("rounds") or [dict(stats, passes=None)]
+    if len(rounds) == 1:
+        return f"sequence {rounds[0]['sequence']} x guidance {rounds[0]['guidance']}"
+
+    def passes(r):
+        p = [i + 1 for i in r["passes"]]
+        return f"pass {p[0]}" if len(p) == 1 else f"passes {p[0]}-{p[-1]}"
+
+    return ", then ".join(f"{passes(r)}: sequence {r['sequence']} x guidance {r['guidance']}"
+                          for r in rounds)
 
 
 def shared_pool(spec: ModelSpec, placement: Placement, **options) -> WorkerPool:

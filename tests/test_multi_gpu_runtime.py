@@ -103,6 +103,22 @@ def test_auto_schedule_rounds(world, passes, heads, rounds):
     assert mw.choose_rounds(world, passes, "auto", heads) == rounds
 
 
+def test_the_log_names_every_round():
+    rounds = [{"sequence": 1, "guidance": 2, "passes": [0, 1]},
+              {"sequence": 2, "guidance": 1, "passes": [2]}]
+    assert mg.describe_rounds({"sequence": 1, "guidance": 2, "rounds": rounds}) == \
+        "passes 1-2: sequence 1 x guidance 2, then pass 3: sequence 2 x guidance 1"
+    assert mg.describe_rounds({"sequence": 2, "guidance": 1, "rounds": rounds[1:]}) == \
+        "sequence 2 x guidance 1"
+
+
+def test_unknown_sequence_options_are_refused():
+    pool = mg.WorkerPool.__new__(mg.WorkerPool)   # validation happens before any worker is asked
+    pool.placement = mg.Placement(("cpu", "cpu"))
+    with pytest.raises(ValueError, match=r"sp_options \['ring'\] are not SequenceParallel"):
+        pool.sample_window(ms.job((3, 8, 8), 1), sp_options={"ring": 2})
+
+
 def test_fixed_modes_keep_one_layout_for_every_pass():
     assert mw.choose_rounds(2, 3, "sequence", 4) == [(2, 1, (0, 1, 2))]
     assert mw.choose_rounds(2, 3, "guidance", 4) == [(1, 2, (0, 1, 2))]
