@@ -235,10 +235,12 @@ COPY_EXCEPTIONS = {
         "dtype cast of the scale for the same dequantization, on the layer's own device",
     ("wanvideo/quant_linear.py", "QuantLinear._forward_nvfp4_native", "(ga * self.weight_scale_2).to"):
         "dtype cast of a scalar product to the output dtype in the forward",
-    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "send[:, :, :, i].copy_"):
-        "writes q/k/v activations into the all-to-all send buffer; same device",
-    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "result[:, :, :, p].copy_"):
-        "places one received piece of the attention output (activations); same device",
+    ("wanvideo/head_exchange.py", "pack", "send[:, :, :, :, i].copy_"):
+        "writes q/k/v activations into the all-to-all send buffer (torch path); same device",
+    ("wanvideo/head_exchange.py", "unpack", "out.view(b, n, world, pieces, h // (world * pieces), d).copy_"):
+        "puts the received attention output (activations) in token order (torch path)",
+    ("wanvideo/sequence_parallel.py", "TokenShard._exchange", "recv[me].copy_"):
+        "this rank's own chunk of an all-to-all (activations); same device",
 }
 # wanvideo/block_swap.py is being refactored elsewhere: its current copies, keyed by file and
 # call, are allowed until that work routes them through placement and empties this list.

@@ -17,6 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .fused_ops import enabled
 from .placement import attention_ready
 
 BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
@@ -150,8 +151,6 @@ def merge_partial(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     """Attention over the keys of A and B together from the two parts (attention_lse's outputs):
     the softmax weights of A's keys sum to sigmoid(lse_a - lse_b) of the whole. fp32 math and one
     rounding to out_a's dtype; on CUDA one Triton pass (attention_merge_kernels)."""
-    from .fused_ops import enabled   # not at import: fused_ops -> quant_kernels -> ...
-
     d = out_a.shape[-1]
     if (enabled(out_a) and d in (32, 64, 128, 256) and out_a.stride(-1) == 1
             and out_b.stride(-1) == 1 and out_b.dtype == out_a.dtype):

@@ -32,7 +32,7 @@ import os
 import torch
 
 from .quant_formats import FP8_E4M3_MAX
-from .quant_kernels import triton_available
+from .triton_support import triton_available
 
 
 def enabled(x: torch.Tensor) -> bool:

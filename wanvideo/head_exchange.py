@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused_ops import enabled
+
 
 def _kernel():
     from . import head_exchange_kernels   # imports triton: only when a CUDA tensor gets here
@@ -49,7 +51,6 @@ def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, piec
 
 
 def _use_kernel(tokens: list[torch.Tensor], exchange: torch.Tensor) -> bool:
-    from .fused_ops import enabled   # not at import: fused_ops -> quant_kernels -> here
     first = tokens[0]
     return (enabled(exchange) and exchange.is_contiguous() and _dense_rows(first)
             and all(t.dtype == exchange.dtype and t.device == exchange.device

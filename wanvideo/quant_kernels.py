@@ -13,16 +13,7 @@ import torch
 
 from .quant_formats import FP8_E4M3_MAX, nvfp4_dequantize
 from .sequence_parallel import agree_scale
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "no triton"
-        return False
-    return True
+from .triton_support import triton_available  # noqa: F401  (quant_linear asks it here)
 
 
 @functools.lru_cache(maxsize=1)
