@@ -209,7 +209,7 @@ class TokenShard:
         got = {j: (torch.empty_like(k), torch.empty_like(v)) for j in range(w) if j != me}
         ops = []
         for j, (kj, vj) in got.items():
-            peer = j if self.sp.group is None else dist.get_global_rank(self.sp.group, j)
+            peer = self._global(j)
             ops += [dist.P2POp(dist.isend, k, peer, self.sp.group),
                     dist.P2POp(dist.isend, v, peer, self.sp.group),
                     dist.P2POp(dist.irecv, kj, peer, self.sp.group),
@@ -242,12 +242,16 @@ class TokenShard:
         ops = []
         for j in range(self.sp.world):
             if j != me:
-                peer = j if group is None else dist.get_global_rank(group, j)
+                peer = self._global(j)
                 ops += [dist.P2POp(dist.isend, send[j], peer, group),
                         dist.P2POp(dist.irecv, recv[j], peer, group)]
         works = dist.batch_isend_irecv(ops) if ops else []
         recv[me].copy_(send[me])
         return works
+
+    def _global(self, j: int) -> int:
+        """The default group's rank of this group's rank j (what point-to-point ops address)."""
+        return j if self.sp.group is None else dist.get_global_rank(self.sp.group, j)
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         t = t.contiguous()
