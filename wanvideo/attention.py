@@ -7,7 +7,10 @@ Backends: "sdpa" (PyTorch), "int8" (the pack's 8-bit Triton kernel, wanvideo/att
 packages). int8 and auto fall back to SDPA call by call for whatever the kernel does not cover:
 short key sequences (the text and CLIP cross-attention; InfiniteTalk's audio attention calls SDPA
 itself), other head dims, devices below sm_89 and the CPU. Shape fallbacks log at debug level;
-an explicit "int8" on a device that cannot run it warns once per device."""
+an explicit "int8" on a device that cannot run it warns once per device.
+
+`attention_lse` and `merge_partial` serve the opt-in key exchange of sequence parallelism (SDPA
+over part of the keys with its log-sum-exp, and the exact merge of two such parts)."""
 from __future__ import annotations
 
 import functools
