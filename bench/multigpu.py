@@ -16,8 +16,8 @@ reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker fo
 `--sp keys,heads:2,heads:1` times the 2-GPU pool once per way of exchanging the split attention's
 inputs (wanvideo/sequence_parallel.py: `keys` sends keys and values and merges partial attention;
 `heads:N` is the Ulysses all-to-all cut into N overlapped head pieces, 1 = nothing overlapped;
-`heads` alone is the runtime's default), all against the same 1-GPU run; the first is the
-headline.
+`heads` alone is the runtime's default; a suffix `@send_recv` / `@copy_engine` picks how the bytes
+move, wanvideo/peer_copy.py), all against the same 1-GPU run; the first is the headline.
 The 2-GPU latents are compared with the 1-GPU ones (relative L2 and max-abs / max).
 """
 from __future__ import annotations
@@ -66,9 +66,11 @@ def make_job(frames: int, width: int, height: int, steps: int, passes: int) -> W
 
 
 def sp_options(variant: str) -> dict:
-    """'keys' / 'heads' / 'heads:2' -> SequenceParallel fields."""
+    """'keys' / 'heads' / 'heads:2' / 'heads:2@send_recv' -> SequenceParallel fields."""
+    variant, _, transport = variant.partition("@")
     exchange, _, pieces = variant.partition(":")
-    return {"exchange": exchange, **({"pieces": int(pieces)} if pieces else {})}
+    return {"exchange": exchange, **({"pieces": int(pieces)} if pieces else {}),
+            **({"transport": transport} if transport else {})}
 
 
 def run_case(pool: WorkerPool, job: WindowJob, swap: dict, variant=None) -> dict:

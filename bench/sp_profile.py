@@ -214,14 +214,23 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
         if rank == 0:
             res["single"], want = measure(model, inp, args, clock, lambda: None)
         barrier()
-        model.sequence_parallel = sp = SequenceParallel.from_group(exchange=args.exchange)
+        model.sequence_parallel = sp = SequenceParallel.from_group(
+            exchange=args.exchange, transport=args.transport)
         res["split"], got = measure(model, inp, args, clock, barrier)
         res["split"]["pieces"] = sp.pieces_for(model.config.num_heads)
         res["split"]["exchange"] = args.exchange
+        res["split"]["transport"] = args.transport
         res["by_pieces"] = {}   # the head exchange (Ulysses) at each extra piece count
         for p in args.pieces:
-            model.sequence_parallel = SequenceParallel.from_group(pieces=p, exchange="heads")
+            model.sequence_parallel = SequenceParallel.from_group(pieces=p, exchange="heads",
+                                                                  transport=args.transport)
             res["by_pieces"][str(p)] = measure(model, inp, args, clock, barrier, profiled=False)[0]
+        res["by_transport"] = {}   # the head exchange over each other transport, same pieces
+        for t in args.transports:
+            model.sequence_parallel = SequenceParallel.from_group(exchange="heads", transport=t)
+            timing, other = measure(model, inp, args, clock, barrier, profiled=False)
+            res["by_transport"][t] = dict(timing, rel_l2_vs_split=float(
+                (other.double() - got.double()).norm() / got.double().norm()))
         if rank == 0:
             got, want = got.double(), want.double()
             res["correctness"] = {"rel_max": float((got - want).abs().max() / want.abs().max()),
@@ -274,10 +283,15 @@ def parse(argv):
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--exchange", default="heads", choices=("heads", "keys"),
                    help="how the profiled split forward exchanges attention inputs")
+    p.add_argument("--transport", default="auto", choices=("auto", "send_recv", "copy_engine"),
+                   help="how the profiled split forward moves the exchanged bytes")
+    p.add_argument("--transports", default="",
+                   help="comma list of transports to time besides, with the head exchange")
     p.add_argument("--pieces", default="",
                    help="comma list of extra head-piece counts to time with the head exchange")
     args = p.parse_args(argv)
     args.pieces = [int(v) for v in args.pieces.split(",") if v.strip()]
+    args.transports = [v.strip() for v in args.transports.split(",") if v.strip()]
     return args
 
 
@@ -301,7 +315,8 @@ def main(argv=None) -> dict:
         "single": r0["single"], "split": r0["split"],
         "overhead": overhead(r0["single"], r0["split"], args.world, args.blocks),
         "split_ranks": [rank_row(i, r["split"]) for i, r in enumerate(ranks)],
-        "by_pieces": r0["by_pieces"], "correctness": r0["correctness"],
+        "by_pieces": r0["by_pieces"], "by_transport": r0["by_transport"],
+        "correctness": r0["correctness"],
         "run_s": time.perf_counter() - t0}
     emit(result, args.out)
     return result

@@ -328,14 +328,15 @@ class WorkerPool:
         wanvideo.block_swap.install applied on every worker (None: their default); mode: the
         split for this window (default: the placement's); sp_options: fields of
         sequence_parallel.SequenceParallel for the split forwards, "pieces" (head pieces of the
-        overlapped all-to-all) and "exchange" (heads / keys); None: their defaults."""
+        overlapped all-to-all), "exchange" (heads / keys) and "transport" (auto / send_recv /
+        copy_engine); None: their defaults."""
         mode = mode or self.placement.mode
         if mode not in MODES:
             raise ValueError(f"multi-GPU mode {mode!r} is not one of {MODES}")
-        unknown = set(sp_options or {}) - {"pieces", "exchange"}
+        unknown = set(sp_options or {}) - {"pieces", "exchange", "transport"}
         if unknown:
             raise ValueError(f"sp_options {sorted(unknown)} are not SequenceParallel options "
-                             "(pieces, exchange)")
+                             "(pieces, exchange, transport)")
         cb = callbacks or SamplingCallbacks()
         job = job.to_host()
         job.preview = cb.preview is not None

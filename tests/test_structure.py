@@ -241,6 +241,12 @@ COPY_EXCEPTIONS = {
         "puts the received attention output (activations) in token order (torch path)",
     ("wanvideo/sequence_parallel.py", "TokenShard._exchange", "recv[me].copy_"):
         "this rank's own chunk of an all-to-all (activations); same device",
+    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "mine[me][piece][j].copy_"):
+        "stages attention outputs (activations) in this rank's symmetric buffer; same device",
+    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "recv[me].copy_"):
+        "this rank's own chunk of an all-to-all (activations); same device",
+    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "recv[j].copy_"):
+        "pulls a peer's all-to-all chunk (activations) from its mapped symmetric buffer",
 }
 # wanvideo/block_swap.py is being refactored elsewhere: its current copies, keyed by file and
 # call, are allowed until that work routes them through placement and empties this list.

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from . import head_exchange
+from . import head_exchange, peer_copy
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,13 @@ class SequenceParallel(RankGroup):
 
     pieces: int = DEFAULT_PIECES
     exchange: str = "heads"
+    transport: str = "auto"
 
     @classmethod
-    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES, exchange: str = "heads"):
-        return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces, exchange)
+    def from_group(cls, group=None, pieces: int = DEFAULT_PIECES, exchange: str = "heads",
+                   transport: str = "auto"):
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), pieces, exchange,
+                   transport)
 
     def __post_init__(self):
         if self.world < 1 or not 0 <= self.rank < self.world:
@@ -78,6 +81,8 @@ class SequenceParallel(RankGroup):
             raise ValueError(f"pieces must be at least 1, got {self.pieces}")
         if self.exchange not in EXCHANGES:
             raise ValueError(f"exchange {self.exchange!r} is not one of {EXCHANGES}")
+        if self.transport not in peer_copy.TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} is not one of {peer_copy.TRANSPORTS}")
 
     def by_keys(self, sdpa: bool) -> bool:
         """Whether self-attention exchanges keys/values (TokenShard.attention_by_keys) instead of
@@ -170,16 +175,16 @@ class TokenShard:
         hp = hl // pieces
         # Every piece leaves before the first attention starts. pack/unpack (head_exchange) write
         # all pieces' chunks in one launch each; a piece of the send buffer is contiguous.
-        send = head_exchange.pack((q, k, v), q.new_empty(pieces, w, b, n, 3, hp, d))
+        link = peer_copy.link(self, (pieces, w, b, n, 3, hp, d), (pieces, w, b, n, hp, d), q)
+        send = head_exchange.pack((q, k, v), link.staging_in())
         sent = []
         for p in range(pieces):
             recv = torch.empty_like(send[p])
-            sent.append((recv, self._exchange(recv, send[p])))
+            sent.append((recv, link.start(recv, send[p], "in", p)))
         got = q.new_empty(pieces, w, b, n, hp, d)
         back, keys = [], []
-        for p, (recv, works) in enumerate(sent):
-            for work in works:
-                work.wait()
+        for p, (recv, pending) in enumerate(sent):
+            link.wait(pending)
             # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
             qkv = recv.transpose(0, 1).reshape(b, w * n, 3, hp, d)
             out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
@@ -187,10 +192,9 @@ class TokenShard:
                 keys.append(qkv[:, :self.frame_tokens, 1])
             # [B, w * n, hp, D] -> token chunk j to rank j; block j of got[p] holds rank j's heads
             send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
-            back.append((self._exchange(got[p], send_out), send_out))
-        for works, _send in back:
-            for work in works:
-                work.wait()
+            back.append(link.start(got[p], send_out, "out", p))
+        for pending in back:
+            link.wait(pending)
         result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
         first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
         return result, first

@@ -1,0 +1,178 @@
+"""How the Ulysses all-to-alls move their bytes (SequenceParallel.transport).
+
+`send_recv`: torch.distributed point-to-point ops (NCCL on GPUs, gloo on CPU). NCCL moves bytes
+with kernels that need SMs; inside a split forward, attention and the GEMMs hold every SM, and on
+2x H200 NCCL's send/receive fell from ~280 GB/s alone to ~80 GB/s (docs/BENCHMARKS.md), so part of
+each exchange could not hide behind attention.
+
+`copy_engine`: a GPU also has copy engines (DMA units) that move memory between GPUs over NVLink
+or PCIe without any SM. Every rank of the group maps one workspace of torch.distributed's
+symmetric memory (the same buffer, readable by every rank of the group); a rank writes what it
+sends into its own workspace and pulls its parts from its peers' workspaces with plain device
+copies, which CUDA runs on the copy engines, on a side stream; the compute stream waits for an
+event only where it reads the data. Our code moves no bytes itself: device copies and torch's
+cross-rank barrier only.
+
+Ordering. Each rank queues all transfers on one side stream, in the same order on every rank:
+    [write own slots] barrier [pull peers' slots] -> event
+torch's barrier is a handshake between every pair of ranks, so a rank passes its k-th barrier only
+once every peer's side stream reached its k-th barrier, i.e. finished every pull queued before
+it. A slot is rewritten only after a later barrier (q/k/v by the next block's pack, which follows
+the compute stream's wait for this block's last transfer; an output slot by the next block's
+transfers), so no pull reads a slot while it is rewritten.
+
+`auto` (the default) takes copy engines for CUDA tensors in an NCCL group when torch has symmetric
+memory, send_recv otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("auto", "send_recv", "copy_engine")
+
+# (group name, device index) -> _Workspace; built on the first split attention of a process.
+_WORKSPACES: dict = {}
+
+
+def _symmetric_memory():
+    try:
+        from torch.distributed import _symmetric_memory as symm
+    except ImportError:
+        return None
+    return symm if all(hasattr(symm, n) for n in ("empty", "rendezvous")) else None
+
+
+def unavailable(group, device: torch.device) -> Optional[str]:
+    """None when the copy-engine transport can serve `group` on `device`, else why not."""
+    if device.type != "cuda":
+        return f"the tensors are on {device}, not a CUDA device"
+    backend = dist.get_backend(group)
+    if backend != "nccl":
+        return f"the process group's backend is {backend}, not nccl"
+    if _symmetric_memory() is None:
+        return f"torch {torch.__version__} has no symmetric memory"
+    return None
+
+
+def _group_name(group) -> str:
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+class _Workspace:
+    """One group's symmetric buffer on this rank, and the side stream that moves it."""
+
+    def __init__(self, group, device: torch.device, nbytes: int):
+        symm = _symmetric_memory()
+        if hasattr(symm, "set_backend") and not _WORKSPACES:
+            # The plain CUDA backend (IPC-mapped buffers, copy-engine friendly); NVSHMEM would
+            # bootstrap its own runtime for nothing we use. Only possible before a first buffer.
+            try:
+                symm.set_backend("CUDA")
+            except (RuntimeError, ValueError) as err:
+                log.debug("symmetric memory keeps its backend: %s", err)
+        self.nbytes = nbytes
+        self.buffer = symm.empty(nbytes, dtype=torch.uint8, device=device)
+        try:
+            self.handle = symm.rendezvous(self.buffer, _group_name(group))
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"sequence parallel: symmetric memory for the copy-engine exchange failed on "
+                f"{device} ({err}); set the multi-GPU transport to send_recv") from err
+        # High priority: the barrier and copy launches must not queue behind attention's blocks.
+        self.stream = torch.cuda.Stream(device, priority=-1)
+
+
+def _workspace(group, device: torch.device, nbytes: int) -> _Workspace:
+    key = (_group_name(group), device.index)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.nbytes < nbytes:
+        if ws is not None:   # a longer window: nothing may still read the old buffer
+            torch.cuda.synchronize(device)
+        # Every rank reaches this with the same shapes (collective allocation).
+        ws = _WORKSPACES[key] = _Workspace(group, device, nbytes)
+        log.info("sequence parallel: copy-engine exchange through a %.0f MiB symmetric buffer "
+                 "on %s", nbytes / 2 ** 20, device)
+    return ws
+
+
+class SendRecvLink:
+    """The exchange as torch.distributed point-to-point ops (TokenShard._exchange)."""
+
+    name = "send_recv"
+
+    def __init__(self, shard, in_shape: tuple, out_shape: tuple, like: torch.Tensor):
+        self.shard, self.in_shape, self.like = shard, in_shape, like
+
+    def staging_in(self) -> torch.Tensor:
+        return self.like.new_empty(self.in_shape)
+
+    def start(self, recv: torch.Tensor, send: torch.Tensor, region: str, piece: int) -> Any:
+        return self.shard._exchange(recv, send), send
+
+    def wait(self, pending: Any) -> None:
+        for work in pending[0]:
+            work.wait()
+
+
+class CopyEngineLink:
+    """The exchange as copies from the peers' symmetric buffers (module docstring).
+
+    Workspace layout: the q/k/v send buffer `in_shape` [pieces, world, ...] (slot [p, j]: what
+    rank j receives of piece p), then the output send buffer `out_shape` likewise."""
+
+    name = "copy_engine"
+
+    def __init__(self, group, rank: int, world: int, in_shape: tuple, out_shape: tuple,
+                 like: torch.Tensor):
+        n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+        self.rank, self.world = rank, world
+        self.ws = _workspace(group, like.device, (n_in + n_out) * like.element_size())
+        get = self.ws.handle.get_buffer
+        self.slots = {"in": [get(j, in_shape, like.dtype, 0) for j in range(world)],
+                      "out": [get(j, out_shape, like.dtype, n_in) for j in range(world)]}
+
+    def staging_in(self) -> torch.Tensor:
+        return self.slots["in"][self.rank]
+
+    def start(self, recv: torch.Tensor, send: torch.Tensor, region: str, piece: int) -> Any:
+        """recv[j] <- what rank j sent for this rank; send [world, ...] (slot j for rank j) is
+        this rank's part of `piece`, already in its slots or (outputs) copied there first."""
+        me, side = self.rank, self.ws.stream
+        mine = self.slots[region]
+        side.wait_stream(torch.cuda.current_stream(recv.device))
+        with torch.cuda.stream(side):
+            if send.data_ptr() != mine[me][piece].data_ptr():
+                for j in self._peers():
+                    mine[me][piece][j].copy_(send[j])
+            recv[me].copy_(send[me])
+            self.ws.handle.barrier(channel=0)
+            for j in self._peers():
+                recv[j].copy_(mine[j][piece][me])
+            done = torch.cuda.Event()
+            done.record(side)
+        return done, send   # `send` stays referenced until the compute stream has waited
+
+    def wait(self, pending: Any) -> None:
+        torch.cuda.current_stream().wait_event(pending[0])
+
+    def _peers(self):
+        return (j for j in range(self.world) if j != self.rank)
+
+
+def link(shard, in_shape: tuple, out_shape: tuple, like: torch.Tensor):
+    """The transport `shard.sp.transport` asks for, for tensors like `like`."""
+    sp = shard.sp
+    if sp.transport != "send_recv" and sp.world > 1:
+        why = unavailable(sp.group, like.device)
+        if why is None:
+            return CopyEngineLink(sp.group, sp.rank, sp.world, in_shape, out_shape, like)
+        if sp.transport == "copy_engine":
+            raise RuntimeError(f"sequence parallel transport 'copy_engine' cannot run: {why}")
+    return SendRecvLink(shard, in_shape, out_shape, like)
