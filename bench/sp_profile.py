@@ -23,12 +23,15 @@ instead. `overhead` compares split with single / world per block, in total and p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -141,7 +144,8 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def measure(model, inp: dict, args, clock: Clock, barrier, profiled: bool = True):
+def measure(model, inp: dict, args, clock: Clock, barrier, profiled: bool = True,
+            trace: Optional[str] = None):
     """Warm-up, timed forwards (whole forward and blocks alone), one profiled forward."""
     blocks = len(model.blocks)
     marks = []
@@ -171,6 +175,8 @@ def measure(model, inp: dict, args, clock: Clock, barrier, profiled: bool = True
                 clock.sync()
                 wall = (time.perf_counter() - t0) * 1e3
             res["profile"] = summarize(prof, clock.cuda, wall, args.top)
+            if trace:
+                prof.export_chrome_trace(trace)
     return res, out.float().cpu().clone()
 
 
@@ -216,7 +222,8 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
         barrier()
         model.sequence_parallel = sp = SequenceParallel.from_group(
             exchange=args.exchange, transport=args.transport)
-        res["split"], got = measure(model, inp, args, clock, barrier)
+        trace = os.path.join(out_dir, f"trace_rank{rank}.json") if args.trace else None
+        res["split"], got = measure(model, inp, args, clock, barrier, trace=trace)
         res["split"]["pieces"] = sp.pieces_for(model.config.num_heads)
         res["split"]["exchange"] = args.exchange
         res["split"]["transport"] = args.transport
@@ -231,6 +238,8 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
             timing, other = measure(model, inp, args, clock, barrier, profiled=False)
             res["by_transport"][t] = dict(timing, rel_l2_vs_split=float(
                 (other.double() - got.double()).norm() / got.double().norm()))
+        if args.diagnose:
+            res["diagnose"] = diagnose(model, inp, args, clock, barrier)
         if rank == 0:
             got, want = got.double(), want.double()
             res["correctness"] = {"rel_max": float((got - want).abs().max() / want.abs().max()),
@@ -240,6 +249,34 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
         barrier()
     finally:
         dist.destroy_process_group()
+
+
+def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
+    """Split timings with parts of the communication switched off (wrong outputs, timing only):
+    the fp8 scale agreement (each rank keeps its own scales), the attention exchange (each rank
+    attends over whatever its receive buffers hold), and both: the split's compute floor."""
+    from unittest import mock
+
+    from wanvideo_infinitetalk.wanvideo import peer_copy, quant_kernels
+
+    model.sequence_parallel = SequenceParallel.from_group(transport=args.transport)
+    own_scales = mock.patch.object(quant_kernels, "agree_scale", lambda scale: scale)
+
+    def no_exchange():
+        stack = contextlib.ExitStack()
+        for cls in (peer_copy.CopyEngineLink, peer_copy.SendRecvLink):
+            stack.enter_context(mock.patch.object(cls, "start", lambda *a: None))
+            stack.enter_context(mock.patch.object(cls, "wait", lambda *a: None))
+        return stack
+
+    out = {}
+    for name, patches in (("no_scale_agreement", [own_scales]), ("no_exchange", [no_exchange()]),
+                          ("neither", [own_scales, no_exchange()])):
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            out[name] = measure(model, inp, args, clock, barrier, profiled=False)[0]
+    return out
 
 
 def overhead(single: dict, split: dict, world: int, blocks: int) -> dict:
@@ -287,6 +324,10 @@ def parse(argv):
                    help="how the profiled split forward moves the exchanged bytes")
     p.add_argument("--transports", default="",
                    help="comma list of transports to time besides, with the head exchange")
+    p.add_argument("--trace", action="store_true",
+                   help="also write each rank's profiled split forward as a Chrome trace")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time the split without scale agreement / exchange (diagnose)")
     p.add_argument("--pieces", default="",
                    help="comma list of extra head-piece counts to time with the head exchange")
     args = p.parse_args(argv)
@@ -303,6 +344,10 @@ def main(argv=None) -> dict:
         mp.start_processes(worker, args=(args, free_port(), tmp), nprocs=args.world, join=True,
                            start_method="spawn")
         ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(args.world)]
+        if args.trace and args.out:
+            for r in range(args.world):
+                shutil.copy(os.path.join(tmp, f"trace_rank{r}.json"),
+                            f"{os.path.splitext(args.out)[0]}_trace_rank{r}.json")
     w, h = (int(v) for v in args.size.split("x"))
     f_lat = (args.frames - 1) // 4 + 1
     r0 = ranks[0]
@@ -316,6 +361,7 @@ def main(argv=None) -> dict:
         "overhead": overhead(r0["single"], r0["split"], args.world, args.blocks),
         "split_ranks": [rank_row(i, r["split"]) for i, r in enumerate(ranks)],
         "by_pieces": r0["by_pieces"], "by_transport": r0["by_transport"],
+        "diagnose": r0.get("diagnose"),
         "correctness": r0["correctness"],
         "run_s": time.perf_counter() - t0}
     emit(result, args.out)
