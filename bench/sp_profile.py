@@ -145,8 +145,10 @@ class Clock:
 
 
 def measure(model, inp: dict, args, clock: Clock, barrier, profiled: bool = True,
-            trace: Optional[str] = None):
-    """Warm-up, timed forwards (whole forward and blocks alone), one profiled forward."""
+            trace: Optional[str] = None, settle: bool = False):
+    """Warm-up, timed forwards (whole forward and blocks alone), one profiled forward.
+    `settle`: every rank waits for its GPU and the others between timed forwards (the block
+    times then start with the host far less ahead of the GPU)."""
     blocks = len(model.blocks)
     marks = []
     with torch.no_grad():
@@ -159,6 +161,9 @@ def measure(model, inp: dict, args, clock: Clock, barrier, profiled: bool = True
         start = clock.mark()
         for _ in range(args.iters):
             out = model(**inp)
+            if settle:
+                clock.sync()
+                barrier()
         end = clock.mark()
         for h in hooks:
             h.remove()
@@ -254,7 +259,8 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
 def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
     """Split timings with parts of the communication switched off (wrong outputs, timing only):
     the fp8 scale agreement (each rank keeps its own scales), the attention exchange (each rank
-    attends over whatever its receive buffers hold), and both: the split's compute floor."""
+    attends over whatever its receive buffers hold), and both: the split's compute floor; and
+    `settled`, the full split with the ranks realigned between forwards."""
     from unittest import mock
 
     from wanvideo_infinitetalk.wanvideo import peer_copy, quant_kernels
@@ -269,7 +275,7 @@ def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
             stack.enter_context(mock.patch.object(cls, "wait", lambda *a: None))
         return stack
 
-    out = {}
+    out = {"settled": measure(model, inp, args, clock, barrier, profiled=False, settle=True)[0]}
     for name, patches in (("no_scale_agreement", [own_scales]), ("no_exchange", [no_exchange()]),
                           ("neither", [own_scales, no_exchange()])):
         with contextlib.ExitStack() as stack:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..wanvideo import placement
+from ..wanvideo.sequence_parallel import same_on_every_rank
 from .audio_proj import AUDIO_TOKEN_DIM, TOKENS_PER_SPEAKER, AudioContext
 
 # Position layout of the two-speaker RoPE (class_range 24, class_interval 4 in the official code).
@@ -127,7 +128,9 @@ class AudioCrossAttention(nn.Module):
         if tokens.shape[1] != n_lat:
             raise ValueError(f"audio context has {tokens.shape[1]} latent frames, grid has {n_lat}")
         n_audio = tokens.shape[2]
-        kv = self.kv_linear(tokens.to(x.dtype)).view(tokens.shape[0], n_lat, n_audio, 2, heads, hd)
+        with same_on_every_rank():   # every rank projects every frame's audio tokens
+            kv = self.kv_linear(tokens.to(x.dtype))
+        kv = kv.view(tokens.shape[0], n_lat, n_audio, 2, heads, hd)
         k, v = kv[..., 0, :, :], kv[..., 1, :, :]            # K first, then V
         if audio_ctx.n_speakers == 2:
             if qk is None or audio_ctx.masks is None:

@@ -24,7 +24,7 @@ from wanvideo_infinitetalk.wanvideo.guidance_parallel import (  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sampling import sample_window  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sequence_parallel import (  # noqa: E402
-    SequenceParallel, agree_scale, sharded_forward)
+    SequenceParallel, agree_scale, same_on_every_rank, sharded_forward)
 
 # 4 heads of 64, so degrees 2 and 4 both divide the heads, as 2/4/5/8 divide the real model's 40.
 TINY_I2V_4_HEADS = WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=2, in_dim=36,
@@ -97,14 +97,18 @@ def guidance_errors(model) -> dict:
 
 def scale_errors(rank: int, world: int) -> dict:
     """fp8 activation scales (quant_kernels) inside a sharded forward: the max over the ranks,
-    the rank's own scale untouched; outside one: unchanged."""
+    the rank's own scale untouched; outside one, or for an input every rank holds in full
+    (same_on_every_rank): unchanged, with no all_reduce."""
     shard = SequenceParallel.from_group().shard((1, 1, world))
     mine = torch.tensor(float(rank + 1))
     outside = agree_scale(mine)
     with sharded_forward(shard):
+        with same_on_every_rank():
+            replicated = agree_scale(mine)
         agreed = agree_scale(mine)
     return {"scale/agreed_max": abs(float(agreed) - world) + abs(float(mine) - (rank + 1)),
-            "scale/outside_unchanged": abs(float(outside) - (rank + 1))}
+            "scale/outside_unchanged": abs(float(outside) - (rank + 1)),
+            "scale/replicated_unchanged": abs(float(replicated) - (rank + 1))}
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:

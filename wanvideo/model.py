@@ -18,7 +18,7 @@ from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
 from .attention import attention, sdpa_for
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
-from .sequence_parallel import sharded_forward, split_rotations
+from .sequence_parallel import same_on_every_rank, sharded_forward, split_rotations
 
 
 def linear_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -130,12 +130,16 @@ class CrossAttention(_Attention):
         text = context[:, image_tokens:]
         kw = {} if x_scale is None else {"quantized": self.q.quantize_input(x, x_scale)}
         q = self.norm_q(self.q(x, **kw)).view(heads)
-        k = self.norm_k(self.k(text)).view(heads)
-        out = attention(q, k, self.v(text).view(heads), self.backend)
+        with same_on_every_rank():   # the context is whole on every rank of a split forward
+            k = self.norm_k(self.k(text)).view(heads)
+            v = self.v(text).view(heads)
+        out = attention(q, k, v, self.backend)
         if self.with_image:
             img = context[:, :image_tokens]
-            k_img = self.norm_k_img(self.k_img(img)).view(heads)
-            out = out + attention(q, k_img, self.v_img(img).view(heads), self.backend)
+            with same_on_every_rank():
+                k_img = self.norm_k_img(self.k_img(img)).view(heads)
+                v_img = self.v_img(img).view(heads)
+            out = out + attention(q, k_img, v_img, self.backend)
         return self.o(out.flatten(2))
 
 

@@ -279,6 +279,8 @@ class TokenShard:
 
 # The shard of the forward now running its blocks in this thread (None: an unsplit forward).
 _RUNNING: contextvars.ContextVar = contextvars.ContextVar("wanvideo_token_shard", default=None)
+# True inside same_on_every_rank.
+_REPLICATED: contextvars.ContextVar = contextvars.ContextVar("wanvideo_replicated", default=False)
 
 
 @contextlib.contextmanager
@@ -294,12 +296,26 @@ def sharded_forward(shard: TokenShard):
         _RUNNING.reset(token)
 
 
+@contextlib.contextmanager
+def same_on_every_rank():
+    """For layers whose input every rank holds in full (the text, CLIP and audio tokens that
+    cross-attention projects to keys and values): its scale is already the whole tensor's, so
+    agree_scale skips the all_reduce. Each all_reduce is a point where both ranks wait for
+    each other; on 2x H200 the 13 per 14B block cost ~3 ms (bench/sp_profile.py --diagnose),
+    5 of them were these."""
+    token = _REPLICATED.set(True)
+    try:
+        yield
+    finally:
+        _REPLICATED.reset(token)
+
+
 def agree_scale(scale: torch.Tensor) -> torch.Tensor:
     """`scale` (0-d, per tensor, larger = coarser) as the maximum over the ranks that share the
-    running forward; unchanged outside a sharded forward. Every rank quantizes the same layers
-    in the same order, so these all_reduces pair up."""
+    running forward; unchanged outside a sharded forward or inside same_on_every_rank. Every
+    rank quantizes the same layers in the same order, so these all_reduces pair up."""
     shard = _RUNNING.get()
-    if shard is None:
+    if shard is None or _REPLICATED.get():
         return scale
     agreed = scale.reshape(1).clone()   # never write into a layer's stored input scale
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=shard.sp.group)
