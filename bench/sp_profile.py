@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -245,6 +246,11 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
                 (other.double() - got.double()).norm() / got.double().norm()))
         if args.diagnose:
             res["diagnose"] = diagnose(model, inp, args, clock, barrier)
+            model.sequence_parallel = None
+            if rank == 0:   # the single GPU again: how far its clocks moved during the run
+                res["single_after"] = measure(model, inp, args, clock, lambda: None,
+                                              profiled=False)[0]
+            barrier()
         if rank == 0:
             got, want = got.double(), want.double()
             res["correctness"] = {"rel_max": float((got - want).abs().max() / want.abs().max()),
@@ -259,14 +265,17 @@ def worker(rank: int, args, port: int, out_dir: str) -> None:
 def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
     """Split timings with parts of the communication switched off (wrong outputs, timing only):
     the fp8 scale agreement (each rank keeps its own scales), the attention exchange (each rank
-    attends over whatever its receive buffers hold), and both: the split's compute floor; and
-    `settled`, the full split with the ranks realigned between forwards."""
+    attends over whatever its receive buffers hold), and both: the split's compute floor; the
+    full split over send/recv; and `settled`, the full split with the ranks realigned between
+    forwards."""
     from unittest import mock
 
     from wanvideo_infinitetalk.wanvideo import peer_copy, quant_kernels
 
     model.sequence_parallel = SequenceParallel.from_group(transport=args.transport)
-    own_scales = mock.patch.object(quant_kernels, "agree_scale", lambda scale: scale)
+
+    def own_scales():
+        return mock.patch.object(quant_kernels, "agree_scale", lambda scale: scale)
 
     def no_exchange():
         stack = contextlib.ExitStack()
@@ -275,13 +284,29 @@ def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
             stack.enter_context(mock.patch.object(cls, "wait", lambda *a: None))
         return stack
 
-    out = {"settled": measure(model, inp, args, clock, barrier, profiled=False, settle=True)[0]}
-    for name, patches in (("no_scale_agreement", [own_scales]), ("no_exchange", [no_exchange()]),
-                          ("neither", [own_scales, no_exchange()])):
-        with contextlib.ExitStack() as stack:
-            for patch in patches:
-                stack.enter_context(patch)
-            out[name] = measure(model, inp, args, clock, barrier, profiled=False)[0]
+    @contextlib.contextmanager
+    def send_recv():
+        model.sequence_parallel = SequenceParallel.from_group(transport="send_recv")
+        try:
+            yield
+        finally:
+            model.sequence_parallel = SequenceParallel.from_group(transport=args.transport)
+
+    variants = {"full": [], "send_recv": [send_recv], "no_scale_agreement": [own_scales],
+                "no_exchange": [no_exchange], "neither": [own_scales, no_exchange]}
+    # Interleaved rounds: the GPUs' clocks drift over a run, so variants timed one after the
+    # other would differ by when they ran.
+    rows: dict = {name: [] for name in variants}
+    for _ in range(args.diagnose_rounds):
+        for name, patches in variants.items():
+            with contextlib.ExitStack() as stack:
+                for patch in patches:
+                    stack.enter_context(patch() if callable(patch) else patch)
+                rows[name].append(measure(model, inp, args, clock, barrier, profiled=False)[0])
+    out = {name: {"ms_per_block": [r["ms_per_block"] for r in rs],
+                  "median_ms_per_block": statistics.median(r["ms_per_block"] for r in rs)}
+           for name, rs in rows.items()}
+    out["settled"] = measure(model, inp, args, clock, barrier, profiled=False, settle=True)[0]
     return out
 
 
@@ -334,6 +359,7 @@ def parse(argv):
                    help="also write each rank's profiled split forward as a Chrome trace")
     p.add_argument("--diagnose", action="store_true",
                    help="also time the split without scale agreement / exchange (diagnose)")
+    p.add_argument("--diagnose-rounds", type=int, default=3)
     p.add_argument("--pieces", default="",
                    help="comma list of extra head-piece counts to time with the head exchange")
     args = p.parse_args(argv)
@@ -367,7 +393,7 @@ def main(argv=None) -> dict:
         "overhead": overhead(r0["single"], r0["split"], args.world, args.blocks),
         "split_ranks": [rank_row(i, r["split"]) for i, r in enumerate(ranks)],
         "by_pieces": r0["by_pieces"], "by_transport": r0["by_transport"],
-        "diagnose": r0.get("diagnose"),
+        "diagnose": r0.get("diagnose"), "single_after": r0.get("single_after"),
         "correctness": r0["correctness"],
         "run_s": time.perf_counter() - t0}
     emit(result, args.out)
