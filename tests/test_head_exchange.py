@@ -50,6 +50,19 @@ def test_unpack_inverts_a_single_tensor_pack(shape):
     assert torch.equal(out, qkv[0])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_puts_own_slots_in_the_receive_buffer(shape):
+    qkv, world, pieces = _inputs(shape)
+    b, n, h, d = qkv[0].shape
+    want = _reference_send(qkv, world, pieces)
+    me = world - 1
+    send, own = (torch.full_like(want, float("nan")) for _ in range(2))
+    hx.pack(qkv, send, own=own, me=me)
+    assert torch.equal(own[:, me], want[:, me])
+    others = [j for j in range(world) if j != me]
+    assert torch.equal(send[:, others], want[:, others])
+
+
 def test_pack_reads_strided_token_views():
     """Views whose rows are not dense (a slice of a wider tensor) take the torch path, same bytes."""
     wide = torch.randn(1, 5, 16, 4)
@@ -69,6 +82,12 @@ def _kernel_matches_torch(device, dtype):
         send = torch.zeros(pieces, world, b, n, 3, hp, d, dtype=dtype, device=device)
         hx._launch(list(qkv), send, world, pieces, to_exchange=True)
         assert torch.equal(send.cpu(), want), shape
+        # rank 1's slots into a second buffer, the others untouched there
+        split, own = torch.zeros_like(send), torch.zeros_like(send)
+        hx._launch(list(qkv), split, world, pieces, to_exchange=True, own=own, me=1)
+        assert torch.equal(own[:, 1].cpu(), want[:, 1]), shape
+        assert torch.equal(split[:, 0].cpu(), want[:, 0]) and not own[:, 0].any(), shape
+        assert not split[:, 1].any(), shape
         out = torch.zeros_like(qkv[0])
         hx._launch([out], send[:, :, :, :, 1].contiguous(), world, pieces, to_exchange=False)
         assert torch.equal(out, qkv[1]), shape

@@ -41,7 +41,8 @@ def test_cpu_tensors_travel_by_send_recv(transport):
     like = torch.zeros(1, 4, 2, 8)
     link = peer_copy.link(_shard(transport), (1, 2, 1, 4, 3, 1, 8), (1, 2, 1, 4, 1, 8), like)
     assert link.name == "send_recv"
-    assert link.staging_in().shape == (1, 2, 1, 4, 3, 1, 8)
+    send, recv, got = link.buffers()
+    assert send.shape == recv.shape == (1, 2, 1, 4, 3, 1, 8) and got.shape == (1, 2, 1, 4, 1, 8)
 
 
 def test_asking_for_copy_engines_on_cpu_names_why_not():

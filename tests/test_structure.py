@@ -239,14 +239,12 @@ COPY_EXCEPTIONS = {
         "writes q/k/v activations into the all-to-all send buffer (torch path); same device",
     ("wanvideo/head_exchange.py", "unpack", "out.view(b, n, world, pieces, h // (world * pieces), d).copy_"):
         "puts the received attention output (activations) in token order (torch path)",
-    ("wanvideo/sequence_parallel.py", "TokenShard._exchange", "recv[me].copy_"):
-        "this rank's own chunk of an all-to-all (activations); same device",
-    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "mine[me][piece][j].copy_"):
-        "stages attention outputs (activations) in this rank's symmetric buffer; same device",
-    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "recv[me].copy_"):
-        "this rank's own chunk of an all-to-all (activations); same device",
-    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "recv[j].copy_"):
-        "pulls a peer's all-to-all chunk (activations) from its mapped symmetric buffer",
+    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "got[p, self.sp.rank].copy_"):
+        "this rank's own heads of the attention output (activations); same device",
+    ("wanvideo/head_exchange.py", "pack", "own[:, me].copy_"):
+        "this rank's own q/k/v slots into its receive buffer (torch path); same device",
+    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "self.slots[region][j][piece, me].copy_"):
+        "pushes all-to-all activations into a peer's mapped symmetric buffer (copy engine)",
 }
 # wanvideo/block_swap.py is being refactored elsewhere: its current copies, keyed by file and
 # call, are allowed until that work routes them through placement and empties this list.

@@ -36,7 +36,7 @@ def _dense_rows(t: torch.Tensor) -> bool:
 
 
 def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, pieces: int,
-            to_exchange: bool) -> None:
+            to_exchange: bool, own: torch.Tensor | None = None, me: int = -1) -> None:
     b, n, h, d = tokens[0].shape
     chunk = h // (world * pieces) * d
     # The largest power of two dividing the chunk (no masked lanes: 1,280 -> 256, 2,560 -> 512),
@@ -46,27 +46,38 @@ def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, piec
         block = min(1024, max(16, 1 << (chunk - 1).bit_length()))
     ptrs = tokens + [tokens[0]] * (3 - len(tokens))
     _kernel()[(b * n, world * pieces)](
-        *ptrs, exchange, b * n, tokens[0].stride(1), world, pieces, CHUNK=chunk,
+        *ptrs, exchange, exchange if own is None else own, -1 if own is None else me,
+        b * n, tokens[0].stride(1), world, pieces, CHUNK=chunk,
         NT=len(tokens), TO_EXCHANGE=to_exchange, BLOCK=block, num_warps=max(1, block // 256))
 
 
-def _use_kernel(tokens: list[torch.Tensor], exchange: torch.Tensor) -> bool:
+def _use_kernel(tokens: list[torch.Tensor], exchange: torch.Tensor,
+                own: torch.Tensor | None = None) -> bool:
     first = tokens[0]
-    return (enabled(exchange) and exchange.is_contiguous() and _dense_rows(first)
+    same_as_exchange = own is None or (own.is_contiguous() and own.shape == exchange.shape
+                                       and own.dtype == exchange.dtype
+                                       and own.device == exchange.device)
+    return (enabled(exchange) and exchange.is_contiguous() and same_as_exchange
+            and _dense_rows(first)
             and all(t.dtype == exchange.dtype and t.device == exchange.device
                     and t.shape == first.shape and t.stride() == first.stride() for t in tokens))
 
 
-def pack(qkv: tuple[torch.Tensor, ...], send: torch.Tensor) -> torch.Tensor:
-    """Write q, k, v [B, n, H, D] into `send` [pieces, world, B, n, len(qkv), hp, D]."""
+def pack(qkv: tuple[torch.Tensor, ...], send: torch.Tensor, own: torch.Tensor | None = None,
+         me: int = -1) -> torch.Tensor:
+    """Write q, k, v [B, n, H, D] into `send` [pieces, world, B, n, len(qkv), hp, D]; with `own`
+    (same shape), rank `me`'s slots [:, me] go there instead (the receive buffer: a rank's own
+    heads never travel, so they are written once, where attention reads them)."""
     pieces, world = send.shape[:2]
-    if _use_kernel(list(qkv), send):
-        _launch(list(qkv), send, world, pieces, to_exchange=True)
+    if _use_kernel(list(qkv), send, own):
+        _launch(list(qkv), send, world, pieces, to_exchange=True, own=own, me=me)
         return send
     b, n, h, d = qkv[0].shape
     for i, t in enumerate(qkv):
         send[:, :, :, :, i].copy_(t.reshape(b, n, world, pieces, h // (world * pieces), d)
                                   .permute(3, 2, 0, 1, 4, 5))
+    if own is not None:
+        own[:, me].copy_(send[:, me])
     return send
 
 

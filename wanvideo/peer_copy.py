@@ -8,18 +8,19 @@ each exchange could not hide behind attention.
 `copy_engine`: a GPU also has copy engines (DMA units) that move memory between GPUs over NVLink
 or PCIe without any SM. Every rank of the group maps one workspace of torch.distributed's
 symmetric memory (the same buffer, readable by every rank of the group); a rank writes what it
-sends into its own workspace and pulls its parts from its peers' workspaces with plain device
-copies, which CUDA runs on the copy engines, on a side stream; the compute stream waits for an
-event only where it reads the data. Our code moves no bytes itself: device copies and torch's
-cross-rank barrier only.
+receives in its own workspace, and every rank writes its part for rank j straight into rank j's
+workspace with plain device copies, which CUDA runs on the copy engines, on a side stream; the
+compute stream waits for an event only where it reads the data. Our code moves no bytes itself:
+device copies and torch's cross-rank barrier only.
 
 Ordering. Each rank queues all transfers on one side stream, in the same order on every rank:
-    [write own slots] barrier [pull peers' slots] -> event
-torch's barrier is a handshake between every pair of ranks, so a rank passes its k-th barrier only
-once every peer's side stream reached its k-th barrier, i.e. finished every pull queued before
-it. A slot is rewritten only after a later barrier (q/k/v by the next block's pack, which follows
-the compute stream's wait for this block's last transfer; an output slot by the next block's
-transfers), so no pull reads a slot while it is rewritten.
+    [wait for the compute stream] [copy into the peers' slots] barrier -> event
+torch's barrier is a handshake between every pair of ranks: a rank passes its k-th barrier only
+once every peer's side stream reached its k-th barrier, i.e. finished every copy queued before it,
+so after the barrier everything sent to this rank has landed. A peer writes a slot of this rank
+again only after a later barrier, which this rank reaches after its compute stream finished
+reading that slot (each transfer starts by waiting for the compute stream, which by then has
+consumed the previous block's buffers), so no slot is overwritten while it is read.
 
 `auto` (the default) takes copy engines for CUDA tensors in an NCCL group when torch has symmetric
 memory, send_recv otherwise.
@@ -103,18 +104,31 @@ def _workspace(group, device: torch.device, nbytes: int) -> _Workspace:
 
 
 class SendRecvLink:
-    """The exchange as torch.distributed point-to-point ops (TokenShard._exchange)."""
+    """The exchange as torch.distributed point-to-point ops: one batch of isend/irecv per piece,
+    peers only (all_to_all_single would route a rank's own chunk through NCCL's kernel too,
+    which on 2x H200 doubled the bytes that kernel moved)."""
 
     name = "send_recv"
 
     def __init__(self, shard, in_shape: tuple, out_shape: tuple, like: torch.Tensor):
-        self.shard, self.in_shape, self.like = shard, in_shape, like
+        self.shard, self.in_shape, self.out_shape, self.like = shard, in_shape, out_shape, like
 
-    def staging_in(self) -> torch.Tensor:
-        return self.like.new_empty(self.in_shape)
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q/k/v send buffer, q/k/v receive buffer, output receive buffer)."""
+        new = self.like.new_empty
+        return new(self.in_shape), new(self.in_shape), new(self.out_shape)
 
-    def start(self, recv: torch.Tensor, send: torch.Tensor, region: str, piece: int) -> Any:
-        return self.shard._exchange(recv, send), send
+    def start(self, dst: torch.Tensor, src: torch.Tensor, region: str, piece: int) -> Any:
+        """Slot j of `src` [world, ...] (this rank's part of `piece`) to rank j, into its
+        dst[piece, this rank]; dst[piece, j] from rank j. Started asynchronously."""
+        sp, ops = self.shard.sp, []
+        me, group = sp.rank, sp.group
+        for j in range(sp.world):
+            if j != me:
+                peer = self.shard._global(j)
+                ops += [dist.P2POp(dist.isend, src[j], peer, group),
+                        dist.P2POp(dist.irecv, dst[piece, j], peer, group)]
+        return (dist.batch_isend_irecv(ops) if ops else []), src
 
     def wait(self, pending: Any) -> None:
         for work in pending[0]:
@@ -122,42 +136,40 @@ class SendRecvLink:
 
 
 class CopyEngineLink:
-    """The exchange as copies from the peers' symmetric buffers (module docstring).
+    """The exchange as copies into the peers' symmetric buffers (module docstring): each rank
+    pushes its slots for rank j into rank j's receive buffer, then the barrier tells every rank
+    that what it receives has landed.
 
-    Workspace layout: the q/k/v send buffer `in_shape` [pieces, world, ...] (slot [p, j]: what
-    rank j receives of piece p), then the output send buffer `out_shape` likewise."""
+    Workspace layout: the q/k/v receive buffer `in_shape` [pieces, world, ...] (slot [p, j]:
+    what rank j sent of piece p), then the output receive buffer `out_shape` likewise."""
 
     name = "copy_engine"
 
     def __init__(self, group, rank: int, world: int, in_shape: tuple, out_shape: tuple,
                  like: torch.Tensor):
         n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.like, self.in_shape = rank, world, like, in_shape
         self.ws = _workspace(group, like.device, (n_in + n_out) * like.element_size())
         get = self.ws.handle.get_buffer
         self.slots = {"in": [get(j, in_shape, like.dtype, 0) for j in range(world)],
                       "out": [get(j, out_shape, like.dtype, n_in) for j in range(world)]}
 
-    def staging_in(self) -> torch.Tensor:
-        return self.slots["in"][self.rank]
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.like.new_empty(self.in_shape), self.slots["in"][self.rank],
+                self.slots["out"][self.rank])
 
-    def start(self, recv: torch.Tensor, send: torch.Tensor, region: str, piece: int) -> Any:
-        """recv[j] <- what rank j sent for this rank; send [world, ...] (slot j for rank j) is
-        this rank's part of `piece`, already in its slots or (outputs) copied there first."""
+    def start(self, dst: torch.Tensor, src: torch.Tensor, region: str, piece: int) -> Any:
+        """As SendRecvLink.start; `dst` is this rank's own buffer of `region` (the peers' are
+        written through their mapped views)."""
         me, side = self.rank, self.ws.stream
-        mine = self.slots[region]
-        side.wait_stream(torch.cuda.current_stream(recv.device))
+        side.wait_stream(torch.cuda.current_stream(src.device))
         with torch.cuda.stream(side):
-            if send.data_ptr() != mine[me][piece].data_ptr():
-                for j in self._peers():
-                    mine[me][piece][j].copy_(send[j])
-            recv[me].copy_(send[me])
-            self.ws.handle.barrier(channel=0)
             for j in self._peers():
-                recv[j].copy_(mine[j][piece][me])
+                self.slots[region][j][piece, me].copy_(src[j])
+            self.ws.handle.barrier(channel=0)
             done = torch.cuda.Event()
             done.record(side)
-        return done, send   # `send` stays referenced until the compute stream has waited
+        return done, src   # `src` stays referenced until the compute stream has waited
 
     def wait(self, pending: Any) -> None:
         torch.cuda.current_stream().wait_event(pending[0])

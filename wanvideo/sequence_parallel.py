@@ -173,26 +173,24 @@ class TokenShard:
         hl = h // w
         pieces = self.sp.pieces_for(h)
         hp = hl // pieces
-        # Every piece leaves before the first attention starts. pack/unpack (head_exchange) write
-        # all pieces' chunks in one launch each; a piece of the send buffer is contiguous.
+        # Every piece leaves before the first attention starts. pack writes all pieces' slots
+        # in one launch, this rank's own heads straight into its receive buffer.
         link = peer_copy.link(self, (pieces, w, b, n, 3, hp, d), (pieces, w, b, n, hp, d), q)
-        send = head_exchange.pack((q, k, v), link.staging_in())
-        sent = []
-        for p in range(pieces):
-            recv = torch.empty_like(send[p])
-            sent.append((recv, link.start(recv, send[p], "in", p)))
-        got = q.new_empty(pieces, w, b, n, hp, d)
+        send, recv, got = link.buffers()
+        head_exchange.pack((q, k, v), send, own=recv, me=self.sp.rank)
+        sent = [link.start(recv, send[p], "in", p) for p in range(pieces)]
         back, keys = [], []
-        for p, (recv, pending) in enumerate(sent):
+        for p, pending in enumerate(sent):
             link.wait(pending)
             # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
-            qkv = recv.transpose(0, 1).reshape(b, w * n, 3, hp, d)
+            qkv = recv[p].transpose(0, 1).reshape(b, w * n, 3, hp, d)
             out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
             if first_frame_keys:
                 keys.append(qkv[:, :self.frame_tokens, 1])
             # [B, w * n, hp, D] -> token chunk j to rank j; block j of got[p] holds rank j's heads
             send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
-            back.append(link.start(got[p], send_out, "out", p))
+            got[p, self.sp.rank].copy_(send_out[self.sp.rank])
+            back.append(link.start(got, send_out, "out", p))
         for pending in back:
             link.wait(pending)
         result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
@@ -236,22 +234,6 @@ class TokenShard:
             need = math.ceil(self.frame_tokens / self.chunk)   # chunks holding the first frame
             first = torch.cat([chunks[j][0] for j in range(need)], dim=1)[:, :self.frame_tokens]
         return out, first
-
-    def _exchange(self, recv: torch.Tensor, send: torch.Tensor) -> list:
-        """all_to_all_single(recv, send) (chunk j of `send` to rank j, chunk i of `recv` from rank
-        i), started asynchronously; returns the works to wait on. This rank's own chunk is a
-        plain device copy: all_to_all_single routes it through NCCL's send/receive kernel too,
-        which on 2x H200 doubled the bytes that kernel moves (bench/sp_profile.py)."""
-        me, group = self.sp.rank, self.sp.group
-        ops = []
-        for j in range(self.sp.world):
-            if j != me:
-                peer = self._global(j)
-                ops += [dist.P2POp(dist.isend, send[j], peer, group),
-                        dist.P2POp(dist.irecv, recv[j], peer, group)]
-        works = dist.batch_isend_irecv(ops) if ops else []
-        recv[me].copy_(send[me])
-        return works
 
     def _global(self, j: int) -> int:
         """The default group's rank of this group's rank j (what point-to-point ops address)."""
