@@ -280,7 +280,7 @@ def diagnose(model, inp: dict, args, clock: Clock, barrier) -> dict:
     def no_exchange():
         stack = contextlib.ExitStack()
         for cls in (peer_copy.CopyEngineLink, peer_copy.SendRecvLink):
-            stack.enter_context(mock.patch.object(cls, "start", lambda *a: None))
+            stack.enter_context(mock.patch.object(cls, "start", lambda *a, **k: None))
             stack.enter_context(mock.patch.object(cls, "wait", lambda *a: None))
         return stack
 

@@ -16,12 +16,12 @@ SHAPES = [(1, 7, 8, 4, 2, 1), (1, 5, 8, 4, 2, 2), (2, 3, 12, 8, 2, 3), (1, 6, 16
 def _reference_send(qkv, world, pieces):
     b, n, h, d = qkv[0].shape
     hp = h // (world * pieces)
-    send = torch.empty(pieces, world, b, n, len(qkv), hp, d, dtype=qkv[0].dtype)
+    send = torch.empty(pieces, len(qkv), world, b, n, hp, d, dtype=qkv[0].dtype)
     for p in range(pieces):
         for j in range(world):
             lo = (j * pieces + p) * hp
             for i, t in enumerate(qkv):
-                send[p, j, :, :, i] = t[:, :, lo:lo + hp]
+                send[p, i, j] = t[:, :, lo:lo + hp]
     return send
 
 
@@ -36,15 +36,27 @@ def _inputs(shape, dtype=torch.float32, device="cpu"):
 def test_pack_matches_reference(shape):
     qkv, world, pieces = _inputs(shape)
     b, n, h, d = qkv[0].shape
-    send = torch.full((pieces, world, b, n, 3, h // (world * pieces), d), float("nan"))
+    send = torch.full((pieces, 3, world, b, n, h // (world * pieces), d), float("nan"))
     hx.pack(qkv, send)
     assert torch.equal(send, _reference_send(qkv, world, pieces))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+def test_pack_one_tensor_at_a_time_fills_its_slot(shape):
+    qkv, world, pieces = _inputs(shape)
+    b, n, h, d = qkv[0].shape
+    send = torch.full((pieces, 3, world, b, n, h // (world * pieces), d), float("nan"))
+    for i, t in enumerate(qkv):
+        hx.pack((t,), send, slot=i)
+    assert torch.equal(send, _reference_send(qkv, world, pieces))
+    with pytest.raises(ValueError, match="do not fit 3 slots"):
+        hx.pack(qkv[:2], send, slot=2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_unpack_inverts_a_single_tensor_pack(shape):
     qkv, world, pieces = _inputs(shape)
-    got = _reference_send(qkv[:1], world, pieces)[:, :, :, :, 0]
+    got = _reference_send(qkv[:1], world, pieces)[:, 0]
     out = torch.full_like(qkv[0], float("nan"))
     hx.unpack(got.contiguous(), out)
     assert torch.equal(out, qkv[0])
@@ -58,16 +70,16 @@ def test_pack_puts_own_slots_in_the_receive_buffer(shape):
     me = world - 1
     send, own = (torch.full_like(want, float("nan")) for _ in range(2))
     hx.pack(qkv, send, own=own, me=me)
-    assert torch.equal(own[:, me], want[:, me])
+    assert torch.equal(own[:, :, me], want[:, :, me])
     others = [j for j in range(world) if j != me]
-    assert torch.equal(send[:, others], want[:, others])
+    assert torch.equal(send[:, :, others], want[:, :, others])
 
 
 def test_pack_reads_strided_token_views():
     """Views whose rows are not dense (a slice of a wider tensor) take the torch path, same bytes."""
     wide = torch.randn(1, 5, 16, 4)
     qkv = tuple(wide[:, :, 8 * i // 2:8 * i // 2 + 8] for i in range(3))
-    send = torch.empty(1, 2, 1, 5, 3, 4, 4)
+    send = torch.empty(1, 3, 2, 1, 5, 4, 4)
     hx.pack(qkv, send)
     assert torch.equal(send, _reference_send(qkv, 2, 1))
 
@@ -77,19 +89,21 @@ def _kernel_matches_torch(device, dtype):
         qkv, world, pieces = _inputs(shape, dtype, device)
         b, n, h, d = qkv[0].shape
         hp = h // (world * pieces)
-        want = hx.pack(tuple(t.cpu() for t in qkv), torch.empty(pieces, world, b, n, 3, hp, d,
+        want = hx.pack(tuple(t.cpu() for t in qkv), torch.empty(pieces, 3, world, b, n, hp, d,
                                                                 dtype=dtype))
-        send = torch.zeros(pieces, world, b, n, 3, hp, d, dtype=dtype, device=device)
-        hx._launch(list(qkv), send, world, pieces, to_exchange=True)
+        send = torch.zeros(pieces, 3, world, b, n, hp, d, dtype=dtype, device=device)
+        hx._launch(list(qkv), send, world, pieces, to_exchange=True, slots=3)
         assert torch.equal(send.cpu(), want), shape
-        # rank 1's slots into a second buffer, the others untouched there
+        # one tensor per launch, rank 1's slots into a second buffer, the others untouched there
         split, own = torch.zeros_like(send), torch.zeros_like(send)
-        hx._launch(list(qkv), split, world, pieces, to_exchange=True, own=own, me=1)
-        assert torch.equal(own[:, 1].cpu(), want[:, 1]), shape
-        assert torch.equal(split[:, 0].cpu(), want[:, 0]) and not own[:, 0].any(), shape
-        assert not split[:, 1].any(), shape
+        for i, t in enumerate(qkv):
+            hx._launch([t], split, world, pieces, to_exchange=True, own=own, me=1, slots=3,
+                       slot=i)
+        assert torch.equal(own[:, :, 1].cpu(), want[:, :, 1]), shape
+        assert torch.equal(split[:, :, 0].cpu(), want[:, :, 0]) and not own[:, :, 0].any(), shape
+        assert not split[:, :, 1].any(), shape
         out = torch.zeros_like(qkv[0])
-        hx._launch([out], send[:, :, :, :, 1].contiguous(), world, pieces, to_exchange=False)
+        hx._launch([out], send[:, 1].contiguous(), world, pieces, to_exchange=False)
         assert torch.equal(out, qkv[1]), shape
 
 
@@ -107,5 +121,5 @@ def test_kernel_matches_torch_on_cuda(dtype):
     _kernel_matches_torch("cuda", dtype)
     # The public entry points pick the kernel for CUDA tensors with dense rows.
     qkv, world, pieces = _inputs((1, 300, 40, 128, 2, 2), dtype, "cuda")
-    assert hx._use_kernel(list(qkv), torch.empty(2, 2, 1, 300, 3, 10, 128, dtype=dtype,
+    assert hx._use_kernel(list(qkv), torch.empty(2, 3, 2, 1, 300, 10, 128, dtype=dtype,
                                                  device="cuda"))

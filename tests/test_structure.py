@@ -235,15 +235,15 @@ COPY_EXCEPTIONS = {
         "dtype cast of the scale for the same dequantization, on the layer's own device",
     ("wanvideo/quant_linear.py", "QuantLinear._forward_nvfp4_native", "(ga * self.weight_scale_2).to"):
         "dtype cast of a scalar product to the output dtype in the forward",
-    ("wanvideo/head_exchange.py", "pack", "send[:, :, :, :, i].copy_"):
+    ("wanvideo/head_exchange.py", "pack", "send[:, slot + i].copy_"):
         "writes q/k/v activations into the all-to-all send buffer (torch path); same device",
     ("wanvideo/head_exchange.py", "unpack", "out.view(b, n, world, pieces, h // (world * pieces), d).copy_"):
         "puts the received attention output (activations) in token order (torch path)",
-    ("wanvideo/sequence_parallel.py", "TokenShard.attention", "got[p, self.sp.rank].copy_"):
+    ("wanvideo/ulysses.py", "HeadExchange.attend", "got[p, me].copy_"):
         "this rank's own heads of the attention output (activations); same device",
-    ("wanvideo/head_exchange.py", "pack", "own[:, me].copy_"):
+    ("wanvideo/head_exchange.py", "pack", "own[:, slot:slot + len(tensors), me].copy_"):
         "this rank's own q/k/v slots into its receive buffer (torch path); same device",
-    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "self.slots[region][j][piece, me].copy_"):
+    ("wanvideo/peer_copy.py", "CopyEngineLink.start", "self.slots[region][j][key(self.rank)].copy_"):
         "pushes all-to-all activations into a peer's mapped symmetric buffer (copy engine)",
 }
 # wanvideo/block_swap.py is being refactored elsewhere: its current copies, keyed by file and

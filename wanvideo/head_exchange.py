@@ -2,9 +2,10 @@
 
 An all-to-all sends one contiguous chunk per rank, but a rank's heads are a column range of every
 token's row. So q, k and v [B, n, H, D] (token-major) are packed into the send layout
-[pieces, world, B, n, 3, hp, D] (head piece p of rank j, then token, then q/k/v), and the result
-comes back as [pieces, world, B, n, hp, D] to be put back in token-major order [B, n, H, D]; rank
-j's piece p holds heads (j * pieces + p) * hp + [0, hp).
+[pieces, 3, world, B, n, hp, D] (head piece p, q/k/v, rank j, token: each of q, k, v is packed as
+soon as it is computed, so it can travel while the next one is computed, and a received k or v
+is one [world * n] token sequence), and the result comes back as [pieces, world, B, n, hp, D] to be put back in token-major order [B, n, H, D]; rank j's
+piece p holds heads (j * pieces + p) * hp + [0, hp).
 
 Why a kernel: torch's copies of these permuted views run its strided (unvectorised) copy kernel.
 On 2x H200 at 32,760 tokens they took ~1 ms per 14B block and rank (8 launches of ~0.13 ms, about
@@ -36,7 +37,8 @@ def _dense_rows(t: torch.Tensor) -> bool:
 
 
 def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, pieces: int,
-            to_exchange: bool, own: torch.Tensor | None = None, me: int = -1) -> None:
+            to_exchange: bool, own: torch.Tensor | None = None, me: int = -1,
+            slots: int = 1, slot: int = 0) -> None:
     b, n, h, d = tokens[0].shape
     chunk = h // (world * pieces) * d
     # The largest power of two dividing the chunk (no masked lanes: 1,280 -> 256, 2,560 -> 512),
@@ -47,7 +49,7 @@ def _launch(tokens: list[torch.Tensor], exchange: torch.Tensor, world: int, piec
     ptrs = tokens + [tokens[0]] * (3 - len(tokens))
     _kernel()[(b * n, world * pieces)](
         *ptrs, exchange, exchange if own is None else own, -1 if own is None else me,
-        b * n, tokens[0].stride(1), world, pieces, CHUNK=chunk,
+        b * n, tokens[0].stride(1), world, pieces, slots, slot, CHUNK=chunk,
         NT=len(tokens), TO_EXCHANGE=to_exchange, BLOCK=block, num_warps=max(1, block // 256))
 
 
@@ -63,21 +65,25 @@ def _use_kernel(tokens: list[torch.Tensor], exchange: torch.Tensor,
                     and t.shape == first.shape and t.stride() == first.stride() for t in tokens))
 
 
-def pack(qkv: tuple[torch.Tensor, ...], send: torch.Tensor, own: torch.Tensor | None = None,
-         me: int = -1) -> torch.Tensor:
-    """Write q, k, v [B, n, H, D] into `send` [pieces, world, B, n, len(qkv), hp, D]; with `own`
-    (same shape), rank `me`'s slots [:, me] go there instead (the receive buffer: a rank's own
-    heads never travel, so they are written once, where attention reads them)."""
-    pieces, world = send.shape[:2]
-    if _use_kernel(list(qkv), send, own):
-        _launch(list(qkv), send, world, pieces, to_exchange=True, own=own, me=me)
+def pack(tensors: tuple[torch.Tensor, ...], send: torch.Tensor, own: torch.Tensor | None = None,
+         me: int = -1, slot: int = 0) -> torch.Tensor:
+    """Write tensors [B, n, H, D] (q, k, v or some of them) into slots slot, slot + 1, ... of
+    `send` [pieces, slots, world, B, n, hp, D]; with `own` (same shape), rank `me`'s parts
+    [:, :, me] go there instead (the receive buffer: a rank's own heads never travel, so they are
+    written once, where attention reads them)."""
+    pieces, slots, world = send.shape[:3]
+    if slot + len(tensors) > slots:
+        raise ValueError(f"{len(tensors)} tensors from slot {slot} do not fit {slots} slots")
+    if _use_kernel(list(tensors), send, own):
+        _launch(list(tensors), send, world, pieces, to_exchange=True, own=own, me=me,
+                slots=slots, slot=slot)
         return send
-    b, n, h, d = qkv[0].shape
-    for i, t in enumerate(qkv):
-        send[:, :, :, :, i].copy_(t.reshape(b, n, world, pieces, h // (world * pieces), d)
-                                  .permute(3, 2, 0, 1, 4, 5))
+    b, n, h, d = tensors[0].shape
+    for i, t in enumerate(tensors):
+        send[:, slot + i].copy_(t.reshape(b, n, world, pieces, h // (world * pieces), d)
+                                .permute(3, 2, 0, 1, 4, 5))
     if own is not None:
-        own[:, me].copy_(send[:, me])
+        own[:, slot:slot + len(tensors), me].copy_(send[:, slot:slot + len(tensors), me])
     return send
 
 

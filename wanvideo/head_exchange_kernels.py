@@ -19,23 +19,25 @@ def _copy_chunk(t_ptr, e_ptr, t_off, e_off, CHUNK: tl.constexpr, TO_EXCHANGE: tl
 
 
 @triton.jit
-def exchange(t0, t1, t2, e_ptr, own_ptr, ME, ROWS, ROW_STRIDE, WORLD, PIECES,
+def exchange(t0, t1, t2, e_ptr, own_ptr, ME, ROWS, ROW_STRIDE, WORLD, PIECES, SLOTS, SLOT0,
              CHUNK: tl.constexpr, NT: tl.constexpr, TO_EXCHANGE: tl.constexpr,
              BLOCK: tl.constexpr):
-    """One program: token row r, head group c = j * PIECES + p, each of the NT (1-3) tensors.
-    CHUNK (hp * D elements) is a compile-time constant: a model has one or two. Rank ME's slots
-    go to own_ptr (same layout as e_ptr) instead of e_ptr; ME = -1: every slot in e_ptr."""
+    """One program: token row r, head group c = j * PIECES + p, each of the NT (1-3) tensors,
+    tensor i in slot SLOT0 + i of SLOTS (layout [pieces, slots, world, rows, CHUNK]). CHUNK (hp * D elements) is a compile-time constant: a
+    model has one or two. Rank ME's slots go to own_ptr (same layout as e_ptr) instead of e_ptr;
+    ME = -1: every slot in e_ptr."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     j = c // PIECES
     p = c - j * PIECES
     t_off = r * ROW_STRIDE + c.to(tl.int64) * CHUNK
-    e_off = ((p * WORLD + j).to(tl.int64) * ROWS + r) * NT * CHUNK
+    plane = ROWS.to(tl.int64) * CHUNK
+    e_off = ((p * SLOTS + SLOT0) * WORLD + j).to(tl.int64) * plane + r * CHUNK
     dst = e_ptr
     if j == ME:
         dst = own_ptr
     _copy_chunk(t0, dst, t_off, e_off, CHUNK, TO_EXCHANGE, BLOCK)
     if NT > 1:
-        _copy_chunk(t1, dst, t_off, e_off + CHUNK, CHUNK, TO_EXCHANGE, BLOCK)
+        _copy_chunk(t1, dst, t_off, e_off + WORLD * plane, CHUNK, TO_EXCHANGE, BLOCK)
     if NT > 2:
-        _copy_chunk(t2, dst, t_off, e_off + 2 * CHUNK, CHUNK, TO_EXCHANGE, BLOCK)
+        _copy_chunk(t2, dst, t_off, e_off + 2 * WORLD * plane, CHUNK, TO_EXCHANGE, BLOCK)

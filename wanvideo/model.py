@@ -84,30 +84,36 @@ class SelfAttention(_Attention):
         # fp8 scaled_mm q, k, v: quantize their common input once (None otherwise)
         xq = shared_input_quantization((self.q, self.k, self.v), x, x_scale)
         kw = {} if xq is None else {"quantized": xq}
+        # Ulysses (sequence parallel, head exchange): q, k and v leave as each is computed
+        heads = None
+        if shard is not None and not shard.sp.by_keys(sdpa_for(self.backend, x.device,
+                                                               shard.length)):
+            heads = shard.heads((b, seq, self.num_heads, x.shape[-1] // self.num_heads))
+        send = heads.put if heads is not None else (lambda t: None)
         if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
-            cos, sin, heads = *cos_sin(rope), self.num_heads
-            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps, cos, sin, heads)
-            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps, cos, sin, heads)
-            q, k = q.view(shape), k.view(shape)
+            cos, sin, nh = *cos_sin(rope), self.num_heads
+            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps, cos, sin, nh).view(shape)
+            send(q)
+            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps, cos, sin, nh).view(shape)
+            send(k)
         else:
             q = apply_rope(self.norm_q(self.q(x, **kw)).view(shape), rope)
+            send(q)
             k = apply_rope(self.norm_k(self.k(x, **kw)).view(shape), rope)
+            send(k)
         v = self.v(x, **kw).view(shape)
-        if shard is not None:
-            return self._sharded(q, k, v, shard, return_qk)
-        out = self.o(attention(q, k, v, self.backend).flatten(2))
-        return out, ((q, k) if return_qk else None)
-
-    def _sharded(self, q, k, v, shard, return_qk: bool):
-        """Ulysses attention (sequence_parallel.TokenShard.attention): all tokens, some heads,
-        against the real tokens only (the padding is the sequence's tail), and back. For the
-        audio attention map it returns the local q and the first latent frame's keys with all
-        heads: the map reads nothing else (multitalk.audio_attention.affinity_map)."""
-        if shard.sp.by_keys(sdpa_for(self.backend, q.device, shard.length)):
+        send(v)
+        if heads is not None:
+            out, first_keys = heads.attend(lambda q_, k_, v_: attention(q_, k_, v_, self.backend),
+                                           return_qk)
+        elif shard is not None:
             out, first_keys = shard.attention_by_keys(q, k, v, return_qk)
         else:
-            out, first_keys = shard.attention(
-                q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, self.backend), return_qk)
+            out = self.o(attention(q, k, v, self.backend).flatten(2))
+            return out, ((q, k) if return_qk else None)
+        # Sharded: all tokens, some heads, against the real tokens only, and back. For the audio
+        # attention map: the local q and the first latent frame's keys with all heads (the map
+        # reads nothing else, multitalk.audio_attention.affinity_map).
         out = self.o(out.flatten(2))
         return out, ((q, first_keys) if return_qk else None)
 

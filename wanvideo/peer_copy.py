@@ -13,14 +13,17 @@ workspace with plain device copies, which CUDA runs on the copy engines, on a si
 compute stream waits for an event only where it reads the data. Our code moves no bytes itself:
 device copies and torch's cross-rank barrier only.
 
-Ordering. Each rank queues all transfers on one side stream, in the same order on every rank:
-    [wait for the compute stream] [copy into the peers' slots] barrier -> event
+Ordering. Each rank queues all transfers on one side stream, in the same order on every rank;
+each waits for the compute stream (which produced what it sends), copies into the peers' slots,
+and where the receiver needs the data next, ends with a barrier and an event:
+    entry barrier, [q] [k] [v piece 0] barrier -> event, [v piece 1] barrier -> event, ...,
+    [out piece 0] barrier -> event, ...
 torch's barrier is a handshake between every pair of ranks: a rank passes its k-th barrier only
 once every peer's side stream reached its k-th barrier, i.e. finished every copy queued before it,
-so after the barrier everything sent to this rank has landed. A peer writes a slot of this rank
-again only after a later barrier, which this rank reaches after its compute stream finished
-reading that slot (each transfer starts by waiting for the compute stream, which by then has
-consumed the previous block's buffers), so no slot is overwritten while it is read.
+so after the barrier everything sent to this rank before it has landed. The entry barrier of a
+block's exchange is reached by a rank's side stream only after its compute stream got to that
+block's q, i.e. after it read every buffer of the previous exchange; no peer writes before it, so
+no slot is overwritten while it is read.
 
 `auto` (the default) takes copy engines for CUDA tensors in an NCCL group when torch has symmetric
 memory, send_recv otherwise.
@@ -104,9 +107,9 @@ def _workspace(group, device: torch.device, nbytes: int) -> _Workspace:
 
 
 class SendRecvLink:
-    """The exchange as torch.distributed point-to-point ops: one batch of isend/irecv per piece,
-    peers only (all_to_all_single would route a rank's own chunk through NCCL's kernel too,
-    which on 2x H200 doubled the bytes that kernel moved)."""
+    """The exchange as torch.distributed point-to-point ops: one batch of isend/irecv per
+    transfer, peers only (all_to_all_single would route a rank's own chunk through NCCL's kernel
+    too, which on 2x H200 doubled the bytes that kernel moved)."""
 
     name = "send_recv"
 
@@ -118,20 +121,21 @@ class SendRecvLink:
         new = self.like.new_empty
         return new(self.in_shape), new(self.in_shape), new(self.out_shape)
 
-    def start(self, dst: torch.Tensor, src: torch.Tensor, region: str, piece: int) -> Any:
-        """Slot j of `src` [world, ...] (this rank's part of `piece`) to rank j, into its
-        dst[piece, this rank]; dst[piece, j] from rank j. Started asynchronously."""
+    def start(self, region: str, buf: torch.Tensor, key, src, barrier: bool = True,
+              entry: bool = False) -> Any:
+        """Send src(j) to every peer j, into its buffer of `region` at key(this rank); receive
+        peer j's into buf[key(j)]. Started asynchronously; `barrier` / `entry` only matter to
+        the copy-engine link (send/recv pairs are their own synchronisation)."""
         sp, ops = self.shard.sp, []
-        me, group = sp.rank, sp.group
         for j in range(sp.world):
-            if j != me:
+            if j != sp.rank:
                 peer = self.shard._global(j)
-                ops += [dist.P2POp(dist.isend, src[j], peer, group),
-                        dist.P2POp(dist.irecv, dst[piece, j], peer, group)]
-        return (dist.batch_isend_irecv(ops) if ops else []), src
+                ops += [dist.P2POp(dist.isend, src(j), peer, sp.group),
+                        dist.P2POp(dist.irecv, buf[key(j)], peer, sp.group)]
+        return dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, pending: Any) -> None:
-        for work in pending[0]:
+        for work in pending:
             work.wait()
 
 
@@ -140,8 +144,9 @@ class CopyEngineLink:
     pushes its slots for rank j into rank j's receive buffer, then the barrier tells every rank
     that what it receives has landed.
 
-    Workspace layout: the q/k/v receive buffer `in_shape` [pieces, world, ...] (slot [p, j]:
-    what rank j sent of piece p), then the output receive buffer `out_shape` likewise."""
+    Workspace layout: the q/k/v receive buffer `in_shape` [pieces, world, 3, ...] (slot
+    [p, j, t]: what rank j sent of tensor t, piece p), then the output receive buffer
+    `out_shape` [pieces, world, ...]."""
 
     name = "copy_engine"
 
@@ -158,24 +163,30 @@ class CopyEngineLink:
         return (self.like.new_empty(self.in_shape), self.slots["in"][self.rank],
                 self.slots["out"][self.rank])
 
-    def start(self, dst: torch.Tensor, src: torch.Tensor, region: str, piece: int) -> Any:
-        """As SendRecvLink.start; `dst` is this rank's own buffer of `region` (the peers' are
-        written through their mapped views)."""
-        me, side = self.rank, self.ws.stream
-        side.wait_stream(torch.cuda.current_stream(src.device))
+    def start(self, region: str, buf: torch.Tensor, key, src, barrier: bool = True,
+              entry: bool = False) -> Any:
+        """As SendRecvLink.start (`buf` is this rank's own buffer of `region`; the peers' are
+        written through their mapped views). `entry`: first a barrier, so no peer is still
+        reading what this transfer overwrites (its previous forward step's buffers). Without
+        `barrier` nothing says the data landed: a later start's barrier covers it."""
+        side = self.ws.stream
+        side.wait_stream(torch.cuda.current_stream(buf.device))
         with torch.cuda.stream(side):
-            for j in self._peers():
-                self.slots[region][j][piece, me].copy_(src[j])
+            if entry:
+                self.ws.handle.barrier(channel=0)
+            for j in range(self.world):
+                if j != self.rank:
+                    self.slots[region][j][key(self.rank)].copy_(src(j))
+            if not barrier:
+                return None
             self.ws.handle.barrier(channel=0)
             done = torch.cuda.Event()
             done.record(side)
-        return done, src   # `src` stays referenced until the compute stream has waited
+        return done
 
     def wait(self, pending: Any) -> None:
-        torch.cuda.current_stream().wait_event(pending[0])
-
-    def _peers(self):
-        return (j for j in range(self.world) if j != self.rank)
+        if pending is not None:
+            torch.cuda.current_stream().wait_event(pending)
 
 
 def link(shard, in_shape: tuple, out_shape: tuple, like: torch.Tensor):

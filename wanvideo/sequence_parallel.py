@@ -12,14 +12,13 @@ after the all-to-all the padding sits at the end of the gathered sequence: atten
 the first `length` keys and values, and padding tokens never influence a real token. Their own
 outputs are garbage that the final gather drops.
 
-The all-to-alls are hidden behind attention by splitting each rank's heads into `pieces`: piece
-p + 1 travels while attention runs on piece p, and piece p's result travels back while attention
-runs on piece p + 1; only the first piece's inputs and the last piece's output are exposed. Each
-piece is written once, straight into its send buffer (no stacked q/k/v copy), and received pieces
-are read in place as strided views (the alignment guard accepts them).
-
-Only torch.distributed collectives are used (all_to_all_single, all_gather, all_reduce); gloo
-supports all three on CPU, NCCL on CUDA, both asynchronously.
+The all-to-alls are hidden behind compute (ulysses.HeadExchange): q travels while k is computed
+and k while v is; each rank's heads are split into `pieces`, so piece p + 1 travels while
+attention runs on piece p; each piece's outputs for the other ranks travel while its attention
+runs for this rank's own tokens. Received pieces are read in place as views (the alignment guard
+accepts them). How the bytes move is SequenceParallel.transport (peer_copy): the GPUs' copy
+engines through torch's symmetric memory, or torch.distributed send/recv (NCCL, gloo on CPU).
+Gathers and all_reduces are torch.distributed collectives.
 """
 from __future__ import annotations
 
@@ -32,7 +31,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from . import head_exchange, peer_copy
+from . import peer_copy
+from .ulysses import HeadExchange
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,11 @@ class TokenShard:
 
     # ------------------------------------------------------------------- collectives
 
+    def heads(self, shape: tuple[int, int, int, int]) -> HeadExchange:
+        """The Ulysses exchange of one self-attention (ulysses.HeadExchange) for q, k, v of
+        `shape` [B, chunk, H, D]: put them as they are computed, then attend."""
+        return HeadExchange(self, shape)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend,
                   first_frame_keys: bool = False):
         """Ulysses attention over the whole sequence from this rank's tokens.
@@ -168,34 +173,10 @@ class TokenShard:
         [B, P, h, D] views. Returns out [B, chunk, H, D] and, with `first_frame_keys`, the keys of
         the first latent frame with all heads [B, frame_tokens, H, D] (InfiniteTalk's speaker
         map reads only those), else None."""
-        w, n, length = self.sp.world, self.chunk, self.length
-        b, _, h, d = q.shape
-        hl = h // w
-        pieces = self.sp.pieces_for(h)
-        hp = hl // pieces
-        # Every piece leaves before the first attention starts. pack writes all pieces' slots
-        # in one launch, this rank's own heads straight into its receive buffer.
-        link = peer_copy.link(self, (pieces, w, b, n, 3, hp, d), (pieces, w, b, n, hp, d), q)
-        send, recv, got = link.buffers()
-        head_exchange.pack((q, k, v), send, own=recv, me=self.sp.rank)
-        sent = [link.start(recv, send[p], "in", p) for p in range(pieces)]
-        back, keys = [], []
-        for p, pending in enumerate(sent):
-            link.wait(pending)
-            # [w (token chunk), B, n, 3, hp, D] -> all tokens in global order (a view for B = 1)
-            qkv = recv[p].transpose(0, 1).reshape(b, w * n, 3, hp, d)
-            out = attend(qkv[:, :, 0], qkv[:, :length, 1], qkv[:, :length, 2])
-            if first_frame_keys:
-                keys.append(qkv[:, :self.frame_tokens, 1])
-            # [B, w * n, hp, D] -> token chunk j to rank j; block j of got[p] holds rank j's heads
-            send_out = out.reshape(b, w, n, hp, d).transpose(0, 1).contiguous()
-            got[p, self.sp.rank].copy_(send_out[self.sp.rank])
-            back.append(link.start(got, send_out, "out", p))
-        for pending in back:
-            link.wait(pending)
-        result = head_exchange.unpack(got, q.new_empty(b, n, h, d))
-        first = self.gather_heads(torch.cat(keys, dim=2)) if first_frame_keys else None
-        return result, first
+        exchange = self.heads(tuple(q.shape))
+        for t in (q, k, v):
+            exchange.put(t)
+        return exchange.attend(attend, first_frame_keys)
 
     def attention_by_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           first_frame_keys: bool = False):
