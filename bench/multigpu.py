@@ -5,9 +5,9 @@
 
 Each worker of multitalk.multi_gpu.WorkerPool builds the same 14B-shaped Wan2.1 I2V +
 InfiniteTalk model from random weights (bench/common.build, same seed, so every GPU holds the
-same weights), quantized to fp8 (scaled). Both pools start at once (their builds overlap); then
-the 1-GPU pool and after it the 2-GPU pool denoise one 81-frame 832x480 window (32,760 tokens)
-in four settings: BlockSwap with every block streamed, or every block resident; one pass per
+same weights), quantized to fp8 (scaled). Both pools start at once (their builds overlap); then, setting by
+setting, the 1-GPU pool and right after it the 2-GPU pool (each `--sp` variant) denoise one
+81-frame 832x480 window (32,760 tokens) in four settings: BlockSwap with every block streamed, or every block resident; one pass per
 step (guidance 1/1) or three (5/4). The split is the runtime's auto choice: 1 pass split over
 both GPUs (sequence parallel); 3 passes in rounds, 2 side by side then 1 split over both
 ("rounds" in each result). Step times are taken by the driver when rank 0 reports a finished
@@ -105,15 +105,36 @@ def cases(args) -> list[tuple[str, dict, int]]:
     return out
 
 
-def measure(pool: WorkerPool, args, size, variant=None) -> dict:
-    results = {}
-    for name, swap, passes in cases(args):
-        job = make_job(args.frames, size[0], size[1], args.steps, passes)
-        r = results[f"{name}/{passes}pass"] = run_case(pool, job, swap, variant)
-        print(f"[multigpu] {pool.placement.world} device(s), {name}, {passes} pass(es), "
-              f"sp {variant}: median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
-              f"peak VRAM {r['peak_vram_gb']} GiB", file=sys.stderr, flush=True)
-    return results
+def timed(pool: WorkerPool, args, size, case: tuple, variant=None) -> dict:
+    name, swap, passes = case
+    job = make_job(args.frames, size[0], size[1], args.steps, passes)
+    r = run_case(pool, job, swap, variant)
+    print(f"[multigpu] {pool.placement.world} device(s), {name}, {passes} pass(es), "
+          f"sp {variant}: median step {r['median_step_s']:.3f} s, layout {r['layout']}, "
+          f"peak VRAM {r['peak_vram_gb']} GiB", file=sys.stderr, flush=True)
+    return r
+
+
+def measure_all(one: WorkerPool, two: WorkerPool, args, size) -> tuple[dict, dict]:
+    """Every case on 1 GPU, then on 2 GPUs per variant. Interleaved (the default): case by case,
+    so each 1-GPU window runs right before its 2-GPU ones (the GPUs' clocks drift over a run:
+    the same 1-GPU window measured 2.47-2.56 s in different runs)."""
+    variants = args.sp.split(",")
+    r1, r2 = {}, {v: {} for v in variants}
+    if args.interleave:
+        for case in cases(args):
+            key = f"{case[0]}/{case[2]}pass"
+            r1[key] = timed(one, args, size, case)
+            for v in variants:
+                r2[v][key] = timed(two, args, size, case, v)
+        return r1, r2
+    for case in cases(args):
+        r1[f"{case[0]}/{case[2]}pass"] = timed(one, args, size, case)
+    one.shutdown()
+    for v in variants:
+        for case in cases(args):
+            r2[v][f"{case[0]}/{case[2]}pass"] = timed(two, args, size, case, v)
+    return r1, r2
 
 
 def start_pools(args, spec: ModelSpec, devices: list[str]) -> tuple[WorkerPool, WorkerPool, dict]:
@@ -180,8 +201,11 @@ def parse(argv):
     p.add_argument("--modes", default="blockswap_all,resident")
     p.add_argument("--quant", default="fp8_e4m3fn_scaled")
     p.add_argument("--sp", default="heads",
-                   help="comma list of sequence-parallel variants (heads, heads:N, keys), "
+                   help="comma list of sequence-parallel variants (heads, heads:N, keys; "
+                        "@send_recv / @copy_engine picks the transport), "
                         "each timed on 2 GPUs in the same run; the first is the headline")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="all 1-GPU windows first, then the 2-GPU ones (the older protocol)")
     args = p.parse_args(argv)
     if args.tiny:
         args.blocks, args.dim, args.ffn, args.frames, args.size = 2, 256, 512, 9, "64x64"
@@ -200,9 +224,7 @@ def main(argv=None):
                           dim=args.dim, ffn=args.ffn, quant=args.quant, seed=0)
     one, two, timing = start_pools(args, spec, devices)
     try:
-        r1 = measure(one, args, size)
-        one.shutdown()
-        r2 = {v: measure(two, args, size, v) for v in args.sp.split(",")}
+        r1, r2 = measure_all(one, two, args, size)
     finally:
         one.shutdown()
         two.shutdown()
