@@ -63,3 +63,25 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def peer_verdict(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Ranks on "GPUs" 0..world-1 (gloo, CPU) where only GPU 0 lacks peer access to GPU 1: every
+    rank must reach the same verdict (send/recv), each naming why."""
+    from unittest import mock
+
+    from wanvideo_infinitetalk.wanvideo import peer_copy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        def access(a, b):
+            return (a, b) != (0, 1)
+
+        with mock.patch.object(torch.cuda, "can_device_access_peer", access):
+            why = peer_copy._peer_access(None, torch.device("cuda", rank), on=torch.device("cpu"))
+        with open(os.path.join(out_dir, f"verdict{rank}.json"), "w") as f:
+            json.dump({"why": why}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -58,6 +58,31 @@ def test_one_rank_needs_no_copy_engine():
     assert link.name == "send_recv"
 
 
+def _spawn(fn, world: int, out_dir: str) -> None:
+    ctx = mp.start_processes(fn, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            assert time.monotonic() < deadline, "workers still running"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def test_all_ranks_agree_when_one_gpu_lacks_peer_access(tmp_path):
+    """GPU 0 cannot map GPU 1's memory: rank 0 sees it, ranks 1 and 2 learn it through the
+    agreement, and all three keep send/recv (a rank alone on copy engines would hang)."""
+    import exchange_worker
+
+    _spawn(exchange_worker.peer_verdict, 3, str(tmp_path))
+    why = [json.loads((tmp_path / f"verdict{r}.json").read_text())["why"] for r in range(3)]
+    assert why[0] == "cuda:0 has no peer access to cuda:1"
+    assert why[1] == why[2] == "another rank's GPU has no peer access to the group's other GPUs"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,17 +97,7 @@ def test_copy_engine_exchange_equals_send_recv_on_two_gpus(tmp_path):
     for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(key, value)   # never NVLink multicast (shared hosts)
-    ctx = mp.start_processes(exchange_worker.run, args=(2, _free_port(), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            assert time.monotonic() < deadline, "exchange workers still running"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
+    _spawn(exchange_worker.run, 2, str(tmp_path))
     result = json.loads((tmp_path / "result.json").read_text())
     equal = {k: v for k, v in result.items() if "/equal/" in k}
     assert len(equal) == 2 * 3 * 2 and all(equal.values()), equal

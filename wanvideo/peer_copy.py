@@ -26,7 +26,13 @@ block's q, i.e. after it read every buffer of the previous exchange; no peer wri
 no slot is overwritten while it is read.
 
 `auto` (the default) takes copy engines for CUDA tensors in an NCCL group when torch has symmetric
-memory, send_recv otherwise.
+memory and every GPU of the group can map the others' memory (peer access; all ranks agree on it
+once), send_recv otherwise.
+
+Memory: the workspace (q/k/v and output receive buffers, 3 + 1 activations of one attention's
+heads over all tokens: ~0.66 GiB per GPU for the 14B model, 832x480x81 on 2 GPUs) is allocated once
+per group and kept; it lives outside torch's caching allocator, so torch.cuda.max_memory_allocated
+does not count it.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ TRANSPORTS = ("auto", "send_recv", "copy_engine")
 
 # (group name, device index) -> _Workspace; built on the first split attention of a process.
 _WORKSPACES: dict = {}
+# (group name, device index) -> None (copy engines usable) or why not, agreed by all ranks.
+_VERDICTS: dict = {}
 
 
 def _symmetric_memory():
@@ -63,6 +71,32 @@ def unavailable(group, device: torch.device) -> Optional[str]:
     if _symmetric_memory() is None:
         return f"torch {torch.__version__} has no symmetric memory"
     return None
+
+
+def _peer_access(group, device: torch.device, on: Optional[torch.device] = None) -> Optional[str]:
+    """Whether every rank of the group can map every other rank's GPU memory, agreed by all
+    ranks (one rank falling back alone would leave the others waiting in a barrier). Consumer
+    cards often have no peer access (PCIe P2P off): they keep send/recv. `on`: where the
+    agreement's small tensors live (default `device`; tests agree over gloo on the CPU)."""
+    key = (_group_name(group), device.index)
+    if key not in _VERDICTS:
+        on = device if on is None else on
+        index = torch.tensor([device.index], device=on)
+        indices = [torch.empty_like(index) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(indices, index, group=group)
+        others = [int(i) for i in indices if int(i) != device.index]
+        blocked = [i for i in others if not torch.cuda.can_device_access_peer(device.index, i)]
+        flag = torch.tensor([1 if blocked else 0], device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        why = None
+        if blocked:
+            why = f"{device} has no peer access to cuda:{blocked[0]}"
+        elif int(flag):
+            why = "another rank's GPU has no peer access to the group's other GPUs"
+        _VERDICTS[key] = why
+        if why:
+            log.info("sequence parallel: %s; the exchange uses send/recv", why)
+    return _VERDICTS[key]
 
 
 def _group_name(group) -> str:
@@ -193,7 +227,7 @@ def link(shard, in_shape: tuple, out_shape: tuple, like: torch.Tensor):
     """The transport `shard.sp.transport` asks for, for tensors like `like`."""
     sp = shard.sp
     if sp.transport != "send_recv" and sp.world > 1:
-        why = unavailable(sp.group, like.device)
+        why = unavailable(sp.group, like.device) or _peer_access(sp.group, like.device)
         if why is None:
             return CopyEngineLink(sp.group, sp.rank, sp.world, in_shape, out_shape, like)
         if sp.transport == "copy_engine":
