@@ -30,7 +30,7 @@ memory and every GPU of the group can map the others' memory (peer access; all r
 once), send_recv otherwise.
 
 Memory: the workspace (q/k/v and output receive buffers, 3 + 1 activations of one attention's
-heads over all tokens: ~0.66 GiB per GPU for the 14B model, 832x480x81 on 2 GPUs) is allocated once
+heads over all tokens: ~0.63 GiB per GPU for the 14B model, 832x480x81 on 2 GPUs) is allocated once
 per group and kept; it lives outside torch's caching allocator, so torch.cuda.max_memory_allocated
 does not count it.
 """
