@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from ..wanvideo.peer_copy import TRANSPORTS
 from ..wanvideo.sampling import SamplingCallbacks, SamplingInterrupted
 from .window_job import WindowJob
 
@@ -337,6 +338,9 @@ class WorkerPool:
         if unknown:
             raise ValueError(f"sp_options {sorted(unknown)} are not SequenceParallel options "
                              "(pieces, exchange, transport)")
+        transport = (sp_options or {}).get("transport", "auto")
+        if transport not in TRANSPORTS:   # refused here, not as a worker's traceback
+            raise ValueError(f"multi-GPU transport {transport!r} is not one of {TRANSPORTS}")
         cb = callbacks or SamplingCallbacks()
         job = job.to_host()
         job.preview = cb.preview is not None

@@ -17,16 +17,19 @@ from comfy_api.latest import io
 CATEGORY = "WanVideo InfiniteTalk"
 WANVIDEOMULTIGPU = io.Custom("WANVIDEOMULTIGPU")
 MODES = ["auto", "sequence", "guidance"]   # multitalk.multi_gpu.MODES (schema stays torch-free)
+TRANSPORTS = ["auto", "copy_engine", "send_recv"]   # wanvideo.peer_copy.TRANSPORTS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MultiGpuArgs:
-    """Output of "WanVideo Multi-GPU": the devices (as typed) and the split mode."""
+    """Output of "WanVideo Multi-GPU": the devices (as typed), the split mode and how split
+    attention moves its data between GPUs."""
 
     gpus: str = "all"
     mode: str = "auto"
+    transport: str = "auto"
 
     def placement(self):
         """multi_gpu.Placement, or None when only one device is named (runs in ComfyUI's
@@ -68,6 +71,13 @@ class WanVideoMultiGPU(io.ComfyNode):
                             "of each pass (best for 1 or 3 passes on 2 GPUs). guidance: one "
                             "pass per GPU (3 passes on 2 GPUs leave one GPU idle a third of "
                             "the time); extra GPUs split tokens."),
+                io.Combo.Input(
+                    "transport", options=TRANSPORTS, default="auto", optional=True,
+                    tooltip="How GPUs that split tokens exchange attention data. auto: the "
+                            "GPUs' copy engines where every GPU can reach the others' memory "
+                            "(NVLink, PCIe peer access), else NCCL send/recv. copy_engine: "
+                            "always (an error where it cannot run). send_recv: always NCCL "
+                            "(try it if a split run fails or hangs). Same output either way."),
             ],
             outputs=[WANVIDEOMULTIGPU.Output(
                 display_name="multi_gpu",
@@ -75,12 +85,15 @@ class WanVideoMultiGPU(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, gpus: str = "all", mode: str = "auto") -> io.NodeOutput:
-        args = MultiGpuArgs(str(gpus), str(mode))
+    def execute(cls, gpus: str = "all", mode: str = "auto",
+                transport: str = "auto") -> io.NodeOutput:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r} is not one of {TRANSPORTS}")
+        args = MultiGpuArgs(str(gpus), str(mode), str(transport))
         placement = args.placement()   # refuses unknown GPUs and modes now, before sampling
         if placement is not None:
-            log.info("WanVideo Multi-GPU: %d devices (%s), mode %s", placement.world,
-                     ", ".join(placement.devices), placement.mode)
+            log.info("WanVideo Multi-GPU: %d devices (%s), mode %s, transport %s", placement.world,
+                     ", ".join(placement.devices), placement.mode, transport)
         return io.NodeOutput(args)
 
 
@@ -152,7 +165,8 @@ def window_sampler(handle, args: MultiGpuArgs, block_swap: dict | None):
     swap = dict(block_swap) if block_swap else None
 
     def sample(job, callbacks):
-        return pool.sample_window(job, callbacks, block_swap=swap, mode=args.mode)
+        return pool.sample_window(job, callbacks, block_swap=swap, mode=args.mode,
+                                  sp_options={"transport": args.transport})
 
     def release():
         if pool.alive:

@@ -27,8 +27,9 @@ def model_loader(model: str, precision: str = "fp32", load_device: str = "main_d
                 load_device=load_device, **extra)
 
 
-def multi_gpu(gpus: str = "all", mode: str = "auto") -> dict:
-    return node("WanVideoMultiGPU", gpus=gpus, mode=mode)
+def multi_gpu(gpus: str = "all", mode: str = "auto", transport: str | None = None) -> dict:
+    extra = {} if transport is None else {"transport": transport}
+    return node("WanVideoMultiGPU", gpus=gpus, mode=mode, **extra)
 
 
 def sampler(model, positive, negative, conditioning, audio_embeds, vae, steps: int = 1,

@@ -117,6 +117,8 @@ def test_unknown_sequence_options_are_refused():
     pool.placement = mg.Placement(("cpu", "cpu"))
     with pytest.raises(ValueError, match=r"sp_options \['ring'\] are not SequenceParallel"):
         pool.sample_window(ms.job((3, 8, 8), 1), sp_options={"ring": 2})
+    with pytest.raises(ValueError, match=r"transport 'dma' is not one of \('auto', 'send_recv'"):
+        pool.sample_window(ms.job((3, 8, 8), 1), sp_options={"transport": "dma"})
 
 
 def test_fixed_modes_keep_one_layout_for_every_pass():

@@ -62,9 +62,9 @@ def short(**kw) -> dict:
     return g
 
 
-def multi(gpus="cpu:2", mode="auto", **kw) -> dict:
+def multi(gpus="cpu:2", mode="auto", transport=None, **kw) -> dict:
     g = short(**kw)
-    g["30"] = gn.multi_gpu(gpus, mode)
+    g["30"] = gn.multi_gpu(gpus, mode, transport)
     g["8"]["inputs"]["multi_gpu"] = ["30", 0]
     return g
 
@@ -140,6 +140,18 @@ def test_freeing_comfyui_models_stops_the_workers(server):
     assert not ms.alive(pids), server.log_text()[-2000:]
 
 
+def test_copy_engines_where_they_cannot_run_fail_clearly_and_send_recv_runs(server):
+    """CPU workers (gloo) have no copy engines: asking for them fails the prompt with the reason
+    and the way out; the server keeps serving and send/recv gives the usual frames."""
+    err = h.execution_error(server.wait(server.queue(multi(transport="copy_engine", seed=3)),
+                                        timeout=300))
+    assert err is not None and err["node_id"] == "8", err
+    assert "'copy_engine' cannot run: the tensors are on cpu" in err["exception_message"], \
+        err["exception_message"]
+    assert _summary(server.run(multi(transport="send_recv", seed=3), timeout=600))["images"][0] \
+        == 17
+
+
 def test_bad_gpu_list_is_refused_clearly(server):
     err = h.execution_error(server.wait(server.queue(multi(gpus="7,9")), timeout=120))
     assert err is not None and err["node_id"] == "30", err
@@ -156,7 +168,10 @@ def test_schema_has_tooltips_and_the_sampler_takes_it(server):
     assert list(inputs) == ["gpus", "mode"]
     assert inputs["mode"][0] == ["auto", "sequence", "guidance"] or \
         inputs["mode"][1].get("options") == ["auto", "sequence", "guidance"]
-    for name, decl in inputs.items():
+    transport = spec["input"]["optional"]["transport"]
+    assert transport[0] == ["auto", "copy_engine", "send_recv"] or \
+        transport[1].get("options") == ["auto", "copy_engine", "send_recv"]
+    for name, decl in {**inputs, "transport": transport}.items():
         assert decl[1].get("tooltip"), name
     opt = info["WanVideoInfiniteTalkSampler"]["input"]["optional"]["multi_gpu"]
     assert opt[0] == "WANVIDEOMULTIGPU" and opt[1].get("tooltip")

@@ -122,7 +122,7 @@ class _Workspace:
         except RuntimeError as err:
             raise RuntimeError(
                 f"sequence parallel: symmetric memory for the copy-engine exchange failed on "
-                f"{device} ({err}); set the multi-GPU transport to send_recv") from err
+                f"{device} ({err}); set the WanVideo Multi-GPU node's transport to send_recv") from err
         # High priority: the barrier and copy launches must not queue behind attention's blocks.
         self.stream = torch.cuda.Stream(device, priority=-1)
 
