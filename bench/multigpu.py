@@ -3,16 +3,18 @@
     python bench/multigpu.py --out multigpu.json            # 2 GPUs, 14B-shaped fp8, ~4-5 min
     python bench/multigpu.py --tiny --device cpu --out x.json   # CPU smoke test (gloo, tiny)
 
-Each worker of multitalk.multi_gpu.WorkerPool builds the same 14B-shaped Wan2.1 I2V +
-InfiniteTalk model from random weights (bench/common.build, same seed, so every GPU holds the
-same weights), quantized to fp8 (scaled). Both pools start at once (their builds overlap); then, setting by
+Each worker of multitalk.multi_gpu.WorkerPool builds the same 14B-shaped Wan2.1 I2V + InfiniteTalk
+model from random weights (bench/common.build, same seed, so every GPU holds the same weights),
+quantized to fp8 (scaled). Both pools start at once (their builds overlap); then, setting by
 setting, the 1-GPU pool and right after it the 2-GPU pool (each `--sp` variant) denoise one
-81-frame 832x480 window (32,760 tokens) in four settings: BlockSwap with every block streamed, or every block resident; one pass per
-step (guidance 1/1) or three (5/4). The split is the runtime's auto choice: 1 pass split over
-both GPUs (sequence parallel); 3 passes in rounds, 2 side by side then 1 split over both
-("rounds" in each result). Step times are taken by the driver when rank 0 reports a finished
-step (rank 0 synchronises its GPU first); the first step is warm-up, the median of the others is
-reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker for that window.
+81-frame 832x480 window (32,760 tokens) in four settings: BlockSwap with every block streamed, or
+every block resident; one pass per step (guidance 1/1) or three (5/4). The split is the runtime's
+auto choice: 1 pass split over both GPUs (sequence parallel); 3 passes in rounds, 2 side by side
+then 1 split over both ("rounds" in each result). Step times are taken by the driver when rank 0
+reports a finished step (rank 0 synchronises its GPU first); the first step is warm-up, the median
+of the others is reported. Peak VRAM per GPU is torch.cuda.max_memory_allocated in each worker
+for that window (the copy-engine exchange's symmetric workspace is outside it, see
+wanvideo/peer_copy.py).
 `--sp keys,heads:2,heads:1` times the 2-GPU pool once per way of exchanging the split attention's
 inputs (wanvideo/sequence_parallel.py: `keys` sends keys and values and merges partial attention;
 `heads:N` is the Ulysses all-to-all cut into N overlapped head pieces, 1 = nothing overlapped;

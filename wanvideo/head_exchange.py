@@ -1,11 +1,11 @@
 """The copies around the Ulysses all-to-alls (sequence_parallel.TokenShard.attention).
 
 An all-to-all sends one contiguous chunk per rank, but a rank's heads are a column range of every
-token's row. So q, k and v [B, n, H, D] (token-major) are packed into the send layout
-[pieces, 3, world, B, n, hp, D] (head piece p, q/k/v, rank j, token: each of q, k, v is packed as
-soon as it is computed, so it can travel while the next one is computed, and a received k or v
-is one [world * n] token sequence), and the result comes back as [pieces, world, B, n, hp, D] to be put back in token-major order [B, n, H, D]; rank j's
-piece p holds heads (j * pieces + p) * hp + [0, hp).
+token's row. So q, k and v [B, n, H, D] (token-major) are packed into the send layout [pieces, 3,
+world, B, n, hp, D] (head piece p, q/k/v, rank j, token: each of q, k, v is packed as soon as it
+is computed, so it can travel while the next one is computed, and a received k or v is one [world
+* n] token sequence), and the result comes back as [pieces, world, B, n, hp, D] to be put back in
+token-major order [B, n, H, D]; rank j's piece p holds heads (j * pieces + p) * hp + [0, hp).
 
 Why a kernel: torch's copies of these permuted views run its strided (unvectorised) copy kernel.
 On 2x H200 at 32,760 tokens they took ~1 ms per 14B block and rank (8 launches of ~0.13 ms, about

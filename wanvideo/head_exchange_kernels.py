@@ -23,9 +23,9 @@ def exchange(t0, t1, t2, e_ptr, own_ptr, ME, ROWS, ROW_STRIDE, WORLD, PIECES, SL
              CHUNK: tl.constexpr, NT: tl.constexpr, TO_EXCHANGE: tl.constexpr,
              BLOCK: tl.constexpr):
     """One program: token row r, head group c = j * PIECES + p, each of the NT (1-3) tensors,
-    tensor i in slot SLOT0 + i of SLOTS (layout [pieces, slots, world, rows, CHUNK]). CHUNK (hp * D elements) is a compile-time constant: a
-    model has one or two. Rank ME's slots go to own_ptr (same layout as e_ptr) instead of e_ptr;
-    ME = -1: every slot in e_ptr."""
+    tensor i in slot SLOT0 + i of SLOTS (layout [pieces, slots, world, rows, CHUNK]). CHUNK
+    (hp * D elements) is a compile-time constant: a model has one or two. Rank ME's slots go to
+    own_ptr (same layout as e_ptr) instead of e_ptr; ME = -1: every slot in e_ptr."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     j = c // PIECES

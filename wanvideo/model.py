@@ -92,9 +92,11 @@ class SelfAttention(_Attention):
         send = heads.put if heads is not None else (lambda t: None)
         if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
             cos, sin, nh = *cos_sin(rope), self.num_heads
-            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps, cos, sin, nh).view(shape)
+            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps,
+                                        cos, sin, nh).view(shape)
             send(q)
-            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps, cos, sin, nh).view(shape)
+            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps,
+                                        cos, sin, nh).view(shape)
             send(k)
         else:
             q = apply_rope(self.norm_q(self.q(x, **kw)).view(shape), rope)

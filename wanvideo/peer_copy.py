@@ -122,7 +122,8 @@ class _Workspace:
         except RuntimeError as err:
             raise RuntimeError(
                 f"sequence parallel: symmetric memory for the copy-engine exchange failed on "
-                f"{device} ({err}); set the WanVideo Multi-GPU node's transport to send_recv") from err
+                f"{device} ({err}); set the WanVideo Multi-GPU node's transport to "
+                f"send_recv") from err
         # High priority: the barrier and copy launches must not queue behind attention's blocks.
         self.stream = torch.cuda.Stream(device, priority=-1)
 
@@ -178,8 +179,8 @@ class CopyEngineLink:
     pushes its slots for rank j into rank j's receive buffer, then the barrier tells every rank
     that what it receives has landed.
 
-    Workspace layout: the q/k/v receive buffer `in_shape` [pieces, world, 3, ...] (slot
-    [p, j, t]: what rank j sent of tensor t, piece p), then the output receive buffer
+    Workspace layout: the q/k/v receive buffer `in_shape` [pieces, 3, world, ...] (slot
+    [p, t, j]: what rank j sent of tensor t, piece p), then the output receive buffer
     `out_shape` [pieces, world, ...]."""
 
     name = "copy_engine"
