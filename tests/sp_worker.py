@@ -1,4 +1,5 @@
-"""Worker processes for tests/test_sequence_parallel.py (a helper, not a test module).
+"""Worker processes for tests/test_sequence_parallel.py (a helper, not a test module), and
+`spawn`, which starts such workers for it and tests/test_peer_copy.py.
 
 Every rank builds the same tiny I2V + InfiniteTalk model (4 heads) from one seed, computes the
 single-process reference itself, then the same forward or sampling step split over a gloo group,
@@ -7,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import conftest  # noqa: E402,F401  (imports the pack as wanvideo_infinitetalk)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 from test_pipeline import tiny_model  # noqa: E402
 from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput  # noqa: E402
@@ -141,3 +145,28 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
             json.dump(errors, f)
     finally:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, out_dir: str, timeout_s: float) -> None:
+    """fn(rank, world, port, out_dir) in `world` spawned processes; none is left behind."""
+    ctx = mp.start_processes(fn, args=(world, free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers still running after {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import conftest  # noqa: E402,F401
+import sp_worker  # noqa: E402
 from wanvideo_infinitetalk.wanvideo import peer_copy  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sequence_parallel import SequenceParallel  # noqa: E402
 
@@ -58,35 +56,15 @@ def test_one_rank_needs_no_copy_engine():
     assert link.name == "send_recv"
 
 
-def _spawn(fn, world: int, out_dir: str) -> None:
-    ctx = mp.start_processes(fn, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            assert time.monotonic() < deadline, "workers still running"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-
-
 def test_all_ranks_agree_when_one_gpu_lacks_peer_access(tmp_path):
     """GPU 0 cannot map GPU 1's memory: rank 0 sees it, ranks 1 and 2 learn it through the
     agreement, and all three keep send/recv (a rank alone on copy engines would hang)."""
     import exchange_worker
 
-    _spawn(exchange_worker.peer_verdict, 3, str(tmp_path))
+    sp_worker.spawn(exchange_worker.peer_verdict, 3, str(tmp_path), TIMEOUT_S)
     why = [json.loads((tmp_path / f"verdict{r}.json").read_text())["why"] for r in range(3)]
     assert why[0] == "cuda:0 has no peer access to cuda:1"
     assert why[1] == why[2] == "another rank's GPU has no peer access to the group's other GPUs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.gpu
@@ -97,7 +75,7 @@ def test_copy_engine_exchange_equals_send_recv_on_two_gpus(tmp_path):
     for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(key, value)   # never NVLink multicast (shared hosts)
-    _spawn(exchange_worker.run, 2, str(tmp_path))
+    sp_worker.spawn(exchange_worker.run, 2, str(tmp_path), TIMEOUT_S)
     result = json.loads((tmp_path / "result.json").read_text())
     equal = {k: v for k, v in result.items() if "/equal/" in k}
     assert len(equal) == 2 * 3 * 2 and all(equal.values()), equal

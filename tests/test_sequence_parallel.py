@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import time
 
 import pytest
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,34 +21,10 @@ TIMEOUT_S = 120
 TOLERANCE = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(out_dir: str) -> None:
-    ctx = mp.start_processes(sp_worker.run, args=(WORLD, free_port(), out_dir), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sequence-parallel workers still running after {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 @pytest.fixture(scope="module")
 def errors(tmp_path_factory) -> dict[int, dict[str, float]]:
     out = tmp_path_factory.mktemp("sp")
-    run_workers(str(out))
+    sp_worker.spawn(sp_worker.run, WORLD, str(out), TIMEOUT_S)
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)}
 
 

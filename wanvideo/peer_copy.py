@@ -84,7 +84,7 @@ def _peer_access(group, device: torch.device, on: Optional[torch.device] = None)
         index = torch.tensor([device.index], device=on)
         indices = [torch.empty_like(index) for _ in range(dist.get_world_size(group))]
         dist.all_gather(indices, index, group=group)
-        others = [int(i) for i in indices if int(i) != device.index]
+        others = [i for i in map(int, indices) if i != device.index]
         blocked = [i for i in others if not torch.cuda.can_device_access_peer(device.index, i)]
         flag = torch.tensor([1 if blocked else 0], device=on)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
