@@ -214,6 +214,63 @@ def test_kernel_under_triton_interpreter_matches_reference():
         assert r["rel"] <= 1e-6, r
 
 
+GLUON_LAYOUTS = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(sys.argv[1], "wanvideo"))
+    import _pack
+    sys.path.pop(0)
+    _pack.load_pack()
+    import torch
+    from wanvideo_infinitetalk.wanvideo import attention_int8 as ai
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 300, 3, 64, generator=g).bfloat16() for _ in range(2))
+    plain = ai.quantize_kv(k, v, 128, "int8")
+    swizzled = ai.quantize_kv(k, v, 128, "int8", gluon=True)
+    copied = ai.quantize_kv(k, v, 128, "bf16", gluon=True)
+    c = torch.arange(plain[2].shape[-1])
+    order = (c & ~15) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 1)
+    moved = torch.empty_like(plain[2])
+    moved[..., order] = plain[2]
+    ref_v = torch.zeros(6, 384, 64, dtype=torch.bfloat16)
+    ref_v[:, :300] = v.permute(0, 2, 1, 3).reshape(6, 300, 64)
+    print(json.dumps({"k_same": bool(torch.equal(swizzled[0], plain[0])),
+                      "v_swizzled": bool(torch.equal(swizzled[2], moved)),
+                      "v_not_plain": not torch.equal(swizzled[2], plain[2]),
+                      "bf16_copy": bool(torch.equal(copied[2], ref_v)),
+                      "bf16_no_scales": copied[3] is None}))
+""")
+
+
+def test_gluon_operand_orders_under_triton_interpreter():
+    """What the Gluon kernels read, made by the Triton K/V pass (CPU, interpreter): INT8 V^T
+    with each 16-key group's keys in the order the P.V operand's registers hold P's columns
+    (key 8i + 2t + e at 4t + 2i + e, the inverse of attention_int8_gluon._as_operand's
+    reshape and permute), K unchanged; for bf16 P.V a zero-padded bf16 copy of V laid out
+    like K. The kernels themselves need sm_90 (GPU tests: equal to the Triton kernel)."""
+    triton = pytest.importorskip("triton")
+    if _triton_version(triton) < (3, 2):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter differs in the K/V pass")
+    done = subprocess.run([sys.executable, "-c", GLUON_LAYOUTS, ROOT], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(facts.values()), facts
+    import torch as _torch
+    cols = _torch.arange(128).reshape(8, 2, 4, 2).permute(0, 2, 1, 3).reshape(128)
+    c = _torch.arange(128)
+    order = (c & ~15) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 1)
+    assert _torch.equal(order[cols], c)  # the two relabellings undo each other
+
+
+def test_gluon_configs_are_hopper_only():
+    pytest.importorskip("triton")
+    gluon = [c for c in ai.SWEEP if c["gluon"]]
+    assert gluon and all("Hopper" in ai.unsupported(c, 89) for c in gluon)
+    assert "Hopper" in ai.unsupported(gluon[0], 100)
+    assert "warpgroup" in ai.unsupported(dict(gluon[0], block_m=128, num_warps=8), 90)
+
+
 def _triton_version(triton) -> tuple[int, int]:
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
@@ -384,7 +441,8 @@ def cuda_inputs(b, lq, lk, heads, head_dim, dtype, seed=0):
                  for t in (q[:, :, :lq], k[:, :, :lk], v[:, :, :lk]))
 
 
-CONFIGS = [{}, {"block_n": 64}, {"pv": "bf16", "block_n": 64}, {"block_m": 128, "num_warps": 8}]
+CONFIGS = [{}, {"block_n": 64}, {"pv": "bf16", "block_n": 64}, {"block_m": 128, "num_warps": 8},
+           {"gluon": True, "lazy": True}, {"gluon": True, "pv": "bf16", "num_stages": 2}]
 
 
 @functools.lru_cache(maxsize=None)  # a few MB each
@@ -408,7 +466,8 @@ CASES = [(dtype, {}) for dtype in (torch.bfloat16, torch.float16, torch.float32)
 def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype, config):
     q, k, v = cuda_inputs(b, lq, lk, heads, head_dim, dtype)
     full = ai.launch_config(q, **config)
-    kv = ai.quantize_kv(k, v, full["block_n"], full["pv"])
+    _skip_if_unsupported(full)
+    kv = ai.quantize_kv(k, v, full["block_n"], full["pv"], full["gluon"])
     out = ai.attend_quantized(q, kv, lk, full, out=torch.full_like(q, float("nan")))
     assert torch.isfinite(out).all()  # every element written over the NaN poison
     ref = _reference(b, lq, lk, heads, head_dim, dtype, full["block_n"], full["pv"])
@@ -418,6 +477,35 @@ def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype, config):
     # off, which moves an integer of P now and then; bf16/fp16 outputs add their rounding.
     # H200: 8.0e-4 in fp32 (1,000 keys): exp2's few-ulp error moves integers of P
     assert rel <= 2e-3
+
+
+def _skip_if_unsupported(config):
+    major, minor = torch.cuda.get_device_capability()
+    reason = ai.unsupported(config, 10 * major + minor)
+    if reason:
+        pytest.skip(reason)
+
+
+@gpu_test
+@pytest.mark.parametrize("pv,lazy", [("int8", True), ("int8", False), ("bf16", False)])
+@pytest.mark.parametrize("block_n,stages", [(128, 2), (64, 3)])
+@pytest.mark.parametrize("b,lq,lk,heads,head_dim", [(2, 1500, 1300, 2, 64), (1, 4097, 4097, 2, 128)])
+def test_gluon_kernel_equals_triton_kernel(b, lq, lk, heads, head_dim, pv, lazy, block_n, stages):
+    """The Gluon kernels compute the Triton kernel's integers and fp32 operations in the same
+    order: equal outputs (H200: bit for bit with lazy INT8 and with bf16 P.V; non-lazy INT8 P.V
+    ~2e-5 rel, the Gluon kernel rescaling every block, the Triton lazy one not)."""
+    q, k, v = cuda_inputs(b, lq, lk, heads, head_dim, torch.bfloat16)
+    gluon = dict(pv=pv, block_m=64, block_n=block_n, num_warps=4, num_stages=stages, lazy=lazy,
+                 gluon=True)
+    _skip_if_unsupported(gluon)
+    triton_config = dict(pv=pv, block_m=64, block_n=block_n, num_warps=4, num_stages=3,
+                         lazy=lazy)
+    ours = ai.attention_int8(q, k, v, **gluon).float()
+    theirs = ai.attention_int8(q, k, v, **triton_config).float()
+    assert torch.isfinite(ours).all()
+    rel, _ = errors(ours.cpu(), theirs.cpu())
+    print(f"\ngluon vs triton {pv} lazy={lazy} {block_n}/{stages}: rel L2 {rel:.2e}")
+    assert rel <= 1e-5
 
 
 @gpu_test

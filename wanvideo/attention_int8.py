@@ -86,18 +86,20 @@ def _kernels():
 
 PV_CHOICES = ("int8", "bf16")
 CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages", "ws", "lazy", "unroll",
-               "tma")
+               "tma", "gluon")
 # The speed-only loop options and their off values (what every config before them ran):
 # ws: tl.range(warp_specialize=True) on the key loop (Triton 3.4+); lazy (pv="int8" only): rescale
 # the accumulator only when a row max grows by more than 8 in log2 units
 # (attention_int8_kernels.LAZY_THRESHOLD; the integers of P are the reference's, only the fp32
 # block weights round differently: ~6e-8 rel under the interpreter); unroll: tl.range's
 # loop_unroll_factor (1: none); tma (pv="int8" only): K and V^T tiles through device-side tensor
-# descriptors (one TMA copy per tile in place of every thread's cp.async and address arithmetic).
+# descriptors (one TMA copy per tile in place of every thread's cp.async and address arithmetic);
+# gluon (sm_90 only): attention_int8_gluon's kernels, asynchronous wgmma overlapping the softmax,
+# with the numerics of the Triton kernel of the same pv / block_n / lazy (bit for bit on an H200).
 # None of them changes an integer of the reference. attention_int8_kernels.unsupported() says
 # which the installed Triton cannot build, and that ws does nothing on sm_90 with Triton 3.6 and
 # 3.8 (their warp-specialization pass runs for sm_100+ only: identical PTX, checked).
-LOOP_DEFAULTS = {"ws": False, "lazy": False, "unroll": 1, "tma": False}
+LOOP_DEFAULTS = {"ws": False, "lazy": False, "unroll": 1, "tma": False, "gluon": False}
 
 
 def _config(pv, block_m, block_n, num_warps, num_stages, **loop) -> dict:
@@ -131,6 +133,18 @@ SWEEP = [_config(*c) for c in (
     _config("int8", 64, 128, 4, 3, ws=True, tma=True),
     _config("int8", 128, 128, 8, 4, ws=True, tma=True),             # the tutorial's WS shape
     _config("bf16", 128, 128, 8, 3, ws=True),                       # 20
+    # 21-28: the Gluon kernels (Hopper only; async wgmma overlapping the softmax, TMA ring).
+    # H200: INT8 P.V 2.1x slower than the Triton kernel (its extra int32 P.V tile leaves no
+    # registers), bf16 P.V 128/2 on par at 32,760 keys and the fastest at 8,100
+    # (docs/ATTENTION_8BIT.md, "The Gluon kernels")
+    _config("int8", 64, 128, 4, 3, gluon=True),                     # 21
+    _config("int8", 64, 128, 4, 3, gluon=True, lazy=True),
+    _config("int8", 64, 64, 4, 3, gluon=True),
+    _config("int8", 64, 64, 4, 4, gluon=True),
+    _config("int8", 64, 64, 4, 3, gluon=True, lazy=True),           # 25
+    _config("bf16", 64, 128, 4, 2, gluon=True),                     # 26
+    _config("bf16", 64, 64, 4, 3, gluon=True),
+    _config("bf16", 64, 64, 4, 4, gluon=True),
 ]
 
 
@@ -138,7 +152,28 @@ def unsupported(config: dict, capability: int | None = None) -> str | None:
     """None when the installed Triton can build `config` (its tl.range and descriptor options)
     and, with `capability` (e.g. 90), the option does something on that GPU; otherwise why not:
     bench/attention.py records the reason and skips the config. Imports triton."""
+    if config.get("gluon", False):
+        return _gluon_unsupported(config, capability)
     return _kernels().unsupported(config, capability)
+
+
+def _gluon_unsupported(config: dict, capability: int | None) -> str | None:
+    """Why the Gluon kernel (attention_int8_gluon) cannot run `config`, or None."""
+    if capability is not None and capability // 10 != 9:  # wgmma: sm_90 only
+        return f"the Gluon kernel is for Hopper (sm_90, wgmma), not sm_{capability}"
+    if config["block_m"] != 16 * config["num_warps"] or config["num_warps"] != 4:
+        return "the Gluon kernel runs one warpgroup (num_warps=4) on 64-query tiles"
+    if config["block_n"] not in (64, 128):
+        return "the Gluon kernel takes 64- or 128-key blocks"
+    if config.get("ws") or config.get("tma") or config.get("unroll", 1) > 1:
+        return "ws / tma / unroll are Triton-kernel options (the Gluon kernel always uses TMA)"
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError as exc:
+        return f"Triton {_kernels().triton.__version__} has no Gluon Hopper API ({exc})"
+    if config.get("lazy") and config["pv"] != "int8":
+        return "lazy rescaling is for pv='int8' only"
+    return None
 
 
 def default_config(device: torch.device, head_dim: int) -> dict:
@@ -166,7 +201,8 @@ def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"):
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8",
+                gluon: bool = False):
     """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V, V scales): for
     pv="int8" V is INT8 transposed [B*H, D, Lk_pad] with fp32 scales [B*H, D]; for pv="bf16" V is
     the input itself and the scales None. The K mean and V's per-channel amax are single torch
@@ -175,6 +211,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     padded = -(-keys // block_n) * block_n
     k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
     v_t = v_inv = v_scale = None
+    if pv == "bf16" and gluon:
+        v_t = torch.empty(b * h, padded, d, dtype=torch.bfloat16, device=k.device)
     if pv == "int8":
         low, high = torch.aminmax(v, dim=1)
         v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
@@ -183,7 +221,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
     with _on(k.device):
-        _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n)
+        _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n, gluon)
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 
@@ -213,10 +251,19 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
     k_int, k_scale, v, v_scale = kv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
+    kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):
-        _kernels().attention(q, k_int, k_scale, v, v_scale if v_scale is not None else k_scale,
-                             out, keys, factor, **config)
+        kernels.attention(q, k_int, k_scale, v, v_scale if v_scale is not None else k_scale,
+                          out, keys, factor, **config)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_kernels():
+    """The Hopper kernel written in Gluon (config gluon=True), imported on first use."""
+    from . import attention_int8_gluon
+
+    return attention_int8_gluon
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
@@ -224,5 +271,5 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **override
     Call `supported` first: this function assumes it returned None. `overrides`: CONFIG_KEYS
     (bench/attention.py's sweep)."""
     config = launch_config(q, **overrides)
-    kv = quantize_kv(k, v, config["block_n"], config["pv"])
+    kv = quantize_kv(k, v, config["block_n"], config["pv"], config["gluon"])
     return attend_quantized(q, kv, k.shape[1], config)

@@ -88,9 +88,13 @@ def _to_int8(x, scale):
 @triton.jit
 def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, heads,
                      s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-                     D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_V: tl.constexpr):
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_V: tl.constexpr,
+                     SWIZZLE_KEYS: tl.constexpr = False, COPY_V: tl.constexpr = False):
     """One block of BLOCK_N keys of one (batch, head): K - mean -> int8 with one scale, and
-    (QUANT_V) V * (127 / amax per channel) -> int8 stored transposed (keys contiguous)."""
+    (QUANT_V) V * (127 / amax per channel) -> int8 stored transposed (keys contiguous).
+    SWIZZLE_KEYS: V^T's keys in the Gluon kernel's operand order (attention_int8_gluon:
+    key 16g + 8i + 2t + e of a block at column 16g + 4t + 2i + e). COPY_V (not QUANT_V): V
+    copied as bf16 into V_T laid out like K (the Gluon kernel's bf16 P.V reads it by TMA)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -111,20 +115,30 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
     if QUANT_V:
         v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
         v_int = _to_int8(v.to(tl.float32), tl.load(V_INV + bh * D + d)[None, :])
-        tl.store(V_T + base + d[:, None] * padded + rows[None, :], tl.trans(v_int))
+        cols = rows
+        if SWIZZLE_KEYS:
+            cols = (rows & ~15) | (((rows >> 3) & 1) << 1) | (((rows >> 1) & 3) << 2) | (rows & 1)
+        tl.store(V_T + base + d[:, None] * padded + cols[None, :], tl.trans(v_int))
+    elif COPY_V:  # bf16 P.V in Gluon: V as bf16 [B*H, padded, D], zero rows past the end
+        v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
+        tl.store(V_T + base + rows[:, None] * D + d[None, :], v.to(tl.bfloat16))
 
 
-def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int) -> None:
-    """`v_t` None: K only (the bf16 P.V variant reads V as it is)."""
+def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
+                swizzle_keys: bool = False) -> None:
+    """`v_t` None: K only (the bf16 P.V variant reads V as it is). `swizzle_keys`: V^T in the
+    Gluon kernel's key order. A bf16 `v_t` shaped like `k_int`: V copied there (Gluon, bf16)."""
     b, keys, h, d = k.shape
     padded = k_int.shape[1]
     grid = (padded // block_n, b * h)
-    quant_v = v_t is not None
+    copy_v = v_t is not None and v_t.dtype != k_int.dtype
+    quant_v = v_t is not None and not copy_v
     _quant_kv_kernel[grid](k, v, k_mean, v_inv if quant_v else k_mean, k_int, k_scale,
-                           v_t if quant_v else k_int, keys, padded, h,
+                           k_int if v_t is None else v_t, keys, padded, h,
                            k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2),
-                           D=d, BLOCK_N=block_n, QUANT_V=quant_v, num_warps=4)
+                           D=d, BLOCK_N=block_n, QUANT_V=quant_v,
+                           SWIZZLE_KEYS=bool(swizzle_keys), COPY_V=copy_v, num_warps=4)
 
 
 @triton.jit
@@ -371,7 +385,7 @@ def launch_facts() -> dict:
 
 def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, pv: str,
               block_m: int, block_n: int, num_warps: int, num_stages: int, ws: bool = False,
-              lazy: bool = False, unroll: int = 1, tma: bool = False) -> None:
+              lazy: bool = False, unroll: int = 1, tma: bool = False, gluon: bool = False) -> None:
     """`v`: quantize_kv's transposed INT8 V for pv="int8", the input V for pv="bf16"."""
     reason = unsupported(dict(pv=pv, ws=ws, lazy=lazy, unroll=unroll, tma=tma))
     if reason:
@@ -428,9 +442,19 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
     if reason:
         raise RuntimeError(reason)
     quant_sig, attn_sig = _signatures(config["pv"], dtype)
-    quant = _compile(_quant_kv_kernel, quant_sig, {"D": head_dim, "BLOCK_N": config["block_n"],
-                                                   "QUANT_V": config["pv"] == "int8"},
-                     capability, {"num_warps": 4})
+    gluon = bool(config.get("gluon", False))
+    quant_consts = {"D": head_dim, "BLOCK_N": config["block_n"],
+                    "QUANT_V": config["pv"] == "int8",
+                    "SWIZZLE_KEYS": gluon and config["pv"] == "int8",
+                    "COPY_V": gluon and config["pv"] == "bf16"}
+    if gluon:
+        if config["pv"] == "bf16":
+            quant_sig["V_T"] = "*bf16"
+    quant = _compile(_quant_kv_kernel, quant_sig, quant_consts, capability, {"num_warps": 4})
+    if gluon:
+        from . import attention_int8_gluon
+
+        return quant, attention_int8_gluon.aot_compile(capability, config, head_dim, dtype)
     attn = _compile(_attn_kernel, attn_sig,
                     {"D": head_dim, "BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"],
                      "PV_INT8": config["pv"] == "int8", "WS": bool(config.get("ws", False)),
