@@ -1,28 +1,30 @@
-"""The Hopper (sm_90) 8-bit attention kernel in Gluon, Triton's explicit-layout dialect, with the
-tensor cores and the softmax working at the same time (config "gluon": True).
+"""The Hopper (sm_90) attention kernels in Gluon, Triton's explicit-layout dialect, with wgmma
+issued asynchronously so the tensor cores can work under the softmax (config "gluon": True;
+sweep only: docs/ATTENTION_8BIT.md, "The Gluon kernels", has the H200 figures and why).
 
-Plain Triton waits for every wgmma right after issuing it, so one warpgroup alternates between
-tensor-core and softmax work and the INT8 tensor cores idle half the time. Here each product is
-issued asynchronously and waited for one stage later, FA3's intra-warpgroup pipeline:
+Plain Triton waits for every wgmma right after issuing it. Here, per key block j:
 
-    iteration j:  issue S[j+1] = Q.K[j+1]^T       (tensor cores)
-                  softmax of S[j] -> P[j]          (CUDA cores, while S[j+1] and PV[j-1] run)
-                  wait PV[j-1], fold it into acc   (S[j+1] keeps running)
-                  TMA load of block j+STAGES-1 into the slot block j-1 used
-                  issue PV[j] = P[j].V[j]
-                  wait S[j+1]                      (PV[j] keeps running)
+    wait PV[j-1], fold it into acc (INT8) / rescale acc (bf16)
+    issue S[j+1] = Q.K[j+1]^T                  (tensor cores)
+    softmax of S[j] -> P[j]                    (CUDA cores, while S[j+1] runs)
+    issue PV[j] = P[j].V[j]
+    wait S[j+1]                                (PV[j] keeps running)
 
-The numerics are the Triton kernel's with lazy rescaling (attention_int8_kernels, config
-lazy=True) integer for integer: INT8 Q per token (quantized here from the bf16 tile), INT8 K per
-128-key block and V per channel from quantize_kv's zero-padded buffers, both products exact in
-int32 read as floats 1.5 * 2**23 + n, P = round(127 * exp2(s - m_block)) per row and block, the
-block weight exp2(m_block - m_ref) applied once per row in fp32. So the reference the tests hold
-the Triton kernel to (attention_8bit.kernel_reference) holds this one too.
+PV[j-1] is waited for before S[j+1] is issued: ptxas serializes every wgmma of the kernel when a
+wait retires a group issued before the loop's back edge while a newer one is pending.
 
-K and V^T tiles arrive by TMA into a ring of STAGES slots (mbarrier per slot and operand, so a
-block's Q.K^T can start before its V lands). One warpgroup per CTA, 64 query rows; registers
-stay under 255, so two CTAs share an SM and cover each other's waits. This module imports triton
-at the top: attention_int8 imports it only when the config asks for it.
+_attn_kernel (pv="int8") has the Triton kernel's numerics integer for integer (bit for bit on an
+H200 with lazy rescaling on both sides): INT8 Q per token (quantized here from the input tile),
+INT8 K per key block and V per channel from quantize_kv's zero-padded buffers, both products
+exact in int32 read as floats 1.5 * 2**23 + n, P = round(127 * exp2(s - m_block)) per row and
+block, the block weight exp2(m_block - m_ref) applied once per row in fp32. _attn_kernel_bf16
+(pv="bf16") has the Triton bf16 variant's: P = exp2(s - m) and V in bf16, accumulated in fp32 by
+the wgmma. So attention_8bit.kernel_reference holds both.
+
+K and V tiles arrive by TMA into a ring of STAGES slots (an mbarrier per slot and operand; K one
+block ahead of V, whose slot frees a step later). One warpgroup per CTA, 64 query rows, at most
+255 registers, so two CTAs share an SM. This module imports triton at the top: attention_int8
+imports it only when a config asks for it.
 """
 import triton
 from triton.experimental import gluon
@@ -31,8 +33,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                                 warpgroup_mma_wait)
 
 MAGIC_BITS = 0x4B400000  # the bits of 1.5 * 2**23
-MAGIC = 12582912.0
-LAZY_THRESHOLD = 8.0  # as attention_int8_kernels.LAZY_THRESHOLD
 MAGIC_BITS_C = gl.constexpr(MAGIC_BITS)
 
 
@@ -124,7 +124,7 @@ def _softmax(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.constexpr,
     f_max = gl.max(f, axis=1)
     c = q_scale * k_scale
     m_block = (f_max - 12582912.0) * c
-    m_new = gl.where(m_block > m_i + 8.0, m_block, m_i)  # 8.0: LAZY_THRESHOLD
+    m_new = gl.where(m_block > m_i + 8.0, m_block, m_i)  # 8.0: attention_int8_kernels.LAZY_THRESHOLD
     alpha = gl.exp2(m_i - m_new)
     p_scale = gl.exp2(m_block - m_new)
     x = gl.fma(f, c[:, None], -(f_max * c)[:, None])
