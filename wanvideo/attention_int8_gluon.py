@@ -166,6 +166,32 @@ def _fold(acc, pv, alpha, p_scale, o_rows: gl.constexpr, LAZY: gl.constexpr):
     return acc + ((pv + MAGIC_BITS_C).to(gl.float32, bitcast=True) - 12582912.0) * p_scale[:, None]
 
 
+@gluon.constexpr_function
+def _mma_layout(num_warps, n, k):
+    """The wgmma accumulator layout of one warpgroup's [64, n] tile, k-deep instructions (32 for
+    8-bit operands, 16 for bf16)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                     instr_shape=[16, n, k])
+
+
+@gluon.jit
+def _program(Q, K_SCALE, n_q, keys, padded, heads, factor, s_qb, s_ql, s_qh,
+             s_layout: gl.constexpr, io_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr, D: gl.constexpr):
+    """Where this program works, and its queries as the Q.K^T operand: (b, h, bh, query tile,
+    q_op, q_scale, first K row of the head, key blocks, the head's K scales)."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = (bh // heads).to(gl.int64)
+    h = bh % heads
+    q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
+    q_op, q_scale = _quantized_queries(Q, b, h, pid_m, n_q, factor, s_qb, s_ql, s_qh,
+                                       q_op_layout, gl.SliceLayout(1, s_layout), io_layout,
+                                       BLOCK_M, D)
+    ks_ptr = K_SCALE + bh * (padded // BLOCK_N)
+    return b, h, bh, pid_m, q_op, q_scale, bh * padded, gl.cdiv(keys, BLOCK_N), ks_ptr
+
+
 @gluon.jit
 def _quantized_queries(Q, b, h, pid_m, n_q, factor, s_qb, s_ql, s_qh,
                        q_op_layout: gl.constexpr, s_rows: gl.constexpr,
@@ -234,26 +260,16 @@ def _attn_kernel(Q, k_desc, v_desc, K_SCALE, V_SCALE, O, n_q, keys, padded, head
     """One (64-query tile, batch * head) program; the pipeline is in the module docstring."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = (bh // heads).to(gl.int64)
-    h = bh % heads
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 32])
-    q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N, 32)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D, 32)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    q_op, q_scale = _quantized_queries(Q, b, h, pid_m, n_q, factor, s_qb, s_ql, s_qh,
-                                       q_op_layout, s_rows, io_layout, BLOCK_M, D)
-    row0 = bh * padded
+    b, h, bh, pid_m, q_op, q_scale, row0, n_blocks, ks_ptr = _program(
+        Q, K_SCALE, n_q, keys, padded, heads, factor, s_qb, s_ql, s_qh, s_layout, io_layout,
+        BLOCK_M, BLOCK_N, D)
     vrow0 = bh * D
-    n_blocks = gl.cdiv(keys, BLOCK_N)
-    ks_ptr = K_SCALE + bh * (padded // BLOCK_N)
     k_smem, v_smem, k_bars, v_bars = _ring(k_desc, v_desc, row0, vrow0, n_blocks, STAGES,
                                            BLOCK_N, True)
 
@@ -348,26 +364,15 @@ def _attn_kernel_bf16(Q, k_desc, v_desc, K_SCALE, O, n_q, keys, padded, heads, f
     acc *= alpha; issue P.V[j] on acc; wait S[j+1] (P.V[j] keeps running)."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = (bh // heads).to(gl.int64)
-    h = bh % heads
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, D, 16])
-    q_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N, 32)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D, 16)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-
-    q_op, q_scale = _quantized_queries(Q, b, h, pid_m, n_q, factor, s_qb, s_ql, s_qh,
-                                       q_op_layout, s_rows, io_layout, BLOCK_M, D)
-    row0 = bh * padded
-    n_blocks = gl.cdiv(keys, BLOCK_N)
-    ks_ptr = K_SCALE + bh * (padded // BLOCK_N)
+    b, h, bh, pid_m, q_op, q_scale, row0, n_blocks, ks_ptr = _program(
+        Q, K_SCALE, n_q, keys, padded, heads, factor, s_qb, s_ql, s_qh, s_layout, io_layout,
+        BLOCK_M, BLOCK_N, D)
     k_smem, v_smem, k_bars, v_bars = _ring(k_desc, v_desc, row0, 0, n_blocks, STAGES, BLOCK_N,
                                            False)
 
