@@ -205,7 +205,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
                 gluon: bool = False):
     """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V, V scales): for
     pv="int8" V is INT8 transposed [B*H, D, Lk_pad] with fp32 scales [B*H, D]; for pv="bf16" V is
-    the input itself and the scales None. The K mean and V's per-channel amax are single torch
+    the input itself and the scales None. `gluon`: what the Gluon kernels read instead, V^T's
+    keys in their operand order (int8) or V as a zero-padded bf16 [B*H, Lk_pad, D] (bf16). The K mean and V's per-channel amax are single torch
     reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
     b, keys, h, d = k.shape
     padded = -(-keys // block_n) * block_n
@@ -221,7 +222,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
     with _on(k.device):
-        _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n, gluon)
+        _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n,
+                               gluon and pv == "int8")
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 
@@ -253,9 +255,21 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
     factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
     kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):
-        kernels.attention(q, k_int, k_scale, v, v_scale if v_scale is not None else k_scale,
-                          out, keys, factor, **config)
+        launched = kernels.attention(q, k_int, k_scale, v,
+                                     v_scale if v_scale is not None else k_scale, out, keys,
+                                     factor, **config)
+    if config.get("gluon"):
+        _LAST_GLUON[0] = launched
     return out
+
+
+_LAST_GLUON = [None]
+
+
+def launch_facts(config: dict) -> dict:
+    """n_regs, n_spills and shared memory of the latest launch of `config`'s kernel
+    (bench/attention.py records them next to each timing)."""
+    return _kernels().launch_facts(_LAST_GLUON[0] if config.get("gluon") else None)
 
 
 @functools.lru_cache(maxsize=None)

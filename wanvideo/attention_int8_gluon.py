@@ -412,8 +412,9 @@ def _layouts(block_n: int, head_dim: int):
 
 def attention(q, k_int, k_scale, v_t, v_scale, out, keys: int, factor: float, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, lazy: bool = False,
-              pv: str = "int8", **_unused) -> None:
-    """The Gluon kernel on quantize_kv's INT8 K [B*H, padded, D] and V^T [B*H, D, padded]."""
+              pv: str = "int8", **_unused):
+    """The Gluon kernel of `pv` on quantize_kv(..., gluon=True)'s output (INT8 K [B*H, padded,
+    D]; INT8 V^T [B*H, D, padded] or bf16 V [B*H, padded, D]); returns the launched kernel."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bh, padded, d = k_int.shape

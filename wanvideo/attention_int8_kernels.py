@@ -375,9 +375,10 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
 LAST_LAUNCH = [None]
 
 
-def launch_facts() -> dict:
-    """Registers, spills and shared memory of the latest launch (empty under the interpreter)."""
-    kernel = LAST_LAUNCH[0]
+def launch_facts(kernel=None) -> dict:
+    """Registers, spills and shared memory of `kernel`, by default the latest launch here (empty
+    under the interpreter)."""
+    kernel = LAST_LAUNCH[0] if kernel is None else kernel
     facts = {name: getattr(kernel, name, None) for name in ("n_regs", "n_spills")}
     facts["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
     return {name: value for name, value in facts.items() if isinstance(value, int)}
