@@ -3,7 +3,7 @@ one JSON object.
 
     python bench/attention.py [--tokens 32760 8100] [--heads 40] [--head-dim 128] [--reps 10]
                               [--no-sweep | --configs N | --select I,J,...] [--precompile P]
-                              [--out FILE]
+                              [--diagnose] [--out FILE]
     python bench/attention.py --list      # the sweep's configurations with their indices, no GPU
 
 Shapes are the 14B model's self-attention (batch 1, 40 heads, head dim 128, bf16): 32,760 tokens
@@ -246,6 +246,23 @@ def run_size(tokens: int, args, configs: list[dict], partial=None) -> dict:
     return entry
 
 
+def diagnose(tokens: int, args) -> dict:
+    """The bf16 Gluon kernel (128-key blocks) timed whole and with parts removed: no exp2 (P is
+    its exponent), no wgmma in the main loop (P feeds only a row sum). Outputs are wrong in the
+    last two; their times say where the kernel's time goes (docs/ATTENTION_8BIT.md)."""
+    config = next(c for c in ai.SWEEP if c["gluon"] and c["pv"] == "bf16" and c["block_n"] == 128)
+    reason = ai.unsupported(config, capability())
+    if reason:
+        return {"config": config, "skipped": reason}
+    q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
+    kv = ai.quantize_kv(k, v, config["block_n"], config["pv"], True)
+    result = {"config": config}
+    for name, diag in (("as_shipped_ms", 0), ("no_exp2_ms", 1), ("no_wgmma_ms", 2)):
+        variant = dict(config, diag=diag)
+        result[name] = median_ms(lambda: ai.attend_quantized(q, kv, tokens, variant), args.reps)
+    return result
+
+
 def verdict(entry: dict) -> dict:
     """The issue's acceptance for one size: the default config (what the backend runs)."""
     ours, cudnn = entry["ours"][0], entry.get("cudnn_sdpa", {})
@@ -285,6 +302,8 @@ def main(argv=None):
     ap.add_argument("--precompile", type=int, default=8,
                     help="child processes compiling the configurations first (0: none)")
     ap.add_argument("--precompile-timeout", type=float, default=300)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also time the bf16 Gluon kernel without exp2 / without wgmma (Hopper)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.list:
@@ -320,6 +339,9 @@ def main(argv=None):
         for tokens in args.tokens:
             entry = run_size(tokens, args, configs, partial)
             entry["verdict"] = verdict(entry)
+            if args.diagnose:
+                entry["diagnose"] = diagnose(tokens, args)
+                progress(f"{tokens} tokens, diagnose: {entry['diagnose']}")
             result["sizes"].append(entry)
             torch.cuda.empty_cache()
     emit(result, args.out)

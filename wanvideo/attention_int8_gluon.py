@@ -30,6 +30,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_init,
                                                                 warpgroup_mma_wait)
 
 MAGIC_BITS = 0x4B400000  # the bits of 1.5 * 2**23
@@ -307,11 +308,12 @@ def _attn_kernel(Q, k_desc, v_desc, K_SCALE, V_SCALE, O, n_q, keys, padded, head
 
 @gluon.jit
 def _softmax_bf16(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.constexpr,
-                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr,
+                  NO_EXP2: gl.constexpr = False):
     """bf16 P = exp2(s - m_new) of one key block in the P.V operand layout (for 16-bit operands
     the wgmma accumulator's registers already are the operand's), the new max, the row sums and
     the accumulator's factor: (p, m_new, l_i, alpha). attention_int8_kernels._bf16_pv_block's
-    arithmetic, operation for operation."""
+    arithmetic, operation for operation. NO_EXP2 (diagnostics only): P is its exponent."""
     f = (s + MAGIC_BITS_C).to(gl.float32, bitcast=True)
     if MASKED:
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -324,7 +326,10 @@ def _softmax_bf16(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.conste
     x = gl.fma(f, c[:, None], ((m_block - m_new) - f_max * c)[:, None])
     if MASKED:
         x = gl.where(cols[None, :] < keys, x, float("-inf"))
-    p = gl.exp2(x)
+    if NO_EXP2:
+        p = x
+    else:
+        p = gl.exp2(x)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return gl.convert_layout(p.to(gl.bfloat16), p_layout, assert_trivial=True), m_new, l_i, alpha
 
@@ -333,20 +338,28 @@ def _softmax_bf16(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.conste
 def _loop_bf16(acc, m_i, l_i, s, acc_tok, q_op, q_scale, ks_ptr, keys, n_blocks, k_desc, v_desc,
                k_smem, v_smem, k_bars, v_bars, row0, zero_s, p_layout: gl.constexpr,
                s_layout: gl.constexpr, o_rows: gl.constexpr, STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr):
-    """Every key block but the last, bf16 P.V accumulated by the wgmma itself."""
+               BLOCK_N: gl.constexpr, DIAG: gl.constexpr):
+    """Every key block but the last, bf16 P.V accumulated by the wgmma itself. DIAG (bench
+    only, wrong results): 1 computes no exp2, 2 issues no wgmma (P only feeds a row sum)."""
     for j in range(0, n_blocks - 1):
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
         if j + STAGES - 1 < n_blocks:
             _load_v(v_desc, v_smem, v_bars, row0, 0, j + STAGES - 1, STAGES, BLOCK_N, False)
-        s_next = _issue_scores(q_op, k_smem, k_bars, j + 1, zero_s, STAGES)
+        if DIAG == 2:
+            s_next = warpgroup_mma_init(zero_s)
+        else:
+            s_next = _issue_scores(q_op, k_smem, k_bars, j + 1, zero_s, STAGES)
         p, m_i, l_i, alpha = _softmax_bf16(s, m_i, l_i, q_scale, gl.load(ks_ptr + j),
                                            j * BLOCK_N, keys, p_layout, s_layout, BLOCK_N,
-                                           False)
+                                           False, DIAG == 1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         slot = j % STAGES
         mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
-        acc_tok = warpgroup_mma(p, v_smem.index(slot), acc, is_async=True)
+        if DIAG == 2:
+            row = gl.convert_layout(gl.sum(p.to(gl.float32), axis=1), o_rows)
+            acc_tok = warpgroup_mma_init(acc + row[:, None])
+        else:
+            acc_tok = warpgroup_mma(p, v_smem.index(slot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
         if j + STAGES < n_blocks:
             _load_k(k_desc, k_smem, k_bars, row0, j + STAGES, STAGES, BLOCK_N)
@@ -356,7 +369,8 @@ def _loop_bf16(acc, m_i, l_i, s, acc_tok, q_op, q_scale, ks_ptr, keys, n_blocks,
 @gluon.jit
 def _attn_kernel_bf16(Q, k_desc, v_desc, K_SCALE, O, n_q, keys, padded, heads, factor,
                       s_qb, s_ql, s_qh, s_ob, s_ol, s_oh,
-                      STAGES: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
+                      STAGES: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr,
+                      DIAG: gl.constexpr = 0):
     """bf16 P.V: INT8 Q.K^T as in _attn_kernel, P and V (quantize_kv's padded bf16 copy) in
     bf16 on the tensor cores, accumulated in fp32 by the wgmma itself (no per-block int32 result
     to fold: 64 registers and ~3 instructions per output element and block fewer).
@@ -390,7 +404,7 @@ def _attn_kernel_bf16(Q, k_desc, v_desc, K_SCALE, O, n_q, keys, padded, heads, f
     acc, m_i, l_i, s, acc_tok = _loop_bf16(acc, m_i, l_i, s, acc_tok, q_op, q_scale, ks_ptr,
                                            keys, n_blocks, k_desc, v_desc, k_smem, v_smem,
                                            k_bars, v_bars, row0, zero_s, p_layout, s_layout,
-                                           o_rows, STAGES, BLOCK_N)
+                                           o_rows, STAGES, BLOCK_N, DIAG)
 
     last = n_blocks - 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
@@ -412,9 +426,10 @@ def _layouts(block_n: int, head_dim: int):
 
 def attention(q, k_int, k_scale, v_t, v_scale, out, keys: int, factor: float, *, block_m: int,
               block_n: int, num_warps: int, num_stages: int, lazy: bool = False,
-              pv: str = "int8", **_unused):
+              pv: str = "int8", diag: int = 0, **_unused):
     """The Gluon kernel of `pv` on quantize_kv(..., gluon=True)'s output (INT8 K [B*H, padded,
-    D]; INT8 V^T [B*H, D, padded] or bf16 V [B*H, padded, D]); returns the launched kernel."""
+    D]; INT8 V^T [B*H, D, padded] or bf16 V [B*H, padded, D]); returns the launched kernel.
+    `diag` (bf16, bench/attention.py --diagnose only): _loop_bf16's DIAG, wrong outputs."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bh, padded, d = k_int.shape
@@ -428,7 +443,8 @@ def attention(q, k_int, k_scale, v_t, v_scale, out, keys: int, factor: float, *,
         return _attn_kernel_bf16[grid](q, k_desc, v_desc, k_scale, out, n_q, keys, padded, h,
                                        factor, q.stride(0), q.stride(1), q.stride(2),
                                        out.stride(0), out.stride(1), out.stride(2),
-                                       STAGES=num_stages, BLOCK_M=block_m, num_warps=num_warps)
+                                       STAGES=num_stages, BLOCK_M=block_m, DIAG=int(diag),
+                                       num_warps=num_warps)
     v_desc = TensorDescriptor(v_t, [bh * d, padded], [padded, 1], [d, block_n], v_layout)
     return _attn_kernel[grid](q, k_desc, v_desc, k_scale, v_scale, out, n_q, keys, padded, h,
                               factor, q.stride(0), q.stride(1), q.stride(2),
@@ -463,6 +479,8 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
               "num_warps": config["num_warps"]}
     if not bf16:
         consts["LAZY"] = bool(config.get("lazy", False))
+    else:
+        consts["DIAG"] = 0
     sig.update({name: "constexpr" for name in consts})
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
