@@ -170,7 +170,7 @@ def _gluon_unsupported(config: dict, capability: int | None) -> str | None:
     try:
         from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
     except ImportError as exc:
-        return f"Triton {_kernels().triton.__version__} has no Gluon Hopper API ({exc})"
+        return f"the installed Triton has no Gluon Hopper API ({exc})"
     if config.get("lazy") and config["pv"] != "int8":
         return "lazy rescaling is for pv='int8' only"
     return None
@@ -255,21 +255,19 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
     factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
     kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):
-        launched = kernels.attention(q, k_int, k_scale, v,
-                                     v_scale if v_scale is not None else k_scale, out, keys,
-                                     factor, **config)
-    if config.get("gluon"):
-        _LAST_GLUON[0] = launched
+        _LAST_LAUNCH[0] = kernels.attention(q, k_int, k_scale, v,
+                                            v_scale if v_scale is not None else k_scale, out,
+                                            keys, factor, **config)
     return out
 
 
-_LAST_GLUON = [None]
+_LAST_LAUNCH = [None]   # the compiled kernel of the latest attend_quantized
 
 
-def launch_facts(config: dict) -> dict:
-    """n_regs, n_spills and shared memory of the latest launch of `config`'s kernel
-    (bench/attention.py records them next to each timing)."""
-    return _kernels().launch_facts(_LAST_GLUON[0] if config.get("gluon") else None)
+def launch_facts() -> dict:
+    """n_regs, n_spills and shared memory of the latest launch (bench/attention.py records them
+    next to each timing)."""
+    return _kernels().launch_facts(_LAST_LAUNCH[0])
 
 
 @functools.lru_cache(maxsize=None)

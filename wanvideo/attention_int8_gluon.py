@@ -33,8 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, war
                                                                 warpgroup_mma_init,
                                                                 warpgroup_mma_wait)
 
-MAGIC_BITS = 0x4B400000  # the bits of 1.5 * 2**23
-MAGIC_BITS_C = gl.constexpr(MAGIC_BITS)
+MAGIC_BITS = gl.constexpr(0x4B400000)  # the bits of 1.5 * 2**23
 
 
 @gluon.jit
@@ -118,7 +117,7 @@ def _softmax(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.constexpr,
              s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
     """One key block's INT8 P (in the P.V operand layout), the new reference max, and the block's
     weights: (p, m_new, l_i, alpha, p_scale)."""
-    f = (s + MAGIC_BITS_C).to(gl.float32, bitcast=True)
+    f = (s + MAGIC_BITS).to(gl.float32, bitcast=True)
     if MASKED:
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         f = gl.where(cols[None, :] < keys, f, float("-inf"))
@@ -132,7 +131,7 @@ def _softmax(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.constexpr,
     if MASKED:  # c may be 0 (an all-zero query row): -inf * 0 would be NaN
         x = gl.where(cols[None, :] < keys, x, float("-inf"))
     bits = gl.fma(gl.exp2(x), 127.0, 12582912.0).to(gl.int32, bitcast=True)
-    offset = gl.full([s.shape[0]], MAGIC_BITS_C, gl.int32, layout=gl.SliceLayout(1, s_layout))
+    offset = gl.full([s.shape[0]], MAGIC_BITS, gl.int32, layout=gl.SliceLayout(1, s_layout))
     l_block = gl.sum(bits, axis=1) - offset * BLOCK_N
     l_i = l_i * alpha + p_scale * l_block.to(gl.float32)
     return _as_operand(bits.to(gl.int8), p_layout), m_new, l_i, alpha, p_scale
@@ -164,7 +163,7 @@ def _fold(acc, pv, alpha, p_scale, o_rows: gl.constexpr, LAZY: gl.constexpr):
             acc = acc * alpha[:, None]
     else:
         acc = acc * alpha[:, None]
-    return acc + ((pv + MAGIC_BITS_C).to(gl.float32, bitcast=True) - 12582912.0) * p_scale[:, None]
+    return acc + ((pv + MAGIC_BITS).to(gl.float32, bitcast=True) - 12582912.0) * p_scale[:, None]
 
 
 @gluon.constexpr_function
@@ -314,7 +313,7 @@ def _softmax_bf16(s, m_i, l_i, q_scale, k_scale, col0, keys, p_layout: gl.conste
     the wgmma accumulator's registers already are the operand's), the new max, the row sums and
     the accumulator's factor: (p, m_new, l_i, alpha). attention_int8_kernels._bf16_pv_block's
     arithmetic, operation for operation. NO_EXP2 (diagnostics only): P is its exponent."""
-    f = (s + MAGIC_BITS_C).to(gl.float32, bitcast=True)
+    f = (s + MAGIC_BITS).to(gl.float32, bitcast=True)
     if MASKED:
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         f = gl.where(cols[None, :] < keys, f, float("-inf"))

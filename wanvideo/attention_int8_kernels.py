@@ -370,15 +370,9 @@ def _attn_kernel(Q, K_INT, K_SCALE, V, V_SCALE, O, n_q, keys, padded, heads, fac
     _store_tile(O, acc, l_i, V_SCALE, b, h, bh, s_ob, s_oh, s_ol, rows64, d, in_q, D, PV_INT8)
 
 
-# The compiled kernel of the latest attention() launch (n_regs, n_spills, metadata.shared on a
-# GPU): bench/attention.py reports them per configuration, the occupancy facts behind a timing.
-LAST_LAUNCH = [None]
-
-
-def launch_facts(kernel=None) -> dict:
-    """Registers, spills and shared memory of `kernel`, by default the latest launch here (empty
-    under the interpreter)."""
-    kernel = LAST_LAUNCH[0] if kernel is None else kernel
+def launch_facts(kernel) -> dict:
+    """Registers, spills and shared memory of a launched kernel (n_regs, n_spills,
+    metadata.shared; empty under the interpreter): the occupancy facts behind a timing."""
     facts = {name: getattr(kernel, name, None) for name in ("n_regs", "n_spills")}
     facts["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
     return {name: value for name, value in facts.items() if isinstance(value, int)}
@@ -386,8 +380,9 @@ def launch_facts(kernel=None) -> dict:
 
 def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, pv: str,
               block_m: int, block_n: int, num_warps: int, num_stages: int, ws: bool = False,
-              lazy: bool = False, unroll: int = 1, tma: bool = False, gluon: bool = False) -> None:
-    """`v`: quantize_kv's transposed INT8 V for pv="int8", the input V for pv="bf16"."""
+              lazy: bool = False, unroll: int = 1, tma: bool = False, gluon: bool = False):
+    """`v`: quantize_kv's transposed INT8 V for pv="int8", the input V for pv="bf16". Returns
+    the launched kernel."""
     reason = unsupported(dict(pv=pv, ws=ws, lazy=lazy, unroll=unroll, tma=tma))
     if reason:
         raise RuntimeError(reason)
@@ -396,7 +391,7 @@ def attention(q, k_int, k_scale, v, v_scale, out, keys: int, factor: float, *, p
     b, n_q, h, d = q.shape
     grid = (triton.cdiv(n_q, block_m), b * h)
     v_strides = (0, 0, 0) if pv == "int8" else (v.stride(0), v.stride(1), v.stride(2))
-    LAST_LAUNCH[0] = _attn_kernel[grid](q, k_int, k_scale, v, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
+    return _attn_kernel[grid](q, k_int, k_scale, v, v_scale, out, n_q, keys, k_int.shape[1], h, factor,
                        q.stride(0), q.stride(1), q.stride(2), *v_strides,
                        out.stride(0), out.stride(1), out.stride(2),
                        D=d, BLOCK_M=block_m, BLOCK_N=block_n, PV_INT8=pv == "int8",

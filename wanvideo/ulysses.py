@@ -25,7 +25,7 @@ class HeadExchange:
 
     def __init__(self, shard, shape: tuple[int, int, int, int]):
         self.shard, self.shape = shard, tuple(shape)
-        b, n, h, d = self.shape
+        _, n, h, _ = self.shape
         if n != shard.chunk:
             raise ValueError(f"{n} tokens, expected this rank's chunk of {shard.chunk}")
         shard.sp.check_heads(h)
