@@ -2,6 +2,7 @@
 random weights (no file), made on the GPU for speed and stored where the caller asks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ _pack.load_pack()
 from wanvideo_infinitetalk import fp8_optimization  # noqa: E402
 from wanvideo_infinitetalk.multitalk.inject import inject_infinitetalk  # noqa: E402
 from wanvideo_infinitetalk.multitalk.tiny import infinitetalk_shapes  # noqa: E402
-from wanvideo_infinitetalk.wanvideo import placement  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import attention_int8, placement  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.config import WanConfig  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.loader import build_meta_model, storage_dtype_policy  # noqa: E402
 
@@ -98,3 +99,21 @@ def emit(result: dict, out: str | None) -> None:
         with open(out, "w") as f:
             f.write(text)
     print(text)
+
+
+@contextlib.contextmanager
+def attention_spec(spec: str):
+    """An attention backend name for model.set_attention; "int8@N" is the 8-bit backend with
+    attention_int8.SWEEP[N] as its launch settings instead of the device default, so one run
+    can time the default kernel and a candidate side by side."""
+    name, _, index = spec.partition("@")
+    if not index:
+        yield spec
+        return
+    chosen = dict(attention_int8.SWEEP[int(index)])
+    original = attention_int8.default_config
+    attention_int8.default_config = lambda device, head_dim: dict(chosen)
+    try:
+        yield name
+    finally:
+        attention_int8.default_config = original

@@ -1,7 +1,7 @@
 """Quantized weights on a 14B-shaped WanModel stack (GPU only; prints one JSON object).
 
     python bench/quant.py --json [--blocks 8] [--tokens 32760 8100] [--iters 3] [--out FILE]
-                         [--attention int8]
+                         [--attention int8[,int8@N...]]
 
 Variants, each resident on the GPU and with BlockSwap of all blocks (weights in pinned host RAM):
 bf16; fp8 e4m3 scaled through `_scaled_mm` (per-tensor input quantization) with fast accumulation
@@ -11,7 +11,10 @@ WanModel (dim 5120, ffn 13824, 40 heads, I2V, InfiniteTalk layers present but no
 audio input) with identical random weights in every variant. Times are ms per full forward
 (CUDA events); cosine is against the bf16 output of the same input. `--attention` sets the
 attention backend of every variant except bf16, which stays the SDPA reference (e.g. `--attention
-int8 --variants bf16,fp8_scaled_mm`: fp8 weights + 8-bit attention against plain bf16).
+int8 --variants bf16,fp8_scaled_mm`: fp8 weights + 8-bit attention against plain bf16). Several
+comma-separated backends time each non-bf16 variant once per backend, keyed "variant+backend";
+"int8@N" runs the 8-bit kernel with launch settings attention_int8.SWEEP[N] (a candidate default
+against the current one in the same run).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import gc
 
 import torch
 
-from common import build, emit  # noqa: E402
+from common import attention_spec, build, emit  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
 
@@ -110,17 +113,21 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--attention", default="sdpa", help="attention backend of the non-bf16 variants")
+    ap.add_argument("--attention", default="sdpa",
+                    help="attention backend(s) of the non-bf16 variants, comma-separated")
     args = ap.parse_args(argv)
     reference: dict = {}
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "blocks": args.blocks, "tokens": args.tokens, "attention": args.attention,
                "resident": {}, "swapped_all": {}}
+    specs = args.attention.split(",")
     for name in args.variants.split(","):
-        results["resident"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
-                                                args.warmup, reference, False, args.attention)
-        results["swapped_all"][name] = run_variant(name, args.blocks, args.tokens, args.iters,
-                                                   args.warmup, reference, True, args.attention)
+        for spec in ["sdpa"] if name == "bf16" else specs:
+            key = name if name == "bf16" or len(specs) == 1 else f"{name}+{spec}"
+            with attention_spec(spec) as backend:
+                for mode, swapped in (("resident", False), ("swapped_all", True)):
+                    results[mode][key] = run_variant(name, args.blocks, args.tokens, args.iters,
+                                                     args.warmup, reference, swapped, backend)
     base = results["resident"].get("bf16")
     for mode in ("resident", "swapped_all"):
         for name, res in results[mode].items():

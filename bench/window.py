@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
+from common import attention_spec, build, emit  # noqa: E402  (also loads the pack as wanvideo_infinitetalk)
 
 from wanvideo_infinitetalk.multitalk.pipeline import VideoRequest, generate_video  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.block_swap import BlockSwap  # noqa: E402
@@ -45,9 +45,14 @@ def stand_in_vae(device):
 def run_window(model, swap, request, encode, decode, backend: str, cuda: bool) -> dict:
     """One window with `backend` attention: step times (the first includes warm-up), total,
     peak VRAM, BlockSwap statistics of this window only."""
+    with attention_spec(backend) as name:
+        model.set_attention(name)
+        return _timed_window(model, swap, request, encode, decode, cuda)
+
+
+def _timed_window(model, swap, request, encode, decode, cuda: bool) -> dict:
     from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks
 
-    model.set_attention(backend)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     if cuda:
@@ -85,7 +90,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test with small --dim")
     p.add_argument("--attention", default="sdpa",
                    help="comma list of attention backends (wanvideo/attention.py), each sampling "
-                        "the same window on the same model in turn")
+                        "the same window on the same model in turn; int8@N: the 8-bit kernel "
+                        "with attention_int8.SWEEP[N]'s launch settings")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()

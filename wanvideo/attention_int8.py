@@ -145,6 +145,12 @@ SWEEP = [_config(*c) for c in (
     _config("bf16", 64, 128, 4, 2, gluon=True),                     # 26
     _config("bf16", 64, 64, 4, 3, gluon=True),
     _config("bf16", 64, 64, 4, 4, gluon=True),
+    # 29-32: two warpgroups sharing each K/V tile (128-query tiles, one CTA per SM): half the
+    # K/V traffic from L2 of the 64-query tiles (docs/ATTENTION_8BIT.md, "Two warpgroups")
+    _config("bf16", 128, 128, 8, 2, gluon=True),                    # 29
+    _config("bf16", 128, 128, 8, 3, gluon=True),
+    _config("bf16", 128, 64, 8, 3, gluon=True),
+    _config("int8", 128, 128, 8, 3, gluon=True, lazy=True),
 ]
 
 
@@ -161,8 +167,9 @@ def _gluon_unsupported(config: dict, capability: int | None) -> str | None:
     """Why the Gluon kernel (attention_int8_gluon) cannot run `config`, or None."""
     if capability is not None and capability // 10 != 9:  # wgmma: sm_90 only
         return f"the Gluon kernel is for Hopper (sm_90, wgmma), not sm_{capability}"
-    if config["block_m"] != 16 * config["num_warps"] or config["num_warps"] != 4:
-        return "the Gluon kernel runs one warpgroup (num_warps=4) on 64-query tiles"
+    if config["num_warps"] not in (4, 8) or config["block_m"] != 16 * config["num_warps"]:
+        return ("the Gluon kernel runs one or two warpgroups (num_warps=4 or 8) of 64 query "
+                "rows each (block_m=64 or 128)")
     if config["block_n"] not in (64, 128):
         return "the Gluon kernel takes 64- or 128-key blocks"
     if config.get("ws") or config.get("tma") or config.get("unroll", 1) > 1:
