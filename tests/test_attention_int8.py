@@ -444,7 +444,10 @@ def cuda_inputs(b, lq, lk, heads, head_dim, dtype, seed=0):
                  for t in (q[:, :, :lq], k[:, :, :lk], v[:, :, :lk]))
 
 
-CONFIGS = [{}, {"block_n": 64}, {"pv": "bf16", "block_n": 64}, {"block_m": 128, "num_warps": 8},
+# {} is the device's default (the Gluon kernel on Hopper); gluon=False pins the Triton kernel
+CONFIGS = [{}, {"pv": "int8", "gluon": False}, {"pv": "int8", "block_n": 64, "gluon": False},
+           {"pv": "bf16", "block_n": 64, "gluon": False},
+           {"pv": "int8", "block_m": 128, "num_warps": 8, "gluon": False},
            {"gluon": True, "lazy": True}, {"gluon": True, "pv": "bf16", "num_stages": 2},
            {"gluon": True, "pv": "bf16", "block_m": 128, "num_warps": 8, "num_stages": 2}]
 
@@ -506,7 +509,7 @@ def test_gluon_kernel_equals_triton_kernel(b, lq, lk, heads, head_dim, pv, lazy,
                  num_stages=stages, lazy=lazy, gluon=True)
     _skip_if_unsupported(gluon)
     triton_config = dict(pv=pv, block_m=64, block_n=block_n, num_warps=4, num_stages=3,
-                         lazy=lazy)
+                         lazy=lazy, gluon=False)
     ours = ai.attention_int8(q, k, v, **gluon).float()
     theirs = ai.attention_int8(q, k, v, **triton_config).float()
     assert torch.isfinite(ours).all()
@@ -520,10 +523,10 @@ def test_gluon_kernel_equals_triton_kernel(b, lq, lk, heads, head_dim, pv, lazy,
 @pytest.mark.parametrize("tokens,head_dim", [(8100, 128), (4096, 64), (1000, 128)])
 def test_kernel_meets_targets_against_fp32(tokens, head_dim, pv):
     q, k, v = cuda_inputs(1, tokens, tokens, 8, head_dim, torch.bfloat16, seed=tokens)
-    if pv == a8.KERNEL_PV:
+    if pv == ai.launch_config(q)["pv"]:
         out = attn.attention(q, k, v, "int8")  # the backend as the model calls it
     else:
-        out = ai.attention_int8(q, k, v, pv=pv, block_n=64)
+        out = ai.attention_int8(q, k, v, pv=pv, block_n=64, gluon=False)
     rel, cos = errors(out.float(), sdpa_fp32(q, k, v))
     print(f"\nkernel ({pv} P.V) vs fp32, {tokens} tokens, head_dim {head_dim}: rel L2 {rel:.4f} "
           f"cos {cos:.6f}")

@@ -135,7 +135,7 @@ SWEEP = [_config(*c) for c in (
     _config("bf16", 128, 128, 8, 3, ws=True),                       # 20
     # 21-28: the Gluon kernels (Hopper only; async wgmma overlapping the softmax, TMA ring).
     # H200: INT8 P.V 2.1x slower than the Triton kernel (its extra int32 P.V tile leaves no
-    # registers), bf16 P.V 128/2 on par at 32,760 keys and the fastest at 8,100
+    # registers); bf16 P.V 128/2 (26) the fastest at both lengths and Hopper's default
     # (docs/ATTENTION_8BIT.md, "The Gluon kernels")
     _config("int8", 64, 128, 4, 3, gluon=True),                     # 21
     _config("int8", 64, 128, 4, 3, gluon=True, lazy=True),
@@ -145,13 +145,13 @@ SWEEP = [_config(*c) for c in (
     _config("bf16", 64, 128, 4, 2, gluon=True),                     # 26
     _config("bf16", 64, 64, 4, 3, gluon=True),
     _config("bf16", 64, 64, 4, 4, gluon=True),
-    # 29-32: two warpgroups sharing each K/V tile (128-query tiles, one CTA per SM): half the
-    # K/V traffic from L2 of the 64-query tiles (docs/ATTENTION_8BIT.md, "Two warpgroups")
+    # 29-30: two warpgroups sharing each K/V tile (128-query tiles, one CTA per SM): half the
+    # K/V traffic of 64-query tiles, and slower (docs/ATTENTION_8BIT.md, "Two warpgroups")
     _config("bf16", 128, 128, 8, 2, gluon=True),                    # 29
     _config("bf16", 128, 128, 8, 3, gluon=True),
-    _config("bf16", 128, 64, 8, 3, gluon=True),
-    _config("int8", 128, 128, 8, 3, gluon=True, lazy=True),
 ]
+# Hopper's default where Triton has Gluon (default_config): SWEEP[26]
+HOPPER_GLUON = SWEEP[26]
 
 
 def unsupported(config: dict, capability: int | None = None) -> str | None:
@@ -185,18 +185,27 @@ def _gluon_unsupported(config: dict, capability: int | None) -> str | None:
 
 def default_config(device: torch.device, head_dim: int) -> dict:
     """Launch settings per device. `pv` and `block_n` set the numerics (the reference takes the
-    same two); the others only the speed. Chosen from the compiler's output (registers, spills,
-    instructions per key block) and, on Hopper, the H200 bench (3 stages fastest at 8,100 and
-    32,760 keys: 2.41 / 34.4 ms against 2.62 / 36.6 ms with 2):
-    - Hopper: 64-query tiles, one warpgroup (4 warps): 254 registers, no spills, so two
-      CTAs share an SM. Triton waits for each wgmma right after issuing it, so one CTA cannot
-      overlap its tensor-core and softmax work; two independent CTAs can (a 128-row tile with 8
-      warps keeps both warpgroups in step through its barriers).
+    same two); the others only the speed. From the compiler's output (registers, spills,
+    instructions per key block) and the H200 benches (docs/ATTENTION_8BIT.md):
+    - Hopper with Triton's Gluon (HOPPER_GLUON): the Gluon kernel with bf16 P.V, 64-query tiles,
+      2 stages. Same run on an H200 against the Triton kernel below: attention 32.5-33.6 vs
+      34.1 ms at 32,760 keys and 2.0-2.2 vs 2.4 ms at 8,100, one 3-pass window step 7.01 vs
+      7.23 s, and half the error (rel L2 0.012 vs 0.021 against fp32).
+    - Hopper without Gluon (Triton < 3.5): the Triton kernel, INT8 P.V, 64-query tiles, one
+      warpgroup, 3 stages (254 registers, two CTAs per SM overlap each other's tensor-core and
+      softmax phases).
     - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
-    bench/attention.py sweeps the alternatives, bf16 P.V included."""
+    bench/attention.py sweeps the alternatives."""
     if device.type == "cuda" and _capability(device) >= (9, 0):
+        if _capability(device)[0] == 9 and _gluon_ready():
+            return dict(HOPPER_GLUON)
         return _config("int8", 64, KERNEL_BLOCK_N, 4, 3)
     return _config("int8", 128, KERNEL_BLOCK_N, 8, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_ready() -> bool:
+    return _gluon_unsupported(HOPPER_GLUON, 90) is None
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
