@@ -248,8 +248,9 @@ def run_size(tokens: int, args, configs: list[dict], partial=None) -> dict:
 
 def diagnose(tokens: int, args) -> dict:
     """The bf16 Gluon kernel (128-key blocks) timed whole and with parts removed: no exp2 (P is
-    its exponent), no wgmma in the main loop (P feeds only a row sum). Outputs are wrong in the
-    last two; their times say where the kernel's time goes (docs/ATTENTION_8BIT.md)."""
+    its exponent), no wgmma in the main loop (P feeds only a row sum), no V tiles loaded after
+    the ring's first fill, no K or V tiles. Outputs are wrong in all but the first; the times
+    say where the kernel's time goes (docs/ATTENTION_8BIT.md)."""
     config = next(c for c in ai.SWEEP if c["gluon"] and c["pv"] == "bf16" and c["block_n"] == 128)
     reason = ai.unsupported(config, capability())
     if reason:
@@ -257,7 +258,8 @@ def diagnose(tokens: int, args) -> dict:
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
     kv = ai.quantize_kv(k, v, config["block_n"], config["pv"], True)
     result = {"config": config}
-    for name, diag in (("as_shipped_ms", 0), ("no_exp2_ms", 1), ("no_wgmma_ms", 2)):
+    for name, diag in (("as_shipped_ms", 0), ("no_exp2_ms", 1), ("no_wgmma_ms", 2),
+                       ("no_v_loads_ms", 3), ("no_kv_loads_ms", 4)):
         variant = dict(config, diag=diag)
         result[name] = median_ms(lambda: ai.attend_quantized(q, kv, tokens, variant), args.reps)
     return result

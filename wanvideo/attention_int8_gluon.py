@@ -44,20 +44,29 @@ def _to_int8(x, scale):
 
 
 @gluon.jit
-def _load_k(k_desc, k_smem, k_bars, row0, j, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """TMA of key block j's K tile into slot j % STAGES."""
+def _load_k(k_desc, k_smem, k_bars, row0, j, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+            SKIP: gl.constexpr = False):
+    """TMA of key block j's K tile into slot j % STAGES. SKIP (diagnostics only): past the
+    ring's first fill the slot keeps its old tile and the barrier is only arrived at."""
     slot = j % STAGES
     bar = k_bars.index(slot)
+    if SKIP and j >= STAGES:
+        mbarrier.arrive(bar)
+        return
     mbarrier.expect(bar, k_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], bar, k_smem.index(slot))
 
 
 @gluon.jit
 def _load_v(v_desc, v_smem, v_bars, row0, vrow0, j, STAGES: gl.constexpr,
-            BLOCK_N: gl.constexpr, V_T: gl.constexpr):
-    """TMA of key block j's V tile (V_T: INT8 V^T [D, keys], else bf16 [keys, D])."""
+            BLOCK_N: gl.constexpr, V_T: gl.constexpr, SKIP: gl.constexpr = False):
+    """TMA of key block j's V tile (V_T: INT8 V^T [D, keys], else bf16 [keys, D]); SKIP as in
+    _load_k."""
     slot = j % STAGES
     bar = v_bars.index(slot)
+    if SKIP and j >= STAGES:
+        mbarrier.arrive(bar)
+        return
     mbarrier.expect(bar, v_desc.block_type.nbytes)
     if V_T:
         tma.async_copy_global_to_shared(v_desc, [vrow0, j * BLOCK_N], bar, v_smem.index(slot))
@@ -339,11 +348,13 @@ def _loop_bf16(acc, m_i, l_i, s, acc_tok, q_op, q_scale, ks_ptr, keys, n_blocks,
                s_layout: gl.constexpr, o_rows: gl.constexpr, STAGES: gl.constexpr,
                BLOCK_N: gl.constexpr, DIAG: gl.constexpr):
     """Every key block but the last, bf16 P.V accumulated by the wgmma itself. DIAG (bench
-    only, wrong results): 1 computes no exp2, 2 issues no wgmma (P only feeds a row sum)."""
+    only, wrong results): 1 computes no exp2, 2 issues no wgmma (P only feeds a row sum),
+    3 loads no V tile past the ring's first fill, 4 neither K nor V tiles."""
     for j in range(0, n_blocks - 1):
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
         if j + STAGES - 1 < n_blocks:
-            _load_v(v_desc, v_smem, v_bars, row0, 0, j + STAGES - 1, STAGES, BLOCK_N, False)
+            _load_v(v_desc, v_smem, v_bars, row0, 0, j + STAGES - 1, STAGES, BLOCK_N, False,
+                    DIAG >= 3)
         if DIAG == 2:
             s_next = warpgroup_mma_init(zero_s)
         else:
@@ -361,7 +372,7 @@ def _loop_bf16(acc, m_i, l_i, s, acc_tok, q_op, q_scale, ks_ptr, keys, n_blocks,
             acc_tok = warpgroup_mma(p, v_smem.index(slot), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
         if j + STAGES < n_blocks:
-            _load_k(k_desc, k_smem, k_bars, row0, j + STAGES, STAGES, BLOCK_N)
+            _load_k(k_desc, k_smem, k_bars, row0, j + STAGES, STAGES, BLOCK_N, DIAG == 4)
     return acc, m_i, l_i, s, acc_tok
 
 
@@ -428,7 +439,7 @@ def attention(q, k_int, k_scale, v_t, v_scale, out, keys: int, factor: float, *,
               pv: str = "int8", diag: int = 0, **_unused):
     """The Gluon kernel of `pv` on quantize_kv(..., gluon=True)'s output (INT8 K [B*H, padded,
     D]; INT8 V^T [B*H, D, padded] or bf16 V [B*H, padded, D]); returns the launched kernel.
-    `diag` (bf16, bench/attention.py --diagnose only): _loop_bf16's DIAG, wrong outputs."""
+    `diag` (bf16, bench/attention.py --diagnose only): _loop_bf16's DIAG 1-4, wrong outputs."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bh, padded, d = k_int.shape
