@@ -188,12 +188,12 @@ def default_config(device: torch.device, head_dim: int) -> dict:
     same two); the others only the speed. From the compiler's output (registers, spills,
     instructions per key block) and the H200 benches (docs/ATTENTION_8BIT.md):
     - Hopper with Triton's Gluon (HOPPER_GLUON): the Gluon kernel with bf16 P.V, 64-query tiles,
-      2 stages. Same run on an H200 against the Triton kernel below: attention 32.5-33.6 vs
-      34.1 ms at 32,760 keys and 2.0-2.2 vs 2.4 ms at 8,100, one 3-pass window step 7.01 vs
-      7.23 s, and half the error (rel L2 0.012 vs 0.021 against fp32).
-    - Hopper without Gluon (Triton < 3.5): the Triton kernel, INT8 P.V, 64-query tiles, one
-      warpgroup, 3 stages (254 registers, two CTAs per SM overlap each other's tensor-core and
-      softmax phases).
+      2 stages. Against the Triton kernel below in the same H200 runs (K/V pass included):
+      33.2-33.6 vs 34.1-34.3 ms at 32,760 keys, 2.21-2.23 vs 2.42-2.50 ms at 8,100, one 3-pass
+      window step 7.01 vs 7.23 s, half the error (rel L2 0.012 vs 0.021 against fp32).
+    - Hopper with a Triton without Gluon (3.2, for one): the Triton kernel, INT8 P.V, 64-query
+      tiles, one warpgroup, 3 stages (254 registers, two CTAs per SM overlap each other's
+      tensor-core and softmax phases).
     - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
     bench/attention.py sweeps the alternatives."""
     if device.type == "cuda" and _capability(device) >= (9, 0):
