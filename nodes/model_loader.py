@@ -7,7 +7,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..wanvideo.attention import BACKENDS
+from ..wanvideo.attention import BACKENDS, describe_backend
 from ..wanvideo.loader import BASE_DTYPES, QUANTIZE_CHOICES
 from ..wanvideo.quant_linear import FP8_MATMUL
 from .model_files import patch_path
@@ -183,6 +183,7 @@ class WanVideoModelLoader(io.ComfyNode):
         for key in _LOGGED:
             if key in report:
                 log.info("  %s: %s", key, _brief(key, report[key]))
+        log.info("  attention: %s", describe_backend(attention, torch.device(compute)))
         handle = WanVideoModelHandle(model=loaded.model, report=report, device=device,
                                      offload_device=offload, name=model, load_spec=dict(
                                          paths=(path,), base_dtype=PRECISIONS[base_precision],

@@ -620,3 +620,76 @@ def test_model_forward_under_block_swap_and_fp8(tmp_path, monkeypatch, quantizat
     cos = F.cosine_similarity(outs["int8"].flatten(), outs["sdpa"].flatten(), dim=0).item()
     print(f"\nforward int8 vs sdpa ({quantization}, BlockSwap): cosine {cos:.6f}")
     assert cos >= 0.995
+
+
+def test_hopper_default_is_the_gluon_kernel_until_it_fails(monkeypatch):
+    """Hopper with Gluon: the bf16 Gluon kernel; after it failed on a device, or with a Triton
+    without Gluon, the Triton kernel; other GPUs keep theirs."""
+    monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    gpu, other = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert ai.default_config(gpu, 128) == ai.HOPPER_GLUON == ai.SWEEP[26]
+    ai._GLUON_FAILED[gpu] = "RuntimeError: boom"
+    fallback = ai.default_config(gpu, 128)
+    assert fallback == ai.SWEEP[1] and not fallback["gluon"]
+    assert ai.default_config(other, 128) == ai.HOPPER_GLUON   # only the failing device
+    monkeypatch.setattr(ai, "_gluon_ready", lambda: False)
+    assert ai.default_config(other, 128) == ai.SWEEP[1]
+    monkeypatch.setattr(ai, "_capability", lambda device: (8, 9))
+    assert ai.default_config(other, 128) == ai.SWEEP[2]
+
+
+def test_a_failing_gluon_kernel_hands_over_to_the_triton_kernel(monkeypatch, caplog):
+    failed = {}
+    monkeypatch.setattr(ai, "_GLUON_FAILED", failed)
+    monkeypatch.setattr(ai, "default_config", lambda device, head_dim: dict(
+        ai.SWEEP[1] if device in failed else ai.HOPPER_GLUON))
+    launched = []
+
+    def launch(q, k, v, config):
+        launched.append(config["gluon"])
+        if config["gluon"]:
+            raise RuntimeError("PTX .version 8.7 does not support .target sm_90a")
+        return q + 1
+
+    monkeypatch.setattr(ai, "_launch", launch)
+    q = torch.zeros(1, 8, 2, 64)
+    with caplog.at_level(logging.WARNING, logger=ai.__name__):
+        first, second = ai.attention_int8(q, q, q), ai.attention_int8(q, q, q)
+    assert torch.equal(first, q + 1) and torch.equal(second, q + 1)
+    assert launched == [True, False, False]           # the Gluon kernel is not retried
+    assert "sm_90a" in failed[q.device]
+    warnings = [r.getMessage() for r in caplog.records if "Gluon kernel failed" in r.getMessage()]
+    assert len(warnings) == 1 and "Triton kernel runs there" in warnings[0]
+    with pytest.raises(RuntimeError, match="sm_90a"):   # explicit settings get the error
+        ai.attention_int8(q, q, q, gluon=True)
+
+    def out_of_memory(q, k, v, config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    failed.clear()
+    monkeypatch.setattr(ai, "_launch", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ai.attention_int8(q, q, q)
+    assert not failed    # memory is not a reason to leave the Gluon kernel
+
+
+def test_the_loader_can_say_which_attention_runs(monkeypatch):
+    cpu = torch.device("cpu")
+    assert attn.describe_backend("sdpa", cpu) == "PyTorch SDPA"
+    assert attn.describe_backend("int8", cpu).startswith("PyTorch SDPA (the 8-bit kernel needs")
+    assert attn.describe_backend("flash_attn", cpu) == "the flash_attn package"
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(ai, "device_supported", lambda device: None)
+    monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    monkeypatch.setattr(attn, "auto_min_keys", lambda device: 16384)
+    assert attn.describe_backend("int8", gpu).startswith(
+        "the Gluon 8-bit kernel (INT8 Q.K^T, bf16 P.V, 64x128 tiles)")
+    assert attn.describe_backend("auto", gpu).endswith("from 16,384 keys, PyTorch SDPA below")
+    ai._GLUON_FAILED[gpu] = "RuntimeError: boom"
+    assert "the Triton 8-bit kernel (INT8 Q.K^T, INT8 P.V" in attn.describe_backend("int8", gpu)
+    monkeypatch.setattr(attn, "auto_min_keys", lambda device: None)
+    assert "not measured faster" in attn.describe_backend("auto", gpu)

@@ -236,6 +236,7 @@ def test_loader_with_patch_lora_and_quantization(comfy, env):
     assert "InfiniteTalk Model Loader: " + PATCH_1 in log
     assert "quantization=fp8_e4m3fn_scaled" in log and LORA in log
     assert "fp8_matmul=accurate" in log
+    assert "  attention: PyTorch SDPA" in log   # the loader's default backend, said in words
 
 
 def test_two_chained_loras_merge_in_order(comfy, env):

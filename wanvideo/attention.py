@@ -74,6 +74,25 @@ def auto_choice(device: torch.device, keys: int) -> str:
     return "int8" if least is not None and keys >= least else "sdpa"
 
 
+def describe_backend(name: str, device: torch.device) -> str:
+    """What backend `name` runs for the model's self-attention on `device`, in words (the model
+    loader logs it next to what it detected)."""
+    if name not in ("int8", "auto"):
+        return "PyTorch SDPA" if name == "sdpa" else f"the {name} package"
+    from . import attention_int8
+
+    reason = attention_int8.device_supported(device)
+    if reason is not None:
+        return f"PyTorch SDPA ({reason})"
+    kernel = attention_int8.describe_kernel(device)
+    if name == "int8":
+        return f"{kernel}; PyTorch SDPA for the calls it does not cover"
+    least = auto_min_keys(device)
+    if least is None:
+        return "PyTorch SDPA (the 8-bit kernel was not measured faster on this GPU)"
+    return f"{kernel} from {least:,} keys, PyTorch SDPA below"
+
+
 def sdpa_for(backend: str, device: torch.device, keys: int) -> bool:
     """Whether `attention(..., backend)` over `keys` keys on `device` runs PyTorch SDPA."""
     if backend == "auto":
@@ -111,7 +130,7 @@ def _int8(q, k, v, backend: str) -> torch.Tensor:
         return _sdpa(q, k, v)
     try:
         return attention_int8.attention_int8(q, k, v)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise   # SDPA would need the memory too; the caller's budget logic handles this
     except Exception as e:  # noqa: BLE001 - any build or launch failure of the optional kernel
         _INT8_FAILED[q.device] = f"{type(e).__name__}: {e}"

@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 
 import torch
 
 from .attention_8bit import INT8_MAX, KERNEL_BLOCK_N, LOG2E, int8_inverse, int8_scale
+
+log = logging.getLogger(__name__)
+# devices where the Gluon default failed to build or launch (device -> error): the Triton kernel
+# is their default from then on
+_GLUON_FAILED: dict = {}
 
 HEAD_DIMS = (64, 128)
 # Shorter key sequences stay in SDPA: the text (512) and CLIP (257) cross-attention and the audio
@@ -197,10 +203,18 @@ def default_config(device: torch.device, head_dim: int) -> dict:
     - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
     bench/attention.py sweeps the alternatives."""
     if device.type == "cuda" and _capability(device) >= (9, 0):
-        if _capability(device)[0] == 9 and _gluon_ready():
+        if _capability(device)[0] == 9 and _gluon_ready() and device not in _GLUON_FAILED:
             return dict(HOPPER_GLUON)
         return _config("int8", 64, KERNEL_BLOCK_N, 4, 3)
     return _config("int8", 128, KERNEL_BLOCK_N, 8, 2)
+
+
+def describe_kernel(device: torch.device, head_dim: int = 128) -> str:
+    """The kernel default_config picks on `device`, in words."""
+    config = default_config(device, head_dim)
+    pv = "INT8" if config["pv"] == "int8" else "bf16"
+    return (f"the {'Gluon' if config['gluon'] else 'Triton'} 8-bit kernel (INT8 Q.K^T, {pv} P.V, "
+            f"{config['block_m']}x{config['block_n']} tiles)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,7 +311,23 @@ def _gluon_kernels():
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
     Call `supported` first: this function assumes it returned None. `overrides`: CONFIG_KEYS
-    (bench/attention.py's sweep)."""
+    (bench/attention.py's sweep). Should the Gluon default fail to build or launch (Gluon is
+    Triton's experimental dialect: a Triton or driver it does not support), the Triton kernel
+    takes over on that device with one warning; explicit overrides get the error."""
     config = launch_config(q, **overrides)
+    if overrides or not config["gluon"]:
+        return _launch(q, k, v, config)
+    try:
+        return _launch(q, k, v, config)
+    except torch.cuda.OutOfMemoryError:
+        raise   # the Triton kernel would need the memory too
+    except Exception as e:  # noqa: BLE001 - any build or launch failure of the Gluon kernel
+        _GLUON_FAILED[q.device] = f"{type(e).__name__}: {e}"
+        log.warning("8-bit attention: the Gluon kernel failed on %s (%s); the Triton kernel runs "
+                    "there from now on", q.device, _GLUON_FAILED[q.device])
+        return _launch(q, k, v, launch_config(q))
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict) -> torch.Tensor:
     kv = quantize_kv(k, v, config["block_n"], config["pv"], config["gluon"])
     return attend_quantized(q, kv, k.shape[1], config)

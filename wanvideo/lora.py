@@ -240,7 +240,7 @@ def named_failures(label: str):
     """Whatever goes wrong inside becomes a LoraError whose message starts with `label`."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise
     except _LORA_FAILURES as exc:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
