@@ -1,6 +1,6 @@
 """The Hopper (sm_90) attention kernels in Gluon, Triton's explicit-layout dialect, with wgmma
-issued asynchronously so the tensor cores can work under the softmax (config "gluon": True;
-sweep only: docs/ATTENTION_8BIT.md, "The Gluon kernels", has the H200 figures and why).
+issued asynchronously so the tensor cores can work under the softmax (config "gluon": True; the
+bf16 one is Hopper's default: docs/ATTENTION_8BIT.md, "The Gluon kernels", has the figures).
 
 Plain Triton waits for every wgmma right after issuing it. Here, per key block j:
 
@@ -23,8 +23,8 @@ the wgmma. So attention_8bit.kernel_reference holds both.
 
 K and V tiles arrive by TMA into a ring of STAGES slots (an mbarrier per slot and operand; K one
 block ahead of V, whose slot frees a step later). One warpgroup per CTA, 64 query rows, at most
-255 registers, so two CTAs share an SM. This module imports triton at the top: attention_int8
-imports it only when a config asks for it.
+255 registers, so two CTAs share an SM (two warpgroups, num_warps=8, run too, slower). This
+module imports triton at the top: attention_int8 imports it only when a config asks for it.
 """
 import triton
 from triton.experimental import gluon
