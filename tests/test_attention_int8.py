@@ -693,3 +693,26 @@ def test_the_loader_can_say_which_attention_runs(monkeypatch):
     assert "the Triton 8-bit kernel (INT8 Q.K^T, INT8 P.V" in attn.describe_backend("int8", gpu)
     monkeypatch.setattr(attn, "auto_min_keys", lambda device: None)
     assert "not measured faster" in attn.describe_backend("auto", gpu)
+
+
+@gpu_test
+def test_failing_gluon_kernel_hands_over_on_the_gpu(monkeypatch, caplog):
+    """On a real GPU: the Gluon default breaking at launch gives the Triton kernel's output."""
+    q, k, v = cuda_inputs(1, 1100, 1100, 2, 128, torch.bfloat16)
+    if not ai.launch_config(q)["gluon"]:
+        pytest.skip("the default kernel here is not the Gluon one")
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+
+    class Broken:
+        @staticmethod
+        def attention(*args, **kwargs):
+            raise RuntimeError("simulated Gluon launch failure")
+
+    monkeypatch.setattr(ai, "_gluon_kernels", lambda: Broken)
+    with caplog.at_level(logging.WARNING, logger=ai.__name__):
+        out = attn.attention(q, k, v, "int8")
+    assert torch.equal(out, ai.attention_int8(q, k, v, **ai.SWEEP[1]))
+    assert "simulated" in ai._GLUON_FAILED[q.device]
+    assert "Triton 8-bit kernel" in attn.describe_backend("int8", q.device)
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    print("\nauto on this GPU: " + attn.describe_backend("auto", q.device))
