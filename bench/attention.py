@@ -124,13 +124,12 @@ def fp32_reference(q, k, v, heads: int) -> torch.Tensor:
 def time_ours(q, k, v, config: dict, reps: int, quant_ms: dict | None = None) -> dict:
     """`quant_ms` caches the K/V pass's time per (block_n, pv): the other keys do not touch it."""
     full = median_ms(lambda: ai.attention_int8(q, k, v, **config), reps)
-    kv = ai.quantize_kv(k, v, config["block_n"], config["pv"])
+    kv = ai.quantize_for(k, v, config)
     only = median_ms(lambda: ai.attend_quantized(q, kv, k.shape[1], config), reps)
-    key = (config["block_n"], config["pv"])
+    key = (config["block_n"], config["pv"], config["gluon"], config["cuda"])
     quant_ms = {} if quant_ms is None else quant_ms
     if key not in quant_ms:
-        quant_ms[key] = median_ms(lambda: ai.quantize_kv(k, v, config["block_n"], config["pv"]),
-                                  reps)
+        quant_ms[key] = median_ms(lambda: ai.quantize_for(k, v, config), reps)
     return {"ms": full, "kernel_only_ms": only, "quantize_kv_ms": quant_ms[key]}
 
 
@@ -265,6 +264,33 @@ def diagnose(tokens: int, args) -> dict:
     return result
 
 
+CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms", 2, {}),
+              ("no_pingpong_ms", 0, {"pingpong": False}), ("no_preload_ms", 0, {"preload": False}),
+              ("no_skip_ones_ms", 0, {"skip_ones": False}),
+              ("fp32_row_sums_ms", 0, {"rowsum_mma": False}))
+
+
+def diagnose_cuda(tokens: int, args) -> dict:
+    """The CUDA kernel (Hopper, head dim 128) as shipped, with parts removed (no K/V tiles
+    loaded after the ring's first fill, no exp2: wrong outputs, timing only) and with each of
+    its exact or near-exact shortcuts turned off (attention_int8_cuda_source.source)."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+    config = ai.HOPPER_CUDA
+    reason = ai.unsupported(config, capability())
+    if reason or args.head_dim != 128:
+        return {"config": config, "skipped": reason or "head dim 128 only"}
+    q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
+    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, config)
+    out = torch.empty_like(q)
+    result = {"config": config}
+    for name, diag, options in CUDA_PARTS:
+        result[name] = median_ms(lambda: attention_int8_cuda.attention(
+            q, k_int, k_scale, v_t, out, tokens, 0.01, config["num_stages"], diag, **options),
+            args.reps)
+    return result
+
+
 def verdict(entry: dict) -> dict:
     """The issue's acceptance for one size: the default config (what the backend runs)."""
     ours, cudnn = entry["ours"][0], entry.get("cudnn_sdpa", {})
@@ -305,7 +331,7 @@ def main(argv=None):
                     help="child processes compiling the configurations first (0: none)")
     ap.add_argument("--precompile-timeout", type=float, default=300)
     ap.add_argument("--diagnose", action="store_true",
-                    help="also time the bf16 Gluon kernel without exp2 / without wgmma (Hopper)")
+                    help="also time the bf16 Gluon and the CUDA kernel with parts removed (Hopper)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.list:
@@ -343,7 +369,8 @@ def main(argv=None):
             entry["verdict"] = verdict(entry)
             if args.diagnose:
                 entry["diagnose"] = diagnose(tokens, args)
-                progress(f"{tokens} tokens, diagnose: {entry['diagnose']}")
+                entry["diagnose_cuda"] = diagnose_cuda(tokens, args)
+                progress(f"{tokens} tokens, diagnose: {entry['diagnose']} {entry['diagnose_cuda']}")
             result["sizes"].append(entry)
             torch.cuda.empty_cache()
     emit(result, args.out)

@@ -112,7 +112,7 @@ def attention_spec(spec: str):
         return
     chosen = dict(attention_int8.SWEEP[int(index)])
     original = attention_int8.default_config
-    attention_int8.default_config = lambda device, head_dim: dict(chosen)
+    attention_int8.default_config = lambda device, head_dim, cuda=True: dict(chosen)
     try:
         yield name
     finally:

@@ -75,6 +75,20 @@ def _timed_window(model, swap, request, encode, decode, cuda: bool) -> dict:
             "block_swap": swap.stats(), "finite": bool(torch.isfinite(result.frames).all())}
 
 
+def profile_window(model, swap, request, encode, decode, backend: str, rows: int) -> list:
+    """The window sampled once under the torch profiler: its top `rows` CUDA kernels by total
+    time, as [ms per step, calls per step, name] (copies on BlockSwap's stream included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_window(model, swap, request, encode, decode, backend, True)
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
+    steps = request.steps
+    table = [[round(e.device_time_total / 1e3 / steps, 3), e.count / steps, e.key[:120]]
+             for e in events[:rows]]
+    total = sum(e.device_time_total for e in events) / 1e3 / steps
+    return [[round(total, 3), None, "total of all kernels"]] + table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--json", action="store_true")
@@ -88,6 +102,9 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=5120)
     p.add_argument("--ffn", type=int, default=13824)
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test with small --dim")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also sample the window once more per backend under the torch profiler "
+                        "and record its top ROWS CUDA kernels (ms per step) in the JSON")
     p.add_argument("--attention", default="sdpa",
                    help="comma list of attention backends (wanvideo/attention.py), each sampling "
                         "the same window on the same model in turn; int8@N: the 8-bit kernel "
@@ -112,6 +129,10 @@ def main(argv=None):
     encode, decode = stand_in_vae(dev)
     runs = {backend: run_window(model, swap, request, encode, decode, backend, cuda)
             for backend in args.attention.split(",")}
+    if args.profile and cuda:
+        for backend in runs:
+            runs[backend]["kernels_per_step"] = profile_window(
+                model, swap, request, encode, decode, backend, args.profile)
     first = next(iter(runs.values()))
     out = {
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,

@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -449,7 +451,8 @@ CONFIGS = [{}, {"pv": "int8", "gluon": False}, {"pv": "int8", "block_n": 64, "gl
            {"pv": "bf16", "block_n": 64, "gluon": False},
            {"pv": "int8", "block_m": 128, "num_warps": 8, "gluon": False},
            {"gluon": True, "lazy": True}, {"gluon": True, "pv": "bf16", "num_stages": 2},
-           {"gluon": True, "pv": "bf16", "block_m": 128, "num_warps": 8, "num_stages": 2}]
+           {"gluon": True, "pv": "bf16", "block_m": 128, "num_warps": 8, "num_stages": 2},
+           {"cuda": True}, {"cuda": True, "num_stages": 3}]
 
 
 @functools.lru_cache(maxsize=None)  # a few MB each
@@ -473,8 +476,8 @@ CASES = [(dtype, {}) for dtype in (torch.bfloat16, torch.float16, torch.float32)
 def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype, config):
     q, k, v = cuda_inputs(b, lq, lk, heads, head_dim, dtype)
     full = ai.launch_config(q, **config)
-    _skip_if_unsupported(full)
-    kv = ai.quantize_kv(k, v, full["block_n"], full["pv"], full["gluon"])
+    _skip_if_unsupported(full, q)
+    kv = ai.quantize_for(k, v, full)
     out = ai.attend_quantized(q, kv, lk, full, out=torch.full_like(q, float("nan")))
     assert torch.isfinite(out).all()  # every element written over the NaN poison
     ref = _reference(b, lq, lk, heads, head_dim, dtype, full["block_n"], full["pv"])
@@ -486,9 +489,13 @@ def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype, config):
     assert rel <= 2e-3
 
 
-def _skip_if_unsupported(config):
+def _skip_if_unsupported(config, q=None):
     major, minor = torch.cuda.get_device_capability()
     reason = ai.unsupported(config, 10 * major + minor)
+    if not reason and config.get("cuda") and q is not None:
+        from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+        reason = attention_int8_cuda.unsupported(q)
     if reason:
         pytest.skip(reason)
 
@@ -622,14 +629,23 @@ def test_model_forward_under_block_swap_and_fp8(tmp_path, monkeypatch, quantizat
     assert cos >= 0.995
 
 
-def test_hopper_default_is_the_gluon_kernel_until_it_fails(monkeypatch):
-    """Hopper with Gluon: the bf16 Gluon kernel; after it failed on a device, or with a Triton
-    without Gluon, the Triton kernel; other GPUs keep theirs."""
+def test_hopper_default_is_cuda_then_gluon_then_triton(monkeypatch):
+    """Hopper: the CUDA kernel for head dim 128 where NVRTC builds it, until it fails on a
+    device; then (and for head dim 64, or cuda=False) the bf16 Gluon kernel; after that failed
+    too, or with a Triton without Gluon, the Triton kernel; other GPUs keep theirs."""
     monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ai, "_cuda_ready", lambda: True)
     monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {})
     monkeypatch.setattr(ai, "_GLUON_FAILED", {})
     gpu, other = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert ai.default_config(gpu, 128) == ai.HOPPER_CUDA == ai.SWEEP[31]
+    assert ai.default_config(gpu, 64) == ai.HOPPER_GLUON
+    assert ai.default_config(gpu, 128, cuda=False) == ai.HOPPER_GLUON
+    ai._CUDA_FAILED[gpu] = "CudaRuntimeError: boom"
     assert ai.default_config(gpu, 128) == ai.HOPPER_GLUON == ai.SWEEP[26]
+    assert ai.default_config(other, 128) == ai.HOPPER_CUDA
+    monkeypatch.setattr(ai, "_cuda_ready", lambda: False)
     ai._GLUON_FAILED[gpu] = "RuntimeError: boom"
     fallback = ai.default_config(gpu, 128)
     assert fallback == ai.SWEEP[1] and not fallback["gluon"]
@@ -643,7 +659,7 @@ def test_hopper_default_is_the_gluon_kernel_until_it_fails(monkeypatch):
 def test_a_failing_gluon_kernel_hands_over_to_the_triton_kernel(monkeypatch, caplog):
     failed = {}
     monkeypatch.setattr(ai, "_GLUON_FAILED", failed)
-    monkeypatch.setattr(ai, "default_config", lambda device, head_dim: dict(
+    monkeypatch.setattr(ai, "default_config", lambda device, head_dim, cuda=True: dict(
         ai.SWEEP[1] if device in failed else ai.HOPPER_GLUON))
     launched = []
 
@@ -661,7 +677,7 @@ def test_a_failing_gluon_kernel_hands_over_to_the_triton_kernel(monkeypatch, cap
     assert launched == [True, False, False]           # the Gluon kernel is not retried
     assert "sm_90a" in failed[q.device]
     warnings = [r.getMessage() for r in caplog.records if "Gluon kernel failed" in r.getMessage()]
-    assert len(warnings) == 1 and "Triton kernel runs there" in warnings[0]
+    assert len(warnings) == 1 and "the Triton 8-bit kernel" in warnings[0]
     with pytest.raises(RuntimeError, match="sm_90a"):   # explicit settings get the error
         ai.attention_int8(q, q, q, gluon=True)
 
@@ -675,6 +691,69 @@ def test_a_failing_gluon_kernel_hands_over_to_the_triton_kernel(monkeypatch, cap
     assert not failed    # memory is not a reason to leave the Gluon kernel
 
 
+def test_a_failing_cuda_kernel_hands_over_to_the_gluon_kernel(monkeypatch, caplog):
+    """The CUDA default failing (no driver entry point, an NVRTC that cannot target sm_90a, a
+    launch error) is recorded for its device and the Gluon kernel runs, that call and after."""
+    monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ai, "_cuda_ready", lambda: True)
+    monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_cuda_takes", lambda q: True)
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {})
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    launched = []
+
+    def launch(q, k, v, config):
+        launched.append("cuda" if config["cuda"] else "gluon" if config["gluon"] else "triton")
+        if config["cuda"]:
+            raise RuntimeError("CUDA driver launch: error 700")
+        return "out"
+
+    monkeypatch.setattr(ai, "_launch", launch)
+    q = types.SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 8, 2, 128))
+    with caplog.at_level(logging.WARNING, logger=ai.__name__):
+        first, second = ai.attention_int8(q, q, q), ai.attention_int8(q, q, q)
+    assert first == second == "out"
+    assert launched == ["cuda", "gluon", "gluon"]
+    assert "error 700" in ai._CUDA_FAILED[q.device]
+    warnings = [r.getMessage() for r in caplog.records if "CUDA kernel failed" in r.getMessage()]
+    assert len(warnings) == 1 and "the Gluon 8-bit kernel" in warnings[0]
+    with pytest.raises(RuntimeError, match="error 700"):   # explicit settings get the error
+        ai.attention_int8(q, q, q, cuda=True)
+
+
+def test_calls_the_cuda_kernel_does_not_take_run_the_next_kernel(monkeypatch):
+    """fp16 / fp32 inputs, head dim 64 and unaligned q go to the Gluon default; overrides start
+    from it too (their keys describe the other kernels), cuda=True from the CUDA settings."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
+
+    monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ai, "_cuda_ready", lambda: True)
+    monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {})
+    monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    class Fake:  # a CUDA tensor's metadata without a GPU
+        def __init__(self, dtype=torch.bfloat16, head_dim=128, offset=0, stride_l=1024):
+            self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, (1, 8, 8, head_dim)
+            self._ptr, self._strides = 4096 + offset, (8 * stride_l, stride_l, head_dim, 1)
+
+        def data_ptr(self):
+            return self._ptr
+
+        def stride(self, dim=None):
+            return self._strides if dim is None else self._strides[dim]
+
+    assert ac.unsupported(Fake()) is None
+    assert ai.launch_config(Fake()) == ai.HOPPER_CUDA
+    for fake, reason in ((Fake(torch.float16), "bf16"), (Fake(head_dim=64), "head dim"),
+                         (Fake(offset=2), "aligned"), (Fake(stride_l=1028), "aligned")):
+        assert reason in ac.unsupported(fake)
+        assert ai.launch_config(fake) == ai.HOPPER_GLUON
+    assert ai.launch_config(Fake(), num_stages=3) == dict(ai.HOPPER_GLUON, num_stages=3)
+    assert ai.launch_config(Fake(), cuda=True, num_stages=2) == ai.SWEEP[32]
+
+
 def test_the_loader_can_say_which_attention_runs(monkeypatch):
     cpu = torch.device("cpu")
     assert attn.describe_backend("sdpa", cpu) == "PyTorch SDPA"
@@ -684,8 +763,13 @@ def test_the_loader_can_say_which_attention_runs(monkeypatch):
     monkeypatch.setattr(ai, "device_supported", lambda device: None)
     monkeypatch.setattr(ai, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(ai, "_gluon_ready", lambda: True)
+    monkeypatch.setattr(ai, "_cuda_ready", lambda: True)
     monkeypatch.setattr(ai, "_GLUON_FAILED", {})
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {})
     monkeypatch.setattr(attn, "auto_min_keys", lambda device: 16384)
+    assert attn.describe_backend("int8", gpu).startswith(
+        "the CUDA 8-bit kernel (INT8 Q.K^T, bf16 P.V, 128x128 tiles, two consumer warpgroups")
+    ai._CUDA_FAILED[gpu] = "CudaRuntimeError: boom"
     assert attn.describe_backend("int8", gpu).startswith(
         "the Gluon 8-bit kernel (INT8 Q.K^T, bf16 P.V, 64x128 tiles)")
     assert attn.describe_backend("auto", gpu).endswith("from 16,384 keys, PyTorch SDPA below")
@@ -699,6 +783,7 @@ def test_the_loader_can_say_which_attention_runs(monkeypatch):
 def test_failing_gluon_kernel_hands_over_on_the_gpu(monkeypatch, caplog):
     """On a real GPU: the Gluon default breaking at launch gives the Triton kernel's output."""
     q, k, v = cuda_inputs(1, 1100, 1100, 2, 128, torch.bfloat16)
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {q.device: "this test: the Gluon kernel's turn"})
     if not ai.launch_config(q)["gluon"]:
         pytest.skip("the default kernel here is not the Gluon one")
     monkeypatch.setattr(ai, "_GLUON_FAILED", {})
@@ -716,3 +801,49 @@ def test_failing_gluon_kernel_hands_over_on_the_gpu(monkeypatch, caplog):
     assert "Triton 8-bit kernel" in attn.describe_backend("int8", q.device)
     monkeypatch.setattr(ai, "_GLUON_FAILED", {})
     print("\nauto on this GPU: " + attn.describe_backend("auto", q.device))
+
+
+@gpu_test
+def test_failing_cuda_kernel_hands_over_on_the_gpu(monkeypatch, caplog):
+    """On a real GPU: the CUDA default breaking at launch gives the Gluon kernel's output."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+    q, k, v = cuda_inputs(1, 1100, 1100, 2, 128, torch.bfloat16)
+    monkeypatch.setattr(ai, "_CUDA_FAILED", {})
+    if not ai.launch_config(q)["cuda"]:
+        pytest.skip("the default kernel here is not the CUDA one")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated CUDA launch failure")
+
+    monkeypatch.setattr(attention_int8_cuda, "attention", broken)
+    with caplog.at_level(logging.WARNING, logger=ai.__name__):
+        out = attn.attention(q, k, v, "int8")
+    assert torch.equal(out, ai.attention_int8(q, k, v, **ai.HOPPER_GLUON))
+    assert "simulated" in ai._CUDA_FAILED[q.device]
+    assert "Gluon 8-bit kernel" in attn.describe_backend("int8", q.device)
+
+
+@gpu_test
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("b,lq,lk,heads", [(2, 1500, 1300, 4), (1, 4097, 4097, 2),
+                                           (1, 130, 2111, 2), (1, 8100, 8100, 2)])
+def test_cuda_kernel_equals_the_gluon_kernel(b, lq, lk, heads, stages):
+    """The CUDA kernel computes the Gluon bf16 kernel's integers and fp32 steps; only the row
+    sums differ (those of the bf16 P, accumulated by the tensor cores).
+    q is read in place from a packed [B, L, H, 3 * 128] tensor (the projections' layout)."""
+    q, k, v = cuda_inputs(b, lq, lk, heads, 128, torch.bfloat16)
+    packed = torch.zeros(b, lq, heads, 3 * 128, dtype=q.dtype, device=q.device)
+    packed[..., 128:256] = q
+    q_view = packed[..., 128:256]
+    config = dict(ai.SWEEP[31], num_stages=stages)
+    _skip_if_unsupported(config, q_view)
+    ours = ai.attention_int8(q_view, k, v, **config).float()
+    theirs = ai.attention_int8(q, k, v, **ai.HOPPER_GLUON).float()
+    assert torch.isfinite(ours).all()
+    rel, _ = errors(ours.cpu(), theirs.cpu())
+    print(f"\ncuda vs gluon {b, lq, lk, heads} stages {stages}: rel L2 {rel:.2e}")
+    # the row sums are those of the bf16 P the products use (P.V's columns of ones), where the
+    # Gluon kernel sums P in fp32: H200, 8,100 and 32,760 tokens x 40 heads, 3.6e-4 / 4.1e-4
+    # (1.2e-4 / 1.3e-4 with fp32 row sums)
+    assert rel <= 1e-3

@@ -1,5 +1,8 @@
-"""The pack's 8-bit attention kernel (Triton, forward only) for GPUs with fast INT8 tensor cores
-and Triton support: Ada (sm_89) and Hopper (sm_90).
+"""The pack's 8-bit attention kernels (forward only) for GPUs with fast INT8 tensor cores and
+Triton support, Ada (sm_89) and Hopper (sm_90): the launcher, `supported()`, the launch settings
+per device and the hand-over between kernels. The kernels: Triton (attention_int8_kernels, every
+such GPU), Gluon (attention_int8_gluon, Hopper) and CUDA compiled by NVRTC (attention_int8_cuda,
+Hopper, head dim 128, bf16; the default there).
 
 Numerics, step by step, are those of `attention_8bit.kernel_reference` (the torch reference the
 tests compare against, with the reasons for each choice): K smoothed (per-head mean over tokens
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 # devices where the Gluon default failed to build or launch (device -> error): the Triton kernel
 # is their default from then on
 _GLUON_FAILED: dict = {}
+# the same for the CUDA kernel (attention_int8_cuda): the Gluon kernel takes over there
+_CUDA_FAILED: dict = {}
 
 HEAD_DIMS = (64, 128)
 # Shorter key sequences stay in SDPA: the text (512) and CLIP (257) cross-attention and the audio
@@ -92,7 +97,7 @@ def _kernels():
 
 PV_CHOICES = ("int8", "bf16")
 CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages", "ws", "lazy", "unroll",
-               "tma", "gluon")
+               "tma", "gluon", "cuda")
 # The speed-only loop options and their off values (what every config before them ran):
 # ws: tl.range(warp_specialize=True) on the key loop (Triton 3.4+); lazy (pv="int8" only): rescale
 # the accumulator only when a row max grows by more than 8 in log2 units
@@ -101,11 +106,14 @@ CONFIG_KEYS = ("pv", "block_m", "block_n", "num_warps", "num_stages", "ws", "laz
 # loop_unroll_factor (1: none); tma (pv="int8" only): K and V^T tiles through device-side tensor
 # descriptors (one TMA copy per tile in place of every thread's cp.async and address arithmetic);
 # gluon (sm_90 only): attention_int8_gluon's kernels, asynchronous wgmma overlapping the softmax,
-# with the numerics of the Triton kernel of the same pv / block_n / lazy (bit for bit on an H200).
+# with the numerics of the Triton kernel of the same pv / block_n / lazy (bit for bit on an H200);
+# cuda (sm_90, bf16 P.V, head dim 128, bf16 tensors only): attention_int8_cuda's kernel, FA3's
+# shape (a producer warp, two consumer warpgroups of 64 query rows), compiled by NVRTC.
 # None of them changes an integer of the reference. attention_int8_kernels.unsupported() says
 # which the installed Triton cannot build, and that ws does nothing on sm_90 with Triton 3.6 and
 # 3.8 (their warp-specialization pass runs for sm_100+ only: identical PTX, checked).
-LOOP_DEFAULTS = {"ws": False, "lazy": False, "unroll": 1, "tma": False, "gluon": False}
+LOOP_DEFAULTS = {"ws": False, "lazy": False, "unroll": 1, "tma": False, "gluon": False,
+                 "cuda": False}
 
 
 def _config(pv, block_m, block_n, num_warps, num_stages, **loop) -> dict:
@@ -155,15 +163,23 @@ SWEEP = [_config(*c) for c in (
     # K/V traffic of 64-query tiles, and slower (docs/ATTENTION_8BIT.md, "Two warpgroups")
     _config("bf16", 128, 128, 8, 2, gluon=True),                    # 29
     _config("bf16", 128, 128, 8, 3, gluon=True),
+    # 31-32: the CUDA kernel (Hopper, head dim 128, bf16): a producer warp streams K and V^T
+    # by TMA, two consumer warpgroups of 64 query rows (12 warps), 3 or 2 ring slots
+    _config("bf16", 128, 128, 12, 3, cuda=True),                    # 31
+    _config("bf16", 128, 128, 12, 2, cuda=True),
 ]
 # Hopper's default where Triton has Gluon (default_config): SWEEP[26]
 HOPPER_GLUON = SWEEP[26]
+# Hopper's default for head dim 128 where NVRTC compiles the CUDA kernel: SWEEP[31]
+HOPPER_CUDA = SWEEP[31]
 
 
 def unsupported(config: dict, capability: int | None = None) -> str | None:
     """None when the installed Triton can build `config` (its tl.range and descriptor options)
     and, with `capability` (e.g. 90), the option does something on that GPU; otherwise why not:
     bench/attention.py records the reason and skips the config. Imports triton."""
+    if config.get("cuda", False):
+        return _cuda_unsupported(config, capability)
     if config.get("gluon", False):
         return _gluon_unsupported(config, capability)
     return _kernels().unsupported(config, capability)
@@ -189,7 +205,33 @@ def _gluon_unsupported(config: dict, capability: int | None) -> str | None:
     return None
 
 
-def default_config(device: torch.device, head_dim: int) -> dict:
+def _cuda_unsupported(config: dict, capability: int | None) -> str | None:
+    """Why the CUDA kernel (attention_int8_cuda) cannot run `config`, or None."""
+    if capability is not None and capability // 10 != 9:
+        return f"the CUDA kernel is for Hopper (sm_90, wgmma), not sm_{capability}"
+    shape = (config["pv"], config["block_m"], config["block_n"], config["num_warps"])
+    if shape != ("bf16", 128, 128, 12) or config["num_stages"] not in (2, 3):
+        return ("the CUDA kernel runs bf16 P.V on 128x128 tiles with 12 warps and 2 or 3 "
+                "ring slots")
+    if config.get("gluon") or any(config.get(k) for k in ("ws", "lazy", "tma")) \
+            or config.get("unroll", 1) > 1:
+        return "gluon / ws / lazy / tma / unroll are options of the other kernels"
+    return _cuda_build_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_build_error() -> str | None:
+    """None when NVRTC compiles the CUDA kernel here, else why not (checked once: ~1 s)."""
+    from . import attention_int8_cuda, cuda_runtime
+
+    try:
+        attention_int8_cuda.cubin(HOPPER_CUDA["num_stages"])
+    except (cuda_runtime.CudaRuntimeError, OSError) as exc:
+        return f"NVRTC cannot build the CUDA kernel ({exc})"
+    return None
+
+
+def default_config(device: torch.device, head_dim: int, cuda: bool = True) -> dict:
     """Launch settings per device. `pv` and `block_n` set the numerics (the reference takes the
     same two); the others only the speed. From the compiler's output (registers, spills,
     instructions per key block) and the H200 benches (docs/ATTENTION_8BIT.md):
@@ -201,9 +243,15 @@ def default_config(device: torch.device, head_dim: int) -> dict:
       tiles, one warpgroup, 3 stages (254 registers, two CTAs per SM overlap each other's
       tensor-core and softmax phases).
     - Ada and the rest: 128 x 128 tiles, 8 warps (mma.sync; the 64-row tile spills there).
-    bench/attention.py sweeps the alternatives."""
+    bench/attention.py sweeps the alternatives. Above all of them on Hopper, for head dim 128:
+    the CUDA kernel (HOPPER_CUDA), where NVRTC builds it and it has not failed on the device;
+    calls it does not take (other dtypes, unaligned q) run the next kernel of this list
+    (`cuda=False`)."""
     if device.type == "cuda" and _capability(device) >= (9, 0):
-        if _capability(device)[0] == 9 and _gluon_ready() and device not in _GLUON_FAILED:
+        hopper = _capability(device)[0] == 9
+        if cuda and hopper and head_dim == 128 and device not in _CUDA_FAILED and _cuda_ready():
+            return dict(HOPPER_CUDA)
+        if hopper and _gluon_ready() and device not in _GLUON_FAILED:
             return dict(HOPPER_GLUON)
         return _config("int8", 64, KERNEL_BLOCK_N, 4, 3)
     return _config("int8", 128, KERNEL_BLOCK_N, 8, 2)
@@ -213,13 +261,19 @@ def describe_kernel(device: torch.device, head_dim: int = 128) -> str:
     """The kernel default_config picks on `device`, in words."""
     config = default_config(device, head_dim)
     pv = "INT8" if config["pv"] == "int8" else "bf16"
-    return (f"the {'Gluon' if config['gluon'] else 'Triton'} 8-bit kernel (INT8 Q.K^T, {pv} P.V, "
-            f"{config['block_m']}x{config['block_n']} tiles)")
+    kind = "CUDA" if config["cuda"] else "Gluon" if config["gluon"] else "Triton"
+    extra = ", two consumer warpgroups; bf16 only" if config["cuda"] else ""
+    return (f"the {kind} 8-bit kernel (INT8 Q.K^T, {pv} P.V, "
+            f"{config['block_m']}x{config['block_n']} tiles{extra})")
 
 
 @functools.lru_cache(maxsize=None)
 def _gluon_ready() -> bool:
     return _gluon_unsupported(HOPPER_GLUON, 90) is None
+
+
+def _cuda_ready() -> bool:
+    return _cuda_unsupported(HOPPER_CUDA, 90) is None
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -232,18 +286,21 @@ def _capability_of(index: int) -> tuple[int, int]:
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8",
-                gluon: bool = False):
+                gluon: bool = False, cuda: bool = False):
     """(K int8 [B*H, Lk_pad, D], K scales [B*H, Lk_pad / block_n] fp32, V, V scales): for
     pv="int8" V is INT8 transposed [B*H, D, Lk_pad] with fp32 scales [B*H, D]; for pv="bf16" V is
     the input itself and the scales None. `gluon`: what the Gluon kernels read instead, V^T's
-    keys in their operand order (int8) or V as a zero-padded bf16 [B*H, Lk_pad, D] (bf16). The K mean and V's per-channel amax are single torch
+    keys in their operand order (int8) or V as a zero-padded bf16 [B*H, Lk_pad, D] (bf16);
+    `cuda` (bf16 only): V^T as a zero-padded bf16 [B*H, D, Lk_pad], the CUDA kernel's operand.
+    The K mean and V's per-channel amax are single torch
     reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
     b, keys, h, d = k.shape
     padded = -(-keys // block_n) * block_n
     k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
     v_t = v_inv = v_scale = None
-    if pv == "bf16" and gluon:
-        v_t = torch.empty(b * h, padded, d, dtype=torch.bfloat16, device=k.device)
+    if pv == "bf16" and (gluon or cuda):
+        shape = (b * h, d, padded) if cuda else (b * h, padded, d)
+        v_t = torch.empty(shape, dtype=torch.bfloat16, device=k.device)
     if pv == "int8":
         low, high = torch.aminmax(v, dim=1)
         v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
@@ -257,13 +314,25 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 
+def quantize_for(k: torch.Tensor, v: torch.Tensor, config: dict):
+    """quantize_kv's output in the layout the kernel of `config` reads."""
+    return quantize_kv(k, v, config["block_n"], config["pv"], config["gluon"], config["cuda"])
+
+
 def launch_config(q: torch.Tensor, **overrides) -> dict:
-    """default_config for q's device and head dim, with the non-None `overrides` applied."""
-    config = default_config(q.device, q.shape[-1])
-    unknown = set(overrides) - set(config)
+    """default_config for q's device and head dim, with the non-None `overrides` applied.
+    Overrides (other than cuda=True) start from the default below the CUDA kernel, whose
+    settings are its own; without overrides the CUDA kernel is the default only for the calls
+    it takes (bf16, 16-byte aligned q)."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    unknown = set(overrides) - set(CONFIG_KEYS)
     if unknown:
         raise TypeError(f"unknown launch settings {sorted(unknown)}")
-    config.update({name: value for name, value in overrides.items() if value is not None})
+    if given.get("cuda"):
+        config = dict(HOPPER_CUDA)
+    else:
+        config = default_config(q.device, q.shape[-1], cuda=not given and _cuda_takes(q))
+    config.update(given)
     if config["pv"] not in PV_CHOICES:
         raise ValueError(f"pv {config['pv']!r} is not one of {PV_CHOICES}")
     if int(config["unroll"]) < 1:
@@ -283,11 +352,21 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
     k_int, k_scale, v, v_scale = kv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
+    if config.get("cuda"):
+        from . import attention_int8_cuda
+
+        reason = attention_int8_cuda.unsupported(q, out)
+        if reason:
+            raise ValueError(reason)
+        _LAST_LAUNCH[0] = attention_int8_cuda.attention(q, k_int, k_scale, v, out, keys, factor,
+                                                        config["num_stages"])
+        return out
     kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):
         _LAST_LAUNCH[0] = kernels.attention(q, k_int, k_scale, v,
                                             v_scale if v_scale is not None else k_scale, out,
-                                            keys, factor, **config)
+                                            keys, factor,
+                                            **{k: v for k, v in config.items() if k != "cuda"})
     return out
 
 
@@ -297,7 +376,8 @@ _LAST_LAUNCH = [None]   # the compiled kernel of the latest attend_quantized
 def launch_facts() -> dict:
     """n_regs, n_spills and shared memory of the latest launch (bench/attention.py records them
     next to each timing)."""
-    return _kernels().launch_facts(_LAST_LAUNCH[0])
+    facts = getattr(_LAST_LAUNCH[0], "facts", None)
+    return facts() if facts is not None else _kernels().launch_facts(_LAST_LAUNCH[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,23 +391,33 @@ def _gluon_kernels():
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **overrides) -> torch.Tensor:
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype, softmax scale 1/sqrt(D).
     Call `supported` first: this function assumes it returned None. `overrides`: CONFIG_KEYS
-    (bench/attention.py's sweep). Should the Gluon default fail to build or launch (Gluon is
-    Triton's experimental dialect: a Triton or driver it does not support), the Triton kernel
-    takes over on that device with one warning; explicit overrides get the error."""
+    (bench/attention.py's sweep). Should the CUDA or Gluon default fail to build or launch (a
+    driver, NVRTC or Triton it does not support), the next kernel of default_config's list takes
+    over on that device with one warning; explicit overrides get the error. Calls the CUDA
+    kernel does not take (fp16 / fp32, unaligned q) run the Gluon or Triton default."""
     config = launch_config(q, **overrides)
-    if overrides or not config["gluon"]:
+    if overrides or not (config["gluon"] or config["cuda"]):
         return _launch(q, k, v, config)
     try:
         return _launch(q, k, v, config)
     except torch.cuda.OutOfMemoryError:
-        raise   # the Triton kernel would need the memory too
-    except Exception as e:  # noqa: BLE001 - any build or launch failure of the Gluon kernel
-        _GLUON_FAILED[q.device] = f"{type(e).__name__}: {e}"
-        log.warning("8-bit attention: the Gluon kernel failed on %s (%s); the Triton kernel runs "
-                    "there from now on", q.device, _GLUON_FAILED[q.device])
-        return _launch(q, k, v, launch_config(q))
+        raise   # the next kernel would need the memory too
+    except Exception as e:  # noqa: BLE001 - any build or launch failure of the kernel
+        failed, name = (_CUDA_FAILED, "CUDA") if config["cuda"] else (_GLUON_FAILED, "Gluon")
+        failed[q.device] = f"{type(e).__name__}: {e}"
+        log.warning("8-bit attention: the %s kernel failed on %s (%s); %s runs there from now "
+                    "on", name, q.device, failed[q.device], describe_kernel(q.device, q.shape[-1]))
+        return attention_int8(q, k, v)
+
+
+def _cuda_takes(q: torch.Tensor) -> bool:
+    """Whether the CUDA kernel could take q (device, dtype, head dim, alignment)."""
+    if q.device.type != "cuda":
+        return False
+    from . import attention_int8_cuda
+
+    return attention_int8_cuda.unsupported(q) is None
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict) -> torch.Tensor:
-    kv = quantize_kv(k, v, config["block_n"], config["pv"], config["gluon"])
-    return attend_quantized(q, kv, k.shape[1], config)
+    return attend_quantized(q, quantize_for(k, v, config), k.shape[1], config)

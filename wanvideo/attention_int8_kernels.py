@@ -89,12 +89,14 @@ def _to_int8(x, scale):
 def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, heads,
                      s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_V: tl.constexpr,
-                     SWIZZLE_KEYS: tl.constexpr = False, COPY_V: tl.constexpr = False):
+                     SWIZZLE_KEYS: tl.constexpr = False, COPY_V: tl.constexpr = False,
+                     TRANSPOSE_V: tl.constexpr = False):
     """One block of BLOCK_N keys of one (batch, head): K - mean -> int8 with one scale, and
     (QUANT_V) V * (127 / amax per channel) -> int8 stored transposed (keys contiguous).
     SWIZZLE_KEYS: V^T's keys in the Gluon kernel's operand order (attention_int8_gluon:
     key 16g + 8i + 2t + e of a block at column 16g + 4t + 2i + e). COPY_V (not QUANT_V): V
-    copied as bf16 into V_T laid out like K (the Gluon kernel's bf16 P.V reads it by TMA)."""
+    copied as bf16 into V_T laid out like K (the Gluon kernel's bf16 P.V reads it by TMA), or
+    with TRANSPOSE_V as bf16 V^T [B*H, D, padded] (the CUDA kernel's K-major P.V operand)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -121,13 +123,17 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
         tl.store(V_T + base + d[:, None] * padded + cols[None, :], tl.trans(v_int))
     elif COPY_V:  # bf16 P.V in Gluon: V as bf16 [B*H, padded, D], zero rows past the end
         v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
-        tl.store(V_T + base + rows[:, None] * D + d[None, :], v.to(tl.bfloat16))
+        if TRANSPOSE_V:
+            tl.store(V_T + base + d[:, None] * padded + rows[None, :], tl.trans(v.to(tl.bfloat16)))
+        else:
+            tl.store(V_T + base + rows[:, None] * D + d[None, :], v.to(tl.bfloat16))
 
 
 def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
                 swizzle_keys: bool = False) -> None:
     """`v_t` None: K only (the bf16 P.V variant reads V as it is). `swizzle_keys`: V^T in the
-    Gluon kernel's key order. A bf16 `v_t` shaped like `k_int`: V copied there (Gluon, bf16)."""
+    Gluon kernel's key order. A bf16 `v_t` shaped like `k_int`: V copied there (Gluon, bf16);
+    a bf16 `v_t` shaped [B*H, D, padded]: V^T (the CUDA kernel)."""
     b, keys, h, d = k.shape
     padded = k_int.shape[1]
     grid = (padded // block_n, b * h)
@@ -138,7 +144,8 @@ def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
                            k.stride(0), k.stride(1), k.stride(2),
                            v.stride(0), v.stride(1), v.stride(2),
                            D=d, BLOCK_N=block_n, QUANT_V=quant_v,
-                           SWIZZLE_KEYS=bool(swizzle_keys), COPY_V=copy_v, num_warps=4)
+                           SWIZZLE_KEYS=bool(swizzle_keys), COPY_V=copy_v,
+                           TRANSPOSE_V=copy_v and v_t.shape[1] != padded, num_warps=4)
 
 
 @triton.jit
@@ -438,15 +445,18 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
     if reason:
         raise RuntimeError(reason)
     quant_sig, attn_sig = _signatures(config["pv"], dtype)
-    gluon = bool(config.get("gluon", False))
+    gluon, cuda = bool(config.get("gluon", False)), bool(config.get("cuda", False))
     quant_consts = {"D": head_dim, "BLOCK_N": config["block_n"],
                     "QUANT_V": config["pv"] == "int8",
                     "SWIZZLE_KEYS": gluon and config["pv"] == "int8",
-                    "COPY_V": gluon and config["pv"] == "bf16"}
-    if gluon:
-        if config["pv"] == "bf16":
-            quant_sig["V_T"] = "*bf16"
+                    "COPY_V": (gluon or cuda) and config["pv"] == "bf16", "TRANSPOSE_V": cuda}
+    if (gluon or cuda) and config["pv"] == "bf16":
+        quant_sig["V_T"] = "*bf16"
     quant = _compile(_quant_kv_kernel, quant_sig, quant_consts, capability, {"num_warps": 4})
+    if cuda:  # NVRTC, not Triton: sm_90a only
+        from . import attention_int8_cuda
+
+        return quant, attention_int8_cuda.aot_compile(config)
     if gluon:
         from . import attention_int8_gluon
 

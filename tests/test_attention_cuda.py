@@ -1,0 +1,55 @@
+"""The CUDA 8-bit attention kernel without a GPU: NVRTC (shipped with PyTorch's CUDA wheels)
+compiles it for sm_90a here, and ptxas's report says what the H200 runs rely on: no spills, the
+register cap of a 384-thread CTA, no wgmma serialized. The GPU tests are in
+tests/test_attention_int8.py (kernel against the reference, the Gluon kernel and fp32)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wanvideo_infinitetalk.wanvideo import attention_int8_cuda_source as source
+from wanvideo_infinitetalk.wanvideo import cuda_runtime
+
+
+def _compile(stages: int, pingpong: bool = True):
+    try:
+        return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong),
+                                          "attention_int8.cu",
+                                          options=("--ptxas-options=-v",))
+    except cuda_runtime.CudaRuntimeError as exc:
+        if "not found" in str(exc):
+            pytest.skip(f"no NVRTC here: {exc}")
+        raise
+
+
+@pytest.mark.parametrize("stages,pingpong", [(2, True), (3, True), (2, False)])
+def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong):
+    cubin, log = _compile(stages, pingpong)
+    assert cubin[:4] == b"\x7fELF"
+    assert "0 bytes spill stores, 0 bytes spill loads" in log, log
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    # 384 threads, one CTA per SM: 65,536 / 384 rounded down to a multiple of 8; setmaxnreg
+    # then moves registers from the producer warpgroup (24) to the consumers (240)
+    assert registers <= 168, log
+    # ptxas's C7510-C7515 advisories are the ones that say it serialized wgmma instructions
+    assert not re.search(r"C751\d", log), log
+    assert source.shared_bytes(stages) <= 227 * 1024
+
+
+def test_a_compile_error_names_the_program_and_the_reason():
+    pytest.importorskip("torch")
+    try:
+        cuda_runtime.nvrtc()
+    except cuda_runtime.CudaRuntimeError as exc:
+        pytest.skip(f"no NVRTC here: {exc}")
+    with pytest.raises(cuda_runtime.CudaRuntimeError, match=r"broken\.cu.*sm_90a(.|\n)*undefined"):
+        cuda_runtime.compile_cubin("__global__ void k() { undefined_thing(); }", "broken.cu")
+
+
+def test_diagnostic_variants_are_separate_programs():
+    """bench/attention.py --diagnose times variants with parts removed; they must never be the
+    default's source."""
+    shipped = source.source(2)
+    assert "#define DIAG 0" in shipped
+    assert source.source(2, 1) != shipped and "#define DIAG 1" in source.source(2, 1)

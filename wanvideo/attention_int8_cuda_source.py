@@ -1,0 +1,453 @@
+"""CUDA C++ source of the Hopper 8-bit attention kernel with two consumer warpgroups (FA3's
+shape), compiled at run time by NVRTC (wanvideo/cuda_runtime.py); no include files, raw PTX for
+wgmma, TMA and mbarriers.
+
+Why CUDA: the Gluon kernel (attention_int8_gluon) keeps one warpgroup per CTA because Triton 3.6
+serializes every wgmma of a kernel with two consumer partitions (ptxas C7512,
+docs/ATTENTION_8BIT.md). Here a CTA holds a producer warpgroup (one thread issues the K and V
+TMA copies, registers given back by setmaxnreg) and two consumer warpgroups of 64 query rows
+each, so one warpgroup's softmax runs while the other's products occupy the tensor cores.
+
+Numerics are those of the Gluon bf16 kernel (attention_8bit.kernel_reference, pv="bf16"):
+INT8 Q per row (quantized here, written into shared memory in the wgmma layout), INT8 K per
+128-key block (quantize_kv), Q.K^T exact in int32, softmax in fp32 (exp2, log2 domain), P and V
+in bf16, P.V accumulated in fp32 by the wgmma. Head dim 128, 128-key blocks, bf16 in and out.
+
+The operand lists of the wgmma instructions (64 accumulator registers each) are generated here
+in Python, which is why the source is built by a function and not kept in a .cu file.
+"""
+from __future__ import annotations
+
+import functools
+
+KERNEL_NAME = "attn_int8_bf16_ws"
+THREADS = 384          # producer warpgroup + two consumer warpgroups
+BLOCK_M = 128          # 64 query rows per consumer warpgroup
+BLOCK_N = 128
+HEAD_DIM = 128
+
+
+def _regs(first: int, count: int) -> str:
+    return ", ".join(f"%{i}" for i in range(first, first + count))
+
+
+def _wgmma_int8() -> str:
+    """acc[64] int32 (+)= A (desc) . B (desc)^T, m64n128k32, s8 x s8."""
+    outs = ", ".join(f'"+r"(d[{i}])' for i in range(64))
+    return f"""
+__device__ __forceinline__ void wgmma_s8(int* d, u64 da, u64 db, int scale_d) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %66, 0;\\n"
+    "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {{{_regs(0, 64)}}}, %64, %65, p;\\n}}\\n"
+    : {outs} : "l"(da), "l"(db), "r"(scale_d));
+}}"""
+
+
+def _wgmma_bf16(n: int) -> str:
+    """acc[n / 2] fp32 += A (4 registers of bf16 pairs) . B (desc, K-major), m64n{n}k16."""
+    regs = n // 2
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    a = ", ".join(f"%{regs + i}" for i in range(4))
+    return f"""
+__device__ __forceinline__ void wgmma_bf16(float* d, const u32* a, u64 db) {{
+  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
+    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{_regs(0, regs)}}}, "
+    "{{{a}}}, %{regs + 4}, p, 1, 1, 0;\\n}}\\n"
+    : {outs} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}}"""
+
+
+_PRELUDE = r"""
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+struct __align__(64) TensorMap { u64 bits[16]; };
+
+#define MAGIC_BITS 0x4B400000
+#define MAGIC 12582912.0f
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  u32 done = 0;
+  while (!done) {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  }
+}
+__device__ __forceinline__ void tma_2d(u32 dst, const TensorMap* map, int x, int y, u32 bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%2, %3}], [%4];"
+               :: "r"(dst), "l"((u64)map), "r"(x), "r"(y), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wg_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// Keeps the compiler from moving register reads or writes across a wgmma wait: the registers
+// an asynchronous wgmma reads or writes are only safe to touch after its wait.
+__device__ __forceinline__ void fence_f(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+__device__ __forceinline__ void fence_r(int& r) { asm volatile("" : "+r"(r) :: "memory"); }
+__device__ __forceinline__ void fence_u(u32& r) { asm volatile("" : "+r"(r) :: "memory"); }
+// Shared-memory matrix descriptor, K-major, 128-byte swizzle: 8-row groups 1024 bytes apart.
+__device__ __forceinline__ u64 desc_sw128(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+__device__ __forceinline__ float bf16_to_f32(u32 bits16) { return __int_as_float(bits16 << 16); }
+__device__ __forceinline__ void named_sync(u32 id, u32 count) {
+  asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+"""
+
+_KERNEL = r"""
+#define K_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 K tile
+#define V_BYTES (BLOCK_N * HEAD_DIM * 2)          // one bf16 V^T tile, two 64-key halves
+// ROWSUM_MMA: each half is followed by 8 rows of ones, so P.V's extra 8 columns are the row sums
+#define V_HALF (V_BYTES / 2 + ROWSUM_MMA * 1024)
+#define V_SLOT (2 * V_HALF)
+#define NACC (64 + 4 * ROWSUM_MMA)
+#define Q_OFF (STAGES * (K_BYTES + V_SLOT))
+#define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
+#define BAR_OFF (QS_OFF + BLOCK_M * 4)
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ void quantize_queries(
+    const u16* __restrict__ Q, u32 q_smem, float* qscale, int wg, int t, int q0, int n_q,
+    long long base, long long s_ql, float factor) {
+  // two threads per row, 64 channels each: INT8 per row (amax / 127, half to even), stored in
+  // the wgmma operand layout (128-byte rows, 16-byte chunks swizzled by row % 8)
+  int row = t >> 1, half = t & 1, qr = q0 + row;
+  float v[64];
+  float amax = 0.f;
+  if (qr < n_q) {
+    const uint4* src = (const uint4*)(Q + base + (long long)qr * s_ql + half * 64);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      uint4 w = src[i];
+      u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[8 * i + 2 * e] = bf16_to_f32(words[e] & 0xffff);
+        v[8 * i + 2 * e + 1] = bf16_to_f32(words[e] >> 16);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) v[i] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
+  float scale = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    u32 w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      u32 word = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        u32 bits = (u32)__float_as_int(fmaf(v[16 * c + 4 * e + k], scale, MAGIC));
+        word |= (bits & 0xff) << (8 * k);
+      }
+      w[e] = word;
+    }
+    u32 chunk = (u32)(half * 4 + c) ^ (u32)(row & 7);
+    u32 dst = q_smem + row * 128 + chunk * 16;
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};"
+                 :: "r"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+  }
+  if (half == 0) qscale[row] = amax * factor;
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  named_sync(wg, 128);
+}
+
+template <bool MASKED>
+__device__ __forceinline__ void softmax_block(
+    int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
+    float c0, float c1, int col0, int tq, int keys) {
+  // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
+  float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    float f = __int_as_float(PRELOAD ? s[i] : s[i] + MAGIC_BITS);
+    if (MASKED && col0 + 8 * (i >> 2) + 2 * tq + (i & 1) >= keys) f = NEG_INF;
+    s[i] = __float_as_int(f);
+    if (i & 2) mx1 = fmaxf(mx1, f); else mx0 = fmaxf(mx0, f);
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+  float mb0 = (mx0 - MAGIC) * c0, mb1 = (mx1 - MAGIC) * c1;
+  float mn0 = fmaxf(m0, mb0), mn1 = fmaxf(m1, mb1);
+  al0 = ex2(m0 - mn0);
+  al1 = ex2(m1 - mn1);
+  m0 = mn0;
+  m1 = mn1;
+  float off0 = (mb0 - mn0) - mx0 * c0, off1 = (mb1 - mn1) - mx1 * c1;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    bool row1 = (i & 2) != 0;
+    float x = fmaf(__int_as_float(s[i]), row1 ? c1 : c0, row1 ? off1 : off0);
+    if (MASKED && col0 + 8 * (i >> 2) + 2 * tq + (i & 1) >= keys) x = NEG_INF;
+    float p = DIAG == 2 ? x : ex2(x);
+    s[i] = __float_as_int(p);
+    if (!ROWSUM_MMA) {
+      if (row1) sum1 += p; else sum0 += p;
+    }
+  }
+  if (!ROWSUM_MMA) {
+    l0 = l0 * al0 + sum0;
+    l1 = l1 * al1 + sum1;
+  }
+}
+
+__device__ __forceinline__ void pack_p(const int* s, u32* pa) {
+  // the fp32 P accumulator registers are the bf16 A operand's, two columns per register
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(__int_as_float(s[2 * i]), __int_as_float(s[2 * i + 1]));
+}
+
+// PRELOAD: the score accumulator starts from the bits of 1.5 * 2^23 (set while the warp waits
+// for its turn), so the exact int32 result already reads as the float 1.5 * 2^23 + score and
+// the softmax skips one integer add per score.
+__device__ __forceinline__ void preload_scores(int* s) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = MAGIC_BITS;
+}
+
+__device__ __forceinline__ void issue_scores(int* s, u64 dq, u64 dk) {
+  wg_fence();
+  wgmma_s8(s, dq, dk, PRELOAD);
+  wgmma_s8(s, dq + 2, dk + 2, 1);
+  wgmma_s8(s, dq + 4, dk + 4, 1);
+  wgmma_s8(s, dq + 6, dk + 6, 1);
+  wg_commit();
+}
+
+__device__ __forceinline__ void issue_pv(float* acc, const u32* pa, u32 vt) {
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_bf16(acc, pa + 4 * kk, desc_sw128(vt + (kk >> 2) * V_HALF) + 2 * (kk & 3));
+  wg_commit();
+}
+
+__device__ __forceinline__ void wg_wait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+}
+__device__ __forceinline__ void named_arrive(u32 id, u32 count) {
+  asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void scale_rows(float* acc, float a0, float a1) {
+  // a factor is exactly 1 when the block did not raise the row's maximum (exp2(0)); a warp
+  // whose 16 rows all kept theirs skips the 64 multiplications (bit for bit the same result)
+  if (SKIP_ONES && __all_sync(0xffffffff, a0 == 1.f && a1 == 1.f)) return;
+#pragma unroll
+  for (int i = 0; i < NACC / 4; ++i) {
+    acc[4 * i] *= a0; acc[4 * i + 1] *= a0; acc[4 * i + 2] *= a1; acc[4 * i + 3] *= a1;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
+                  const u16* __restrict__ Q, const float* __restrict__ k_scale,
+                  u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
+                  long long s_qb, long long s_ql, long long s_qh,
+                  long long s_ob, long long s_ol, long long s_oh) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char* smem = (unsigned char*)(((u64)smem_raw + 1023) & ~(u64)1023);
+  const u32 base = smem_u32(smem);
+  const u32 k_ring = base, v_ring = base + STAGES * K_BYTES, bars = base + BAR_OFF;
+  // barriers: full K, empty K, full V, empty V (STAGES each, 8 bytes apiece)
+  const u32 full_k = bars, empty_k = bars + 8 * STAGES;
+  const u32 full_v = bars + 16 * STAGES, empty_v = bars + 24 * STAGES;
+  const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int n_blocks = (keys + BLOCK_N - 1) / BLOCK_N;
+  if (tid == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full_k + 8 * i, 1);
+      mbar_init(full_v + 8 * i, 1);
+      mbar_init(empty_k + 8 * i, 256);
+      mbar_init(empty_v + 8 * i, 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (ROWSUM_MMA) {  // the rows of ones after each V^T half (bf16 1.0), read by the async proxy
+    for (int i = tid; i < STAGES * 2 * 256; i += THREADS) {
+      int half = i >> 8;
+      u32 addr = v_ring + (half >> 1) * V_SLOT + (half & 1) * V_HALF + V_BYTES / 2 + (i & 255) * 4;
+      asm volatile("st.shared.b32 [%0], %1;" :: "r"(addr), "r"(0x3f803f80u) : "memory");
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer: thread 0 streams K tiles, thread 32 V^T tiles
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (t == 0 || t == 32) {
+      const bool is_k = t == 0;
+      for (int j = 0; j < n_blocks; ++j) {
+        int st = j % STAGES;
+        u32 ph = (u32)(j / STAGES) & 1;
+        if (DIAG == 1 && j >= STAGES) {  // timing only: the slot keeps its old tile
+          mbar_wait((is_k ? empty_k : empty_v) + 8 * st, ph ^ 1);
+          mbar_arrive((is_k ? full_k : full_v) + 8 * st);
+        } else if (is_k) {
+          mbar_wait(empty_k + 8 * st, ph ^ 1);
+          mbar_expect(full_k + 8 * st, K_BYTES);
+          tma_2d(k_ring + st * K_BYTES, &k_map, 0, bh * padded + j * BLOCK_N, full_k + 8 * st);
+        } else {
+          mbar_wait(empty_v + 8 * st, ph ^ 1);
+          mbar_expect(full_v + 8 * st, V_BYTES);
+          u32 dst = v_ring + st * V_SLOT;
+          tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
+          tma_2d(dst + V_HALF, &v_map, j * BLOCK_N + 64, bh * HEAD_DIM, full_v + 8 * st);
+        }
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  const int half = wg - 1;
+  const u32 q_smem = base + Q_OFF + half * (64 * HEAD_DIM);
+  float* qscale = (float*)(smem + QS_OFF) + half * 64;
+  const int q0 = blockIdx.x * BLOCK_M + half * 64;
+  quantize_queries(Q, q_smem, qscale, wg, t, q0, n_q,
+                   (long long)b * s_qb + (long long)h * s_qh, s_ql, factor);
+
+  const int warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
+  const float qs0 = qscale[warp * 16 + g], qs1 = qscale[warp * 16 + g + 8];
+  const float* ks_ptr = k_scale + (long long)bh * (padded / BLOCK_N);
+  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  const u64 dq = desc_sw128(q_smem);
+  // FA3's order: Q.K^T[j] and P.V[j-1] in flight together, the softmax of block j under
+  // P.V[j-1]; with PINGPONG the two warpgroups also take turns issuing their products
+  // (named barriers 3 and 4), so one's softmax runs while the other's products run.
+  const u32 my_turn = 2 + wg, their_turn = 5 - wg;
+  int s[64];
+  u32 pa[32];
+  float al0, al1;
+  if (PRELOAD) preload_scores(s);
+  mbar_wait(full_k, 0);
+  issue_scores(s, dq, desc_sw128(k_ring));
+  wg_wait0();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_r(s[i]);
+  mbar_arrive(empty_k);
+  if (n_blocks == 1)
+    softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
+  else
+    softmax_block<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
+  pack_p(s, pa);
+  if (PINGPONG && wg == 2 && n_blocks > 1) named_arrive(3, 256);
+  for (int j = 1; j < n_blocks; ++j) {
+    const int st = j % STAGES, pst = (j - 1) % STAGES;
+    const float ks = ks_ptr[j];
+    if (PRELOAD) preload_scores(s);
+    mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
+    if (PINGPONG) named_sync(my_turn, 256);
+    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES));
+    scale_rows(acc, al0, al1);
+    mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);
+    issue_pv(acc, pa, v_ring + pst * V_SLOT);
+    if (PINGPONG && !(wg == 2 && j == n_blocks - 1)) named_arrive(their_turn, 256);
+    wg_wait1();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) fence_r(s[i]);
+    mbar_arrive(empty_k + 8 * st);
+    if (j == n_blocks - 1)
+      softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
+    else
+      softmax_block<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
+    wg_wait0();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) fence_u(pa[i]);
+    mbar_arrive(empty_v + 8 * pst);
+    pack_p(s, pa);
+  }
+  {
+    const int last = n_blocks - 1, st = last % STAGES;
+    scale_rows(acc, al0, al1);
+    mbar_wait(full_v + 8 * st, (u32)(last / STAGES) & 1);
+    issue_pv(acc, pa, v_ring + st * V_SLOT);
+    wg_wait0();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) fence_u(pa[i]);
+    mbar_arrive(empty_v + 8 * st);
+  }
+  if (ROWSUM_MMA) {  // every extra column holds the sum of the row's bf16 P
+    l0 = acc[64];
+    l1 = acc[66];
+  } else {
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+  }
+  const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+  u16* o_base = O + (long long)b * s_ob + (long long)h * s_oh;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    int col = 8 * i + 2 * tq;
+    if (row0 < n_q)
+      *(u32*)(o_base + (long long)row0 * s_ol + col) = pack_bf16(acc[4 * i] / l0, acc[4 * i + 1] / l0);
+    if (row1 < n_q)
+      *(u32*)(o_base + (long long)row1 * s_ol + col) = pack_bf16(acc[4 * i + 2] / l1, acc[4 * i + 3] / l1);
+  }
+}
+"""
+
+
+def shared_bytes(stages: int) -> int:
+    """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales,
+    the barriers, and 1 KB to align the base for the 128-byte swizzle."""
+    ring = stages * (BLOCK_N * HEAD_DIM * 3 + 2048)
+    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 4 + 32 * stages + 1024
+
+
+@functools.lru_cache(maxsize=None)
+def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
+           skip_ones: bool = True, rowsum_mma: bool = True) -> str:
+    """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
+    wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
+    options (defaults as shipped; bench/attention.py --diagnose times each one off):
+    `pingpong`, the two consumer warpgroups take turns issuing their products; `preload` and
+    `skip_ones` (exact), see preload_scores and scale_rows; `rowsum_mma`, the row sums come
+    from P.V with 8 columns of ones (the sums of the bf16 P the products use; no adds in the
+    softmax)."""
+    defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
+               f"#define PRELOAD {int(preload)}\n"
+               f"#define SKIP_ONES {int(skip_ones)}\n#define ROWSUM_MMA {int(rowsum_mma)}\n"
+               f"#define THREADS {THREADS}\n#define BLOCK_M {BLOCK_M}\n#define BLOCK_N {BLOCK_N}\n"
+               f"#define HEAD_DIM {HEAD_DIM}\n")
+    return defines + _PRELUDE + _wgmma_int8() + _wgmma_bf16(136 if rowsum_mma else 128) + _KERNEL
