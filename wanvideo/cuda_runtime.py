@@ -26,13 +26,19 @@ def _candidates(stem: str) -> list[str]:
 
     roots = [os.path.dirname(os.path.dirname(torch.__file__))]
     roots += site.getsitepackages() if hasattr(site, "getsitepackages") else []
+    if os.name == "nt":  # the Windows names (not tested: no Windows machine here)
+        dll = {"libnvrtc": "nvrtc64_*", "libcuda": "nvcuda"}[stem]
+        patterns, fallback = (f"torch/lib/{dll}.dll", f"nvidia/*/bin/{dll}.dll"), [f"{dll}.dll"]
+    else:
+        patterns = (f"nvidia/*/lib/{stem}.so*", f"nvidia/*/*/lib/{stem}.so*",
+                    f"torch/lib/{stem}*.so*")
+        fallback = [f"{stem}.so", f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so.1"]
     found = []
     for root in roots:
-        for pattern in (f"nvidia/*/lib/{stem}.so*", f"nvidia/*/*/lib/{stem}.so*",
-                        f"torch/lib/{stem}*.so*"):
+        for pattern in patterns:
             found += sorted(glob.glob(os.path.join(root, pattern)))
     found = [f for f in found if "builtins" not in f and ".alt." not in f]
-    return found + [f"{stem}.so", f"{stem}.so.13", f"{stem}.so.12"]
+    return found + [name for name in fallback if "*" not in name]
 
 
 @functools.lru_cache(maxsize=None)
