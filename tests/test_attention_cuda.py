@@ -12,10 +12,10 @@ from wanvideo_infinitetalk.wanvideo import attention_int8_cuda_source as source
 from wanvideo_infinitetalk.wanvideo import cuda_runtime
 
 
-def _compile(stages: int, pingpong: bool = True):
+def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False):
     try:
-        return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong),
-                                          "attention_int8.cu",
+        return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong,
+                                                        pv_int8=pv_int8), "attention_int8.cu",
                                           options=("--ptxas-options=-v",))
     except cuda_runtime.CudaRuntimeError as exc:
         if "not found" in str(exc):
@@ -23,9 +23,10 @@ def _compile(stages: int, pingpong: bool = True):
         raise
 
 
-@pytest.mark.parametrize("stages,pingpong", [(2, True), (3, True), (2, False)])
-def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong):
-    cubin, log = _compile(stages, pingpong)
+@pytest.mark.parametrize("stages,pingpong,pv_int8", [(2, True, False), (3, True, False),
+                                                     (2, False, False), (3, True, True)])
+def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8):
+    cubin, log = _compile(stages, pingpong, pv_int8)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -34,7 +35,7 @@ def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pi
     assert registers <= 168, log
     # ptxas's C7510-C7515 advisories are the ones that say it serialized wgmma instructions
     assert not re.search(r"C751\d", log), log
-    assert source.shared_bytes(stages) <= 227 * 1024
+    assert source.shared_bytes(stages, pv_int8) <= 227 * 1024
 
 
 def test_a_compile_error_names_the_program_and_the_reason():

@@ -452,7 +452,7 @@ CONFIGS = [{}, {"pv": "int8", "gluon": False}, {"pv": "int8", "block_n": 64, "gl
            {"pv": "int8", "block_m": 128, "num_warps": 8, "gluon": False},
            {"gluon": True, "lazy": True}, {"gluon": True, "pv": "bf16", "num_stages": 2},
            {"gluon": True, "pv": "bf16", "block_m": 128, "num_warps": 8, "num_stages": 2},
-           {"cuda": True}, {"cuda": True, "num_stages": 3}]
+           {"cuda": True}, {"cuda": True, "num_stages": 2}, {"cuda": True, "pv": "int8"}]
 
 
 @functools.lru_cache(maxsize=None)  # a few MB each

@@ -167,6 +167,10 @@ SWEEP = [_config(*c) for c in (
     # by TMA, two consumer warpgroups of 64 query rows (12 warps), 3 or 2 ring slots
     _config("bf16", 128, 128, 12, 3, cuda=True),                    # 31
     _config("bf16", 128, 128, 12, 2, cuda=True),
+    # 33: the CUDA kernel with INT8 P.V (V^T in the Gluon key order, the int32 product folded
+    # per block): half the tensor-core time of bf16 P.V, slower all the same on the H200
+    # (32.3 vs 29.2 ms kernel only at 32,760 keys: the fold lengthens the softmax)
+    _config("int8", 128, 128, 12, 3, cuda=True),                    # 33
 ]
 # Hopper's default where Triton has Gluon (default_config): SWEEP[26]
 HOPPER_GLUON = SWEEP[26]
@@ -209,10 +213,9 @@ def _cuda_unsupported(config: dict, capability: int | None) -> str | None:
     """Why the CUDA kernel (attention_int8_cuda) cannot run `config`, or None."""
     if capability is not None and capability // 10 != 9:
         return f"the CUDA kernel is for Hopper (sm_90, wgmma), not sm_{capability}"
-    shape = (config["pv"], config["block_m"], config["block_n"], config["num_warps"])
-    if shape != ("bf16", 128, 128, 12) or config["num_stages"] not in (2, 3):
-        return ("the CUDA kernel runs bf16 P.V on 128x128 tiles with 12 warps and 2 or 3 "
-                "ring slots")
+    shape = (config["block_m"], config["block_n"], config["num_warps"])
+    if shape != (128, 128, 12) or config["num_stages"] not in (2, 3):
+        return "the CUDA kernel runs 128x128 tiles with 12 warps and 2 or 3 ring slots"
     if config.get("gluon") or any(config.get(k) for k in ("ws", "lazy", "tma")) \
             or config.get("unroll", 1) > 1:
         return "gluon / ws / lazy / tma / unroll are options of the other kernels"
@@ -301,7 +304,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     if pv == "bf16" and (gluon or cuda):
         shape = (b * h, d, padded) if cuda else (b * h, padded, d)
         v_t = torch.empty(shape, dtype=torch.bfloat16, device=k.device)
-    if pv == "int8":
+    if pv == "int8":  # V^T in the Gluon kernels' key order for Gluon and CUDA alike
+        gluon = gluon or cuda
         low, high = torch.aminmax(v, dim=1)
         v_amax = torch.maximum(high.float(), -low.float()).reshape(b * h, d)
         v_inv, v_scale = int8_inverse(v_amax).contiguous(), int8_scale(v_amax).contiguous()
@@ -359,7 +363,7 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
         if reason:
             raise ValueError(reason)
         _LAST_LAUNCH[0] = attention_int8_cuda.attention(q, k_int, k_scale, v, out, keys, factor,
-                                                        config["num_stages"])
+                                                        config["num_stages"], v_scale=v_scale)
         return out
     kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):

@@ -52,31 +52,41 @@ def cubin(stages: int, diag: int = 0, options: tuple = ()) -> bytes:
 def aot_compile(config: dict) -> types.SimpleNamespace:
     """The kernel of a launch config compiled without a GPU, shaped like a Triton compiled
     kernel for the compile tests (asm["cubin"])."""
-    return types.SimpleNamespace(asm={"cubin": cubin(config["num_stages"])})
+    options = (("pv_int8", True),) if config["pv"] == "int8" else ()
+    return types.SimpleNamespace(asm={"cubin": cubin(config["num_stages"], 0, options)})
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, stages: int, diag: int, options: tuple) -> cuda_runtime.Kernel:
+    shared = source.shared_bytes(stages, dict(options).get("pv_int8", False))
     return cuda_runtime.Kernel(cubin(stages, diag, options), source.KERNEL_NAME,
-                               torch.device("cuda", device_index), source.shared_bytes(stages))
+                               torch.device("cuda", device_index), shared)
 
 
 def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: torch.Tensor,
               out: torch.Tensor, keys: int, factor: float, stages: int = 3, diag: int = 0,
-              **options) -> cuda_runtime.Kernel:
-    """out [B, Lq, H, 128] = attention of q over quantize_kv's INT8 K and bf16 V^T for `keys`
-    real keys; returns the launched kernel. `diag` and `options`: see cubin."""
+              v_scale: torch.Tensor | None = None, **options) -> cuda_runtime.Kernel:
+    """out [B, Lq, H, 128] = attention of q over quantize_kv's INT8 K and V^T for `keys` real
+    keys: bf16 V^T, or with `v_scale` (fp32 [B*H, 128]) INT8 V^T in the Gluon key order (INT8
+    P.V). Returns the launched kernel. `diag` and `options`: see cubin."""
     if stages not in STAGES:
         raise ValueError(f"stages {stages} not in {STAGES}")
     bh, padded, d = k_int.shape
-    if tuple(v_t.shape) != (bh, d, padded) or v_t.dtype != torch.bfloat16:
-        raise ValueError(f"V^T must be bf16 {(bh, d, padded)}, got {v_t.dtype} {tuple(v_t.shape)}")
+    int8 = v_scale is not None
+    v_dtype = torch.int8 if int8 else torch.bfloat16
+    if tuple(v_t.shape) != (bh, d, padded) or v_t.dtype != v_dtype:
+        raise ValueError(f"V^T must be {v_dtype} {(bh, d, padded)}, got {v_t.dtype} "
+                         f"{tuple(v_t.shape)}")
     b, n_q, heads, _ = q.shape
+    if int8:
+        options["pv_int8"] = True
     kernel = _kernel(q.device.index, stages, int(diag), tuple(sorted(options.items())))
     k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N, d, 1)
-    v_map = cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, 64, 2)
+    v_map = (cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, source.BLOCK_N, 1) if int8 else
+             cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, 64, 2))
     ll, ptr = ctypes.c_longlong, ctypes.c_void_p
-    args = [k_map, v_map, ptr(q.data_ptr()), ptr(k_scale.data_ptr()), ptr(out.data_ptr()),
+    args = [k_map, v_map, ptr(q.data_ptr()), ptr(k_scale.data_ptr()),
+            ptr((v_scale if int8 else k_scale).data_ptr()), ptr(out.data_ptr()),
             ctypes.c_int(n_q), ctypes.c_int(keys), ctypes.c_int(padded), ctypes.c_int(heads),
             ctypes.c_float(factor), ll(q.stride(0)), ll(q.stride(1)), ll(q.stride(2)),
             ll(out.stride(0)), ll(out.stride(1)), ll(out.stride(2))]

@@ -8,17 +8,22 @@ docs/ATTENTION_8BIT.md). Here a CTA holds a producer warpgroup (one thread issue
 TMA copies, registers given back by setmaxnreg) and two consumer warpgroups of 64 query rows
 each, so one warpgroup's softmax runs while the other's products occupy the tensor cores.
 
-Numerics are those of the Gluon bf16 kernel (attention_8bit.kernel_reference, pv="bf16"):
+The PTX building blocks are in attention_int8_cuda_ptx, the INT8 P.V consumer loop (sweep 33,
+not the default) in attention_int8_cuda_pv8. Numerics are those of the Gluon bf16 kernel
+(attention_8bit.kernel_reference, pv="bf16"):
 INT8 Q per row (quantized here, written into shared memory in the wgmma layout), INT8 K per
 128-key block (quantize_kv), Q.K^T exact in int32, softmax in fp32 (exp2, log2 domain), P and V
 in bf16, P.V accumulated in fp32 by the wgmma. Head dim 128, 128-key blocks, bf16 in and out.
 
-The operand lists of the wgmma instructions (64 accumulator registers each) are generated here
-in Python, which is why the source is built by a function and not kept in a .cu file.
+The wgmma instructions' operand lists (64 or more accumulator registers each) are generated in
+Python, which is why the source is built by a function and not kept in a .cu file.
 """
 from __future__ import annotations
 
 import functools
+
+from . import attention_int8_cuda_ptx as ptx
+from . import attention_int8_cuda_pv8 as pv8
 
 KERNEL_NAME = "attn_int8_bf16_ws"
 THREADS = 384          # producer warpgroup + two consumer warpgroups
@@ -27,103 +32,18 @@ BLOCK_N = 128
 HEAD_DIM = 128
 
 
-def _regs(first: int, count: int) -> str:
-    return ", ".join(f"%{i}" for i in range(first, first + count))
-
-
-def _wgmma_int8() -> str:
-    """acc[64] int32 (+)= A (desc) . B (desc)^T, m64n128k32, s8 x s8."""
-    outs = ", ".join(f'"+r"(d[{i}])' for i in range(64))
-    return f"""
-__device__ __forceinline__ void wgmma_s8(int* d, u64 da, u64 db, int scale_d) {{
-  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %66, 0;\\n"
-    "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {{{_regs(0, 64)}}}, %64, %65, p;\\n}}\\n"
-    : {outs} : "l"(da), "l"(db), "r"(scale_d));
-}}"""
-
-
-def _wgmma_bf16(n: int) -> str:
-    """acc[n / 2] fp32 += A (4 registers of bf16 pairs) . B (desc, K-major), m64n{n}k16."""
-    regs = n // 2
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    a = ", ".join(f"%{regs + i}" for i in range(4))
-    return f"""
-__device__ __forceinline__ void wgmma_bf16(float* d, const u32* a, u64 db) {{
-  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
-    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{_regs(0, regs)}}}, "
-    "{{{a}}}, %{regs + 4}, p, 1, 1, 0;\\n}}\\n"
-    : {outs} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}}"""
-
-
-_PRELUDE = r"""
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef unsigned short u16;
-struct __align__(64) TensorMap { u64 bits[16]; };
-
-#define MAGIC_BITS 0x4B400000
-#define MAGIC 12582912.0f
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-  return (u32)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-               :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-  u32 done = 0;
-  while (!done) {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 "selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  }
-}
-__device__ __forceinline__ void tma_2d(u32 dst, const TensorMap* map, int x, int y, u32 bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-               " [%0], [%1, {%2, %3}], [%4];"
-               :: "r"(dst), "l"((u64)map), "r"(x), "r"(y), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void wg_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-}
-// Keeps the compiler from moving register reads or writes across a wgmma wait: the registers
-// an asynchronous wgmma reads or writes are only safe to touch after its wait.
-__device__ __forceinline__ void fence_f(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
-__device__ __forceinline__ void fence_r(int& r) { asm volatile("" : "+r"(r) :: "memory"); }
-__device__ __forceinline__ void fence_u(u32& r) { asm volatile("" : "+r"(r) :: "memory"); }
-// Shared-memory matrix descriptor, K-major, 128-byte swizzle: 8-row groups 1024 bytes apart.
-__device__ __forceinline__ u64 desc_sw128(u32 addr) {
-  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
-__device__ __forceinline__ float ex2(float x) {
-  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
-}
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-  u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
-}
-__device__ __forceinline__ float bf16_to_f32(u32 bits16) { return __int_as_float(bits16 << 16); }
-__device__ __forceinline__ void named_sync(u32 id, u32 count) {
-  asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
-}
-"""
-
-_KERNEL = r"""
+_HELPERS = r"""
 #define K_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 K tile
+#if PV_INT8
+#define V_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 V^T tile
+#define V_HALF V_BYTES
+#define V_SLOT V_BYTES
+#else
 #define V_BYTES (BLOCK_N * HEAD_DIM * 2)          // one bf16 V^T tile, two 64-key halves
 // ROWSUM_MMA: each half is followed by 8 rows of ones, so P.V's extra 8 columns are the row sums
 #define V_HALF (V_BYTES / 2 + ROWSUM_MMA * 1024)
 #define V_SLOT (2 * V_HALF)
+#endif
 #define NACC (64 + 4 * ROWSUM_MMA)
 #define Q_OFF (STAGES * (K_BYTES + V_SLOT))
 #define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
@@ -181,15 +101,40 @@ __device__ __forceinline__ void quantize_queries(
   named_sync(wg, 128);
 }
 
+__device__ __forceinline__ void quad_sum(float& x) {  // over the 4 threads sharing a row
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  x += __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+template <bool V_SCALED>
+__device__ __forceinline__ void store_tile(const float* acc, float l0, float l1, const float* vs,
+                                           int row0, int n_q, u16* o_base, long long s_ol,
+                                           int tq) {
+  // acc / l (times V's channel scales), bf16 pairs; rows past n_q are not written
+  const int row1 = row0 + 8;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    int col = 8 * i + 2 * tq;
+    float v0 = V_SCALED ? vs[col] : 1.f, v1 = V_SCALED ? vs[col + 1] : 1.f;
+    if (row0 < n_q)
+      *(u32*)(o_base + (long long)row0 * s_ol + col) =
+          pack_bf16(acc[4 * i] / l0 * v0, acc[4 * i + 1] / l0 * v1);
+    if (row1 < n_q)
+      *(u32*)(o_base + (long long)row1 * s_ol + col) =
+          pack_bf16(acc[4 * i + 2] / l1 * v0, acc[4 * i + 3] / l1 * v1);
+  }
+}
+
 template <bool MASKED>
-__device__ __forceinline__ void softmax_block(
-    int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
-    float c0, float c1, int col0, int tq, int keys) {
-  // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
-  float mx0 = NEG_INF, mx1 = NEG_INF;
+__device__ __forceinline__ void block_max(int* s, bool preset, int col0, int tq, int keys,
+                                          float& mx0, float& mx1) {
+  // s: the block's exact int32 scores in (`preset`: already 1.5 * 2^23's bits + score), the
+  // float 1.5 * 2^23 + score out (as bits; -inf past `keys` with MASKED); the two rows' maxima
+  mx0 = NEG_INF;
+  mx1 = NEG_INF;
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
-    float f = __int_as_float(PRELOAD ? s[i] : s[i] + MAGIC_BITS);
+    float f = __int_as_float(preset ? s[i] : s[i] + MAGIC_BITS);
     if (MASKED && col0 + 8 * (i >> 2) + 2 * tq + (i & 1) >= keys) f = NEG_INF;
     s[i] = __float_as_int(f);
     if (i & 2) mx1 = fmaxf(mx1, f); else mx0 = fmaxf(mx0, f);
@@ -198,6 +143,15 @@ __device__ __forceinline__ void softmax_block(
   mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+}
+
+template <bool MASKED>
+__device__ __forceinline__ void softmax_block(
+    int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
+    float c0, float c1, int col0, int tq, int keys) {
+  // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
+  float mx0, mx1;
+  block_max<MASKED>(s, PRELOAD, col0, tq, keys, mx0, mx1);
   float mb0 = (mx0 - MAGIC) * c0, mb1 = (mx1 - MAGIC) * c1;
   float mn0 = fmaxf(m0, mb0), mn1 = fmaxf(m1, mb1);
   al0 = ex2(m0 - mn0);
@@ -254,6 +208,18 @@ __device__ __forceinline__ void issue_pv(float* acc, const u32* pa, u32 vt) {
   wg_commit();
 }
 
+__device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, u32 k_ring, u32 full_k,
+                                             u32 empty_k) {
+  // Q.K^T of key block 0, waited for; its K slot released
+  if (preset) preload_scores(s);
+  mbar_wait(full_k, 0);
+  issue_scores(s, dq, desc_sw128(k_ring));
+  wg_wait0();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_r(s[i]);
+  mbar_arrive(empty_k);
+}
+
 __device__ __forceinline__ void wg_wait1() {
   asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 }
@@ -270,10 +236,13 @@ __device__ __forceinline__ void scale_rows(float* acc, float a0, float a1) {
   }
 }
 
+"""
+
+_ENTRY = r"""
 extern "C" __global__ void __launch_bounds__(384, 1)
 attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
                   const u16* __restrict__ Q, const float* __restrict__ k_scale,
-                  u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
+                  const float* __restrict__ v_scale, u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
                   long long s_qb, long long s_ql, long long s_qh,
                   long long s_ob, long long s_ol, long long s_oh) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -324,7 +293,8 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
           mbar_expect(full_v + 8 * st, V_BYTES);
           u32 dst = v_ring + st * V_SLOT;
           tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
-          tma_2d(dst + V_HALF, &v_map, j * BLOCK_N + 64, bh * HEAD_DIM, full_v + 8 * st);
+          if (!PV_INT8)
+            tma_2d(dst + V_HALF, &v_map, j * BLOCK_N + 64, bh * HEAD_DIM, full_v + 8 * st);
         }
       }
     }
@@ -341,11 +311,21 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   const int warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
   const float qs0 = qscale[warp * 16 + g], qs1 = qscale[warp * 16 + g + 8];
   const float* ks_ptr = k_scale + (long long)bh * (padded / BLOCK_N);
+  consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, desc_sw128(q_smem), qs0, qs1,
+          ks_ptr, v_scale + (long long)bh * HEAD_DIM, n_blocks, keys, wg, warp, g, tq,
+          q0 + warp * 16 + g, n_q, O + (long long)b * s_ob + (long long)h * s_oh, s_ol);
+}
+"""
+
+_CONSUME_BF16 = r"""
+__device__ __forceinline__ void consume(
+    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u64 dq,
+    float qs0, float qs1, const float* ks_ptr, const float* vs_ptr, int n_blocks, int keys,
+    int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base, long long s_ol) {
   float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
   float acc[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-  const u64 dq = desc_sw128(q_smem);
   // FA3's order: Q.K^T[j] and P.V[j-1] in flight together, the softmax of block j under
   // P.V[j-1]; with PINGPONG the two warpgroups also take turns issuing their products
   // (named barriers 3 and 4), so one's softmax runs while the other's products run.
@@ -353,13 +333,7 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   int s[64];
   u32 pa[32];
   float al0, al1;
-  if (PRELOAD) preload_scores(s);
-  mbar_wait(full_k, 0);
-  issue_scores(s, dq, desc_sw128(k_ring));
-  wg_wait0();
-#pragma unroll
-  for (int i = 0; i < 64; ++i) fence_r(s[i]);
-  mbar_arrive(empty_k);
+  first_scores(s, PRELOAD, dq, k_ring, full_k, empty_k);
   if (n_blocks == 1)
     softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
   else
@@ -409,45 +383,43 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
     l0 = acc[64];
     l1 = acc[66];
   } else {
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    quad_sum(l0);
+    quad_sum(l1);
   }
-  const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
-  u16* o_base = O + (long long)b * s_ob + (long long)h * s_oh;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    int col = 8 * i + 2 * tq;
-    if (row0 < n_q)
-      *(u32*)(o_base + (long long)row0 * s_ol + col) = pack_bf16(acc[4 * i] / l0, acc[4 * i + 1] / l0);
-    if (row1 < n_q)
-      *(u32*)(o_base + (long long)row1 * s_ol + col) = pack_bf16(acc[4 * i + 2] / l1, acc[4 * i + 3] / l1);
-  }
+  store_tile<false>(acc, l0, l1, vs_ptr, row0, n_q, o_base, s_ol, tq);
 }
 """
 
 
-def shared_bytes(stages: int) -> int:
+def shared_bytes(stages: int, pv_int8: bool = False) -> int:
     """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales,
     the barriers, and 1 KB to align the base for the 128-byte swizzle."""
-    ring = stages * (BLOCK_N * HEAD_DIM * 3 + 2048)
+    tile = BLOCK_N * HEAD_DIM
+    ring = stages * (2 * tile if pv_int8 else 3 * tile + 2048)
     return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 4 + 32 * stages + 1024
 
 
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
-           skip_ones: bool = True, rowsum_mma: bool = True) -> str:
+           skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
+           pv8_overlap: bool = False) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
     options (defaults as shipped; bench/attention.py --diagnose times each one off):
     `pingpong`, the two consumer warpgroups take turns issuing their products; `preload` and
     `skip_ones` (exact), see preload_scores and scale_rows; `rowsum_mma`, the row sums come
     from P.V with 8 columns of ones (the sums of the bf16 P the products use; no adds in the
-    softmax)."""
+    softmax). `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its own exact shortcuts), with
+    `pv8_overlap` the softmax of block j under P.V[j-1] (FA3's order; ptxas spills 64 bytes)."""
+    rowsum_mma = rowsum_mma and not pv_int8
     defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
                f"#define PRELOAD {int(preload)}\n"
                f"#define SKIP_ONES {int(skip_ones)}\n#define ROWSUM_MMA {int(rowsum_mma)}\n"
                f"#define THREADS {THREADS}\n#define BLOCK_M {BLOCK_M}\n#define BLOCK_N {BLOCK_N}\n"
-               f"#define HEAD_DIM {HEAD_DIM}\n")
-    return defines + _PRELUDE + _wgmma_int8() + _wgmma_bf16(136 if rowsum_mma else 128) + _KERNEL
+               f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
+               f"#define PV8_OVERLAP {int(pv8_overlap)}\n")
+    # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
+    products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
+                + (ptx.wgmma_int8(a_in_registers=True) if pv_int8 else ""))
+    consume = pv8.CONSUME_INT8 if pv_int8 else _CONSUME_BF16
+    return defines + ptx.PRELUDE + products + _HELPERS + consume + _ENTRY

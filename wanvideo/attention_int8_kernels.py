@@ -448,8 +448,9 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
     gluon, cuda = bool(config.get("gluon", False)), bool(config.get("cuda", False))
     quant_consts = {"D": head_dim, "BLOCK_N": config["block_n"],
                     "QUANT_V": config["pv"] == "int8",
-                    "SWIZZLE_KEYS": gluon and config["pv"] == "int8",
-                    "COPY_V": (gluon or cuda) and config["pv"] == "bf16", "TRANSPOSE_V": cuda}
+                    "SWIZZLE_KEYS": (gluon or cuda) and config["pv"] == "int8",
+                    "COPY_V": (gluon or cuda) and config["pv"] == "bf16",
+                    "TRANSPOSE_V": cuda and config["pv"] == "bf16"}
     if (gluon or cuda) and config["pv"] == "bf16":
         quant_sig["V_T"] = "*bf16"
     quant = _compile(_quant_kv_kernel, quant_sig, quant_consts, capability, {"num_warps": 4})
