@@ -229,8 +229,10 @@ def _cuda_build_error() -> str | None:
 
     try:
         attention_int8_cuda.cubin(HOPPER_CUDA["num_stages"])
-    except (cuda_runtime.CudaRuntimeError, OSError) as exc:
+    except cuda_runtime.CudaRuntimeError as exc:
         return f"NVRTC cannot build the CUDA kernel ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a probe: any failure means "not on this machine"
+        return f"NVRTC cannot build the CUDA kernel ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -370,7 +372,8 @@ def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
         _LAST_LAUNCH[0] = kernels.attention(q, k_int, k_scale, v,
                                             v_scale if v_scale is not None else k_scale, out,
                                             keys, factor,
-                                            **{k: v for k, v in config.items() if k != "cuda"})
+                                            **{name: value for name, value in config.items()
+                                               if name != "cuda"})
     return out
 
 
