@@ -2,6 +2,7 @@
 
     python bench/window.py --json [--steps 4] [--blocks 40] [--frames 81] [--size 832x480]
     python bench/window.py --json --attention sdpa,int8     # both backends, same model, same run
+    python bench/window.py --json --steps 2 --attention int8 --profile 50   # + top CUDA kernels
 
 A 14B-shaped Wan2.1 I2V model with InfiniteTalk layers is built from random weights (no file),
 quantized to fp8 (scaled) on load, all blocks streamed by BlockSwap, and one 81-frame window at
