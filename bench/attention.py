@@ -122,7 +122,8 @@ def fp32_reference(q, k, v, heads: int) -> torch.Tensor:
 
 
 def time_ours(q, k, v, config: dict, reps: int, quant_ms: dict | None = None) -> dict:
-    """`quant_ms` caches the K/V pass's time per (block_n, pv): the other keys do not touch it."""
+    """`quant_ms` caches the K/V pass's time per layout (block_n, pv, gluon, cuda): the other
+    keys do not touch it."""
     full = median_ms(lambda: ai.attention_int8(q, k, v, **config), reps)
     kv = ai.quantize_for(k, v, config)
     only = median_ms(lambda: ai.attend_quantized(q, kv, k.shape[1], config), reps)
@@ -255,7 +256,7 @@ def diagnose(tokens: int, args) -> dict:
     if reason:
         return {"config": config, "skipped": reason}
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
-    kv = ai.quantize_kv(k, v, config["block_n"], config["pv"], True)
+    kv = ai.quantize_for(k, v, config)
     result = {"config": config}
     for name, diag in (("as_shipped_ms", 0), ("no_exp2_ms", 1), ("no_wgmma_ms", 2),
                        ("no_v_loads_ms", 3), ("no_kv_loads_ms", 4)):

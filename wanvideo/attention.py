@@ -25,11 +25,11 @@ from .placement import attention_ready
 
 BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
 # Where `auto` picks the 8-bit kernel: compute capability -> the fewest keys at which
-# bench/attention.py measured it faster than cuDNN SDPA. H200 with the Hopper default (the Gluon
-# kernel, bench/results/attention_h200_gluon_default.json): 33.2 vs 37.7 ms at 32,760 keys
-# (1.135x), 2.23 vs 2.20 ms at 8,100 (0.99x; 1.05-1.07x in two other runs: not reliably faster).
-# Without Gluon (the Triton kernel): 34.4 vs 37.5 ms and 2.41 vs 2.16 ms. Ada and Blackwell have
-# not been measured: SDPA there.
+# bench/attention.py measured it faster than cuDNN SDPA. H200 with the Hopper default (the CUDA
+# kernel, bench/results/attention_h200_cuda.json): 29.3 vs 37.0 ms at 32,760 keys (1.26x), 2.06
+# vs 2.18 ms at 8,100 (1.06x; 1.14x in a second run, not yet checked end to end, so 8,100 keys
+# stay in SDPA). The Gluon kernel: 1.10-1.13x and 0.99-1.07x; the Triton kernel: 1.09x and
+# 0.90x. Ada and Blackwell have not been measured: SDPA there.
 AUTO_INT8_MIN_KEYS = {(9, 0): 16384}
 
 log = logging.getLogger(__name__)

@@ -316,7 +316,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
     with _on(k.device):
         _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n,
-                               gluon and pv == "int8")
+                               gluon and pv == "int8", transpose_v=cuda and pv == "bf16")
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 

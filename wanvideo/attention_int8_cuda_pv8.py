@@ -21,14 +21,9 @@ __device__ __forceinline__ void softmax_int8(
   // fma(exp2(score - block max), 127, 1.5 * 2^23) out, whose low byte is P in int8
   float mx0, mx1;
   block_max<MASKED>(s, true, col0, tq, keys, mx0, mx1);
-  float mb0 = (mx0 - MAGIC) * c0, mb1 = (mx1 - MAGIC) * c1;
-  float mn0 = fmaxf(m0, mb0), mn1 = fmaxf(m1, mb1);
-  al0 = ex2(m0 - mn0);
-  al1 = ex2(m1 - mn1);
-  ps0 = ex2(mb0 - mn0);
-  ps1 = ex2(mb1 - mn1);
-  m0 = mn0;
-  m1 = mn1;
+  const float mb0 = raise_max(mx0, c0, m0, al0), mb1 = raise_max(mx1, c1, m1, al1);
+  ps0 = ex2(mb0 - m0);   // the block's weight against the running maximum
+  ps1 = ex2(mb1 - m1);
   const float off0 = -(mx0 * c0), off1 = -(mx1 * c1);
   u32 sum0 = 0, sum1 = 0;
 #pragma unroll
@@ -114,7 +109,7 @@ __device__ __forceinline__ void consume(
     preload_scores(s);
     mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
-    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES));
+    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), true);
     mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);
     issue_pv8(pv, pa, v_ring + pst * V_SLOT);
     if (PINGPONG && !(wg == 2 && j == n_blocks - 1)) named_arrive(their_turn, 256);

@@ -145,6 +145,16 @@ __device__ __forceinline__ void block_max(int* s, bool preset, int col0, int tq,
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
 }
 
+__device__ __forceinline__ float raise_max(float mx, float c, float& m, float& al) {
+  // a row's block maximum (1.5 * 2^23 + max score) in the log2 domain, returned; the running
+  // maximum m raised to it, and al = exp2(old m - new m), the accumulator's factor
+  const float mb = (mx - MAGIC) * c;
+  const float mn = fmaxf(m, mb);
+  al = ex2(m - mn);
+  m = mn;
+  return mb;
+}
+
 template <bool MASKED>
 __device__ __forceinline__ void softmax_block(
     int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
@@ -152,13 +162,8 @@ __device__ __forceinline__ void softmax_block(
   // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
   float mx0, mx1;
   block_max<MASKED>(s, PRELOAD, col0, tq, keys, mx0, mx1);
-  float mb0 = (mx0 - MAGIC) * c0, mb1 = (mx1 - MAGIC) * c1;
-  float mn0 = fmaxf(m0, mb0), mn1 = fmaxf(m1, mb1);
-  al0 = ex2(m0 - mn0);
-  al1 = ex2(m1 - mn1);
-  m0 = mn0;
-  m1 = mn1;
-  float off0 = (mb0 - mn0) - mx0 * c0, off1 = (mb1 - mn1) - mx1 * c1;
+  const float mb0 = raise_max(mx0, c0, m0, al0), mb1 = raise_max(mx1, c1, m1, al1);
+  const float off0 = (mb0 - m0) - mx0 * c0, off1 = (mb1 - m1) - mx1 * c1;
   float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
@@ -191,9 +196,10 @@ __device__ __forceinline__ void preload_scores(int* s) {
   for (int i = 0; i < 64; ++i) s[i] = MAGIC_BITS;
 }
 
-__device__ __forceinline__ void issue_scores(int* s, u64 dq, u64 dk) {
+__device__ __forceinline__ void issue_scores(int* s, u64 dq, u64 dk, bool preset) {
+  // preset: s holds preload_scores' start value, accumulated onto; else the product starts at 0
   wg_fence();
-  wgmma_s8(s, dq, dk, PRELOAD);
+  wgmma_s8(s, dq, dk, preset);
   wgmma_s8(s, dq + 2, dk + 2, 1);
   wgmma_s8(s, dq + 4, dk + 4, 1);
   wgmma_s8(s, dq + 6, dk + 6, 1);
@@ -213,7 +219,7 @@ __device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, u32 k_
   // Q.K^T of key block 0, waited for; its K slot released
   if (preset) preload_scores(s);
   mbar_wait(full_k, 0);
-  issue_scores(s, dq, desc_sw128(k_ring));
+  issue_scores(s, dq, desc_sw128(k_ring), preset);
   wg_wait0();
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_r(s[i]);
@@ -346,7 +352,7 @@ __device__ __forceinline__ void consume(
     if (PRELOAD) preload_scores(s);
     mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
-    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES));
+    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), PRELOAD);
     scale_rows(acc, al0, al1);
     mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);
     issue_pv(acc, pa, v_ring + pst * V_SLOT);

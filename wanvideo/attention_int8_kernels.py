@@ -130,10 +130,10 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
 
 
 def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
-                swizzle_keys: bool = False) -> None:
+                swizzle_keys: bool = False, transpose_v: bool = False) -> None:
     """`v_t` None: K only (the bf16 P.V variant reads V as it is). `swizzle_keys`: V^T in the
     Gluon kernel's key order. A bf16 `v_t` shaped like `k_int`: V copied there (Gluon, bf16);
-    a bf16 `v_t` shaped [B*H, D, padded]: V^T (the CUDA kernel)."""
+    with `transpose_v` a bf16 `v_t` [B*H, D, padded]: V^T (the CUDA kernel)."""
     b, keys, h, d = k.shape
     padded = k_int.shape[1]
     grid = (padded // block_n, b * h)
@@ -145,7 +145,7 @@ def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
                            v.stride(0), v.stride(1), v.stride(2),
                            D=d, BLOCK_N=block_n, QUANT_V=quant_v,
                            SWIZZLE_KEYS=bool(swizzle_keys), COPY_V=copy_v,
-                           TRANSPOSE_V=copy_v and v_t.shape[1] != padded, num_warps=4)
+                           TRANSPOSE_V=copy_v and transpose_v, num_warps=4)
 
 
 @triton.jit
