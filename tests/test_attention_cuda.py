@@ -12,10 +12,11 @@ from wanvideo_infinitetalk.wanvideo import attention_int8_cuda_source as source
 from wanvideo_infinitetalk.wanvideo import cuda_runtime
 
 
-def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False):
+def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bool = True):
     try:
         return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong,
-                                                        pv_int8=pv_int8), "attention_int8.cu",
+                                                        pv_int8=pv_int8, lazy_max=lazy,
+                                                        q_regs=lazy), "attention_int8.cu",
                                           options=("--ptxas-options=-v",))
     except cuda_runtime.CudaRuntimeError as exc:
         if "not found" in str(exc):
@@ -23,15 +24,18 @@ def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False):
         raise
 
 
-@pytest.mark.parametrize("stages,pingpong,pv_int8", [(2, True, False), (3, True, False),
-                                                     (2, False, False), (3, True, True)])
-def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8):
-    cubin, log = _compile(stages, pingpong, pv_int8)
+@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy", [
+    (2, True, False, True), (3, True, False, True), (2, False, False, True), (3, True, True, True),
+    (3, True, False, False)])
+def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8,
+                                                                      lazy):
+    cubin, log = _compile(stages, pingpong, pv_int8, lazy)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     # 384 threads, one CTA per SM: 65,536 / 384 rounded down to a multiple of 8; setmaxnreg
-    # then moves registers from the producer warpgroup (24) to the consumers (240)
+    # then moves registers from the producer warpgroup (24) to the consumers (240; the lazy
+    # maximum with the queries in registers uses up to 238 there)
     assert registers <= 168, log
     # ptxas's C7510-C7515 advisories are the ones that say it serialized wgmma instructions
     assert not re.search(r"C751\d", log), log
@@ -54,3 +58,13 @@ def test_diagnostic_variants_are_separate_programs():
     shipped = source.source(2)
     assert "#define DIAG 0" in shipped
     assert source.source(2, 1) != shipped and "#define DIAG 1" in source.source(2, 1)
+
+
+def test_lazy_maximum_and_register_queries_need_the_preset_scores():
+    """Both start the scores from preload_scores' value; turning that off alone is refused,
+    the eighth session's kernel (all three off) still builds."""
+    with pytest.raises(ValueError, match="preload"):
+        source.source(3, preload=False)
+    text = source.source(3, preload=False, lazy_max=False, q_regs=False)
+    assert "#define LAZY_MAX 0" in text and "#define Q_REGS 0" in text
+    assert "#define LAZY_MAX 1" in source.source(3) and "#define Q_REGS 1" in source.source(3)

@@ -829,8 +829,10 @@ def test_failing_cuda_kernel_hands_over_on_the_gpu(monkeypatch, caplog):
 @pytest.mark.parametrize("b,lq,lk,heads", [(2, 1500, 1300, 4), (1, 4097, 4097, 2),
                                            (1, 130, 2111, 2), (1, 8100, 8100, 2)])
 def test_cuda_kernel_equals_the_gluon_kernel(b, lq, lk, heads, stages):
-    """The CUDA kernel computes the Gluon bf16 kernel's integers and fp32 steps; only the row
-    sums differ (those of the bf16 P, accumulated by the tensor cores).
+    """The CUDA kernel computes the Gluon bf16 kernel's integers; its row sums are those of the
+    bf16 P (accumulated by the tensor cores) and its lazy maximum scales P by 2^-k per row and
+    block before the bf16 rounding (tests/test_attention_cuda_lazy.py: the max-first variant
+    within 1e-3, this one as accurate against fp32).
     q is read in place from a packed [B, L, H, 3 * 128] tensor (the projections' layout)."""
     q, k, v = cuda_inputs(b, lq, lk, heads, 128, torch.bfloat16)
     packed = torch.zeros(b, lq, heads, 3 * 128, dtype=q.dtype, device=q.device)
@@ -843,7 +845,6 @@ def test_cuda_kernel_equals_the_gluon_kernel(b, lq, lk, heads, stages):
     assert torch.isfinite(ours).all()
     rel, _ = errors(ours.cpu(), theirs.cpu())
     print(f"\ncuda vs gluon {b, lq, lk, heads} stages {stages}: rel L2 {rel:.2e}")
-    # the row sums are those of the bf16 P the products use (P.V's columns of ones), where the
-    # Gluon kernel sums P in fp32: H200, 8,100 and 32,760 tokens x 40 heads, 3.6e-4 / 4.1e-4
-    # (1.2e-4 / 1.3e-4 with fp32 row sums)
-    assert rel <= 1e-3
+    # max-first (eighth session): H200, 8,100 and 32,760 tokens x 40 heads, 3.6e-4 / 4.1e-4 from
+    # the row sums of the bf16 P; the lazy maximum rounds P to bf16 at other offsets: 2.9e-3
+    assert rel <= 6e-3

@@ -83,9 +83,10 @@ __device__ __forceinline__ void fold(float* acc, const int* pv, float a0, float 
 }
 
 __device__ __forceinline__ void consume(
-    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u64 dq,
+    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u32 q_tile,
     float qs0, float qs1, const float* ks_ptr, const float* vs_ptr, int n_blocks, int keys,
     int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base, long long s_ol) {
+  const u64 dq = desc_sw128(q_tile);
   // FA3's order as in the bf16 loop: Q.K^T[j] and P.V[j-1] in flight, softmax j under P.V[j-1],
   // then P.V[j-1] folded with block j-1's weights
   const u32 my_turn = 2 + wg, their_turn = 5 - wg;
@@ -96,7 +97,7 @@ __device__ __forceinline__ void consume(
   int s[64], pv[64];
   u32 pa[16];
   float al0, al1, ps0, ps1;
-  first_scores(s, true, dq, k_ring, full_k, empty_k);
+  first_scores(s, true, dq, nullptr, k_ring, full_k, empty_k);
   if (n_blocks == 1)
     softmax_int8<true>(s, m0, m1, l0, l1, al0, al1, ps0, ps1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
   else

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 from . import attention_int8_cuda_ptx as ptx
+from . import attention_int8_cuda_lazy as lazy
 from . import attention_int8_cuda_pv8 as pv8
 
 KERNEL_NAME = "attn_int8_bf16_ws"
@@ -149,7 +150,7 @@ __device__ __forceinline__ float raise_max(float mx, float c, float& m, float& a
   // a row's block maximum (1.5 * 2^23 + max score) in the log2 domain, returned; the running
   // maximum m raised to it, and al = exp2(old m - new m), the accumulator's factor
   const float mb = (mx - MAGIC) * c;
-  const float mn = fmaxf(m, mb);
+  const float mn = fmaxf(m, mb + HEADROOM);
   al = ex2(m - mn);
   m = mn;
   return mb;
@@ -214,12 +215,24 @@ __device__ __forceinline__ void issue_pv(float* acc, const u32* pa, u32 vt) {
   wg_commit();
 }
 
-__device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, u32 k_ring, u32 full_k,
-                                             u32 empty_k) {
+__device__ __forceinline__ void issue_scores_rs(int* s, const u32* qa, u64 dk) {
+  // the query operand from registers (Q_REGS, load_q_fragments), onto the preset s
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_s8_rs(s, qa + 4 * kk, dk + 2 * kk);
+  wg_commit();
+}
+
+__device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, const u32* qa,
+                                             u32 k_ring, u32 full_k, u32 empty_k) {
   // Q.K^T of key block 0, waited for; its K slot released
   if (preset) preload_scores(s);
   mbar_wait(full_k, 0);
+#if Q_REGS
+  issue_scores_rs(s, qa, desc_sw128(k_ring));
+#else
   issue_scores(s, dq, desc_sw128(k_ring), preset);
+#endif
   wg_wait0();
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_r(s[i]);
@@ -317,7 +330,7 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   const int warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
   const float qs0 = qscale[warp * 16 + g], qs1 = qscale[warp * 16 + g + 8];
   const float* ks_ptr = k_scale + (long long)bh * (padded / BLOCK_N);
-  consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, desc_sw128(q_smem), qs0, qs1,
+  consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, q_smem, qs0, qs1,
           ks_ptr, v_scale + (long long)bh * HEAD_DIM, n_blocks, keys, wg, warp, g, tq,
           q0 + warp * 16 + g, n_q, O + (long long)b * s_ob + (long long)h * s_oh, s_ol);
 }
@@ -325,9 +338,12 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
 
 _CONSUME_BF16 = r"""
 __device__ __forceinline__ void consume(
-    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u64 dq,
+    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u32 q_tile,
     float qs0, float qs1, const float* ks_ptr, const float* vs_ptr, int n_blocks, int keys,
     int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base, long long s_ol) {
+  const u64 dq = desc_sw128(q_tile);
+  u32 qa[Q_REGS ? 16 : 1];
+  if (Q_REGS) load_q_fragments(qa, q_tile, warp, g, tq);
   float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
   float acc[NACC];
 #pragma unroll
@@ -339,7 +355,7 @@ __device__ __forceinline__ void consume(
   int s[64];
   u32 pa[32];
   float al0, al1;
-  first_scores(s, PRELOAD, dq, k_ring, full_k, empty_k);
+  first_scores(s, PRELOAD, dq, qa, k_ring, full_k, empty_k);
   if (n_blocks == 1)
     softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
   else
@@ -352,7 +368,11 @@ __device__ __forceinline__ void consume(
     if (PRELOAD) preload_scores(s);
     mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
+#if Q_REGS
+    issue_scores_rs(s, qa, desc_sw128(k_ring + st * K_BYTES));
+#else
     issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), PRELOAD);
+#endif
     scale_rows(acc, al0, al1);
     mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);
     issue_pv(acc, pa, v_ring + pst * V_SLOT);
@@ -360,11 +380,22 @@ __device__ __forceinline__ void consume(
     wg_wait1();
 #pragma unroll
     for (int i = 0; i < 64; ++i) fence_r(s[i]);
+#if LAZY_MAX   // the K tile stays until softmax_lazy knows it needs no rescue
+    const u32 k_tile = k_ring + st * K_BYTES;
+    if (j == n_blocks - 1)
+      softmax_lazy<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys,
+                         q_tile, k_tile, warp, g);
+    else
+      softmax_lazy<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys,
+                          q_tile, k_tile, warp, g);
+    mbar_arrive(empty_k + 8 * st);
+#else
     mbar_arrive(empty_k + 8 * st);
     if (j == n_blocks - 1)
       softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
     else
       softmax_block<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
+#endif
     wg_wait0();
 #pragma unroll
     for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
@@ -408,24 +439,31 @@ def shared_bytes(stages: int, pv_int8: bool = False) -> int:
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
-           pv8_overlap: bool = False) -> str:
+           pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
     options (defaults as shipped; bench/attention.py --diagnose times each one off):
     `pingpong`, the two consumer warpgroups take turns issuing their products; `preload` and
     `skip_ones` (exact), see preload_scores and scale_rows; `rowsum_mma`, the row sums come
     from P.V with 8 columns of ones (the sums of the bf16 P the products use; no adds in the
-    softmax). `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its own exact shortcuts), with
-    `pv8_overlap` the softmax of block j under P.V[j-1] (FA3's order; ptxas spills 64 bytes)."""
+    softmax); `lazy_max` and `q_regs` (bf16 P.V; lazy_max needs preload), see
+    attention_int8_cuda_lazy. `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its own exact
+    shortcuts, neither lazy_max nor q_regs), with `pv8_overlap` the softmax of block j under
+    P.V[j-1] (FA3's order; ptxas spills 64 bytes)."""
     rowsum_mma = rowsum_mma and not pv_int8
+    lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
+    if (lazy_max or q_regs) and not preload:
+        raise ValueError("lazy_max and q_regs start the scores from preload_scores' value")
     defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
                f"#define PRELOAD {int(preload)}\n"
                f"#define SKIP_ONES {int(skip_ones)}\n#define ROWSUM_MMA {int(rowsum_mma)}\n"
                f"#define THREADS {THREADS}\n#define BLOCK_M {BLOCK_M}\n#define BLOCK_N {BLOCK_N}\n"
                f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
-               f"#define PV8_OVERLAP {int(pv8_overlap)}\n")
+               f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"
+               f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
+               f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
-                + (ptx.wgmma_int8(a_in_registers=True) if pv_int8 else ""))
+                + ptx.wgmma_int8(a_in_registers=True))
     consume = pv8.CONSUME_INT8 if pv_int8 else _CONSUME_BF16
-    return defines + ptx.PRELUDE + products + _HELPERS + consume + _ENTRY
+    return defines + ptx.PRELUDE + products + _HELPERS + lazy.LAZY + consume + _ENTRY
