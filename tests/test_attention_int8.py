@@ -485,8 +485,11 @@ def test_kernel_matches_reference(b, lq, lk, heads, head_dim, dtype, config):
     print(f"\nkernel vs reference {b, lq, lk, heads, head_dim, dtype, config}: rel L2 {rel:.2e}")
     # Under the interpreter they agree bit for bit; on the GPU exp2 is an approximation a few ulp
     # off, which moves an integer of P now and then; bf16/fp16 outputs add their rounding.
-    # H200: 8.0e-4 in fp32 (1,000 keys): exp2's few-ulp error moves integers of P
-    assert rel <= 2e-3
+    # H200: 8.0e-4 in fp32 (1,000 keys): exp2's few-ulp error moves integers of P. The CUDA
+    # kernel's lazy maximum rounds P to bf16 at other offsets than the reference (bf16 noise,
+    # 2.9e-3; tests/test_attention_cuda_lazy.py shows it as accurate against fp32).
+    lazy_cuda = full.get("cuda") and full["pv"] == "bf16"
+    assert rel <= (6e-3 if lazy_cuda else 2e-3)
 
 
 def _skip_if_unsupported(config, q=None):
