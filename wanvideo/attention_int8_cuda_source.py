@@ -9,8 +9,9 @@ TMA copies, registers given back by setmaxnreg) and two consumer warpgroups of 6
 each, so one warpgroup's softmax runs while the other's products occupy the tensor cores.
 
 The PTX building blocks are in attention_int8_cuda_ptx, the INT8 P.V consumer loop (sweep 33,
-not the default) in attention_int8_cuda_pv8. Numerics are those of the Gluon bf16 kernel
-(attention_8bit.kernel_reference, pv="bf16"):
+not the default) in attention_int8_cuda_pv8, the lazy maximum and the register-held queries
+(default) in attention_int8_cuda_lazy. Numerics are those of the Gluon bf16 kernel
+(attention_8bit.kernel_reference, pv="bf16") up to the lazy maximum's bf16 rounding of P:
 INT8 Q per row (quantized here, written into shared memory in the wgmma layout), INT8 K per
 128-key block (quantize_kv), Q.K^T exact in int32, softmax in fp32 (exp2, log2 domain), P and V
 in bf16, P.V accumulated in fp32 by the wgmma. Head dim 128, 128-key blocks, bf16 in and out.
@@ -153,7 +154,8 @@ __device__ __forceinline__ void block_max(int* s, bool preset, int col0, int tq,
 
 __device__ __forceinline__ float raise_max(float mx, float c, float& m, float& al) {
   // a row's block maximum (1.5 * 2^23 + max score) in the log2 domain, returned; the running
-  // maximum m raised to it, and al = exp2(old m - new m), the accumulator's factor
+  // value m raised to it (plus HEADROOM with the lazy maximum: attention_int8_cuda_lazy), and
+  // al = exp2(old m - new m), the accumulator's factor
   const float mb = (mx - MAGIC) * c;
   const float mn = fmaxf(m, mb + HEADROOM);
   al = ex2(m - mn);
