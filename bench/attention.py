@@ -270,7 +270,7 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("max_first_ms", 0, {"lazy_max": False}), ("q_from_smem_ms", 0, {"q_regs": False}),
               ("eighth_session_ms", 0, {"lazy_max": False, "q_regs": False}),
               ("no_preload_ms", 0, {"preload": False, "lazy_max": False, "q_regs": False}),
-              ("no_skip_ones_ms", 0, {"skip_ones": False}), ("one_more_k_slot_ms", 0, {"k_extra": 1}),
+              ("no_skip_ones_ms", 0, {"skip_ones": False}),
               ("fp32_row_sums_ms", 0, {"rowsum_mma": False}))
 
 

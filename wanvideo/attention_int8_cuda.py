@@ -58,8 +58,7 @@ def aot_compile(config: dict) -> types.SimpleNamespace:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, stages: int, diag: int, options: tuple) -> cuda_runtime.Kernel:
-    shared = source.shared_bytes(stages, dict(options).get("pv_int8", False),
-                                 dict(options).get("k_extra", source.K_EXTRA))
+    shared = source.shared_bytes(stages, dict(options).get("pv_int8", False))
     return cuda_runtime.Kernel(cubin(stages, diag, options), source.KERNEL_NAME,
                                torch.device("cuda", device_index), shared)
 

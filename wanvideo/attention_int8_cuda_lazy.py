@@ -35,30 +35,33 @@ __device__ __forceinline__ void mma_s8(int* d, const u32* a, u32 b0, u32 b1) {
 
 // Both tiles have 128-byte rows whose 16-byte chunk c sits at c ^ (row % 8); row % 8 is g for
 // the warp's query rows (16 warp + g, + 8) and for the keys it multiplies (8 j + g). A thread's
-// INT8 A fragment of 32 channels: rows g and g + 8, bytes 4 tq.. of chunks 2 kk and 2 kk + 1.
-__device__ __forceinline__ void load_q_fragments(u32* qa, u32 q_tile, int warp, int g, int tq) {
+// INT8 A fragment of 32 channels kk: rows g and g + 8, bytes 4 tq.. of chunks 2 kk, 2 kk + 1.
+__device__ __forceinline__ void load_q_step(u32* a, u32 q_tile, int warp, int g, int tq,
+                                            int kk) {
   const u32 q0 = q_tile + (warp * 16 + g) * 128 + 4 * tq, q1 = q0 + 8 * 128;
+  const u32 lo = (u32)(((2 * kk) ^ g) << 4), hi = (u32)(((2 * kk + 1) ^ g) << 4);
+  a[0] = lds32(q0 + lo);
+  a[1] = lds32(q1 + lo);
+  a[2] = lds32(q0 + hi);
+  a[3] = lds32(q1 + hi);
+}
+
+__device__ __forceinline__ void load_q_fragments(u32* qa, u32 q_tile, int warp, int g, int tq) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const u32 lo = (u32)(((2 * kk) ^ g) << 4), hi = (u32)(((2 * kk + 1) ^ g) << 4);
-    qa[4 * kk] = lds32(q0 + lo);
-    qa[4 * kk + 1] = lds32(q1 + lo);
-    qa[4 * kk + 2] = lds32(q0 + hi);
-    qa[4 * kk + 3] = lds32(q1 + hi);
-  }
+  for (int kk = 0; kk < 4; ++kk) load_q_step(qa + 4 * kk, q_tile, warp, g, tq, kk);
 }
 
 __device__ __forceinline__ void rescue_scores(int* s, u32 q_tile, u32 k_tile, int warp, int g,
                                               int tq) {
   // this warp's rows of the block's scores again, onto preload_scores' start value
-  const u32 q0 = q_tile + (warp * 16 + g) * 128 + 4 * tq, q1 = q0 + 8 * 128;
   const u32 k0 = k_tile + g * 128 + 4 * tq;
 #pragma unroll
   for (int i = 0; i < 64; ++i) s[i] = MAGIC_BITS;
 #pragma unroll 1
   for (int kk = 0; kk < 4; ++kk) {   // 32 of the 128 channels per step: 4 A registers live
+    u32 a[4];
+    load_q_step(a, q_tile, warp, g, tq, kk);
     const u32 lo = (u32)(((2 * kk) ^ g) << 4), hi = (u32)(((2 * kk + 1) ^ g) << 4);
-    const u32 a[4] = {lds32(q0 + lo), lds32(q1 + lo), lds32(q0 + hi), lds32(q1 + hi)};
 #pragma unroll
     for (int j = 0; j < 16; ++j)
       mma_s8(s + 4 * j, a, lds32(k0 + j * 1024 + lo), lds32(k0 + j * 1024 + hi));

@@ -105,10 +105,10 @@ __device__ __forceinline__ void consume(
   pack_p8(s, pa);
   if (PINGPONG && wg == 2 && n_blocks > 1) named_arrive(3, 256);
   for (int j = 1; j < n_blocks; ++j) {
-    const int st = KSLOT(j), pst = (j - 1) % STAGES;
+    const int st = j % STAGES, pst = (j - 1) % STAGES;
     const float ks = ks_ptr[j];
     preload_scores(s);
-    mbar_wait(full_k + 8 * st, KPHASE(j));
+    mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
     issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), true);
     mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);

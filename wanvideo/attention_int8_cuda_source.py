@@ -32,9 +32,6 @@ THREADS = 384          # producer warpgroup + two consumer warpgroups
 BLOCK_M = 128          # 64 query rows per consumer warpgroup
 BLOCK_N = 128
 HEAD_DIM = 128
-# K slots beyond the V ring's. One more (for the lazy softmax, which holds its K tile until the
-# softmax is done) measured ~1% slower on the H200 (25.9 / 26.1 against 25.6 / 25.8 ms)
-K_EXTRA = 0
 
 
 _HELPERS = r"""
@@ -50,11 +47,9 @@ _HELPERS = r"""
 #define V_SLOT (2 * V_HALF)
 #endif
 #define NACC (64 + 4 * ROWSUM_MMA)
-#define Q_OFF (K_STAGES * K_BYTES + STAGES * V_SLOT)
+#define Q_OFF (STAGES * (K_BYTES + V_SLOT))
 #define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
 #define BAR_OFF (QS_OFF + BLOCK_M * 4)
-#define KSLOT(j) ((j) % K_STAGES)
-#define KPHASE(j) ((u32)((j) / K_STAGES) & 1)
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ void quantize_queries(
@@ -274,20 +269,18 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = (unsigned char*)(((u64)smem_raw + 1023) & ~(u64)1023);
   const u32 base = smem_u32(smem);
-  const u32 k_ring = base, v_ring = base + K_STAGES * K_BYTES, bars = base + BAR_OFF;
-  // barriers, 8 bytes apiece: full K, empty K (K_STAGES each), full V, empty V (STAGES each)
-  const u32 full_k = bars, empty_k = bars + 8 * K_STAGES;
-  const u32 full_v = bars + 16 * K_STAGES, empty_v = full_v + 8 * STAGES;
+  const u32 k_ring = base, v_ring = base + STAGES * K_BYTES, bars = base + BAR_OFF;
+  // barriers: full K, empty K, full V, empty V (STAGES each, 8 bytes apiece)
+  const u32 full_k = bars, empty_k = bars + 8 * STAGES;
+  const u32 full_v = bars + 16 * STAGES, empty_v = bars + 24 * STAGES;
   const int tid = threadIdx.x, wg = tid >> 7, t = tid & 127;
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
   const int n_blocks = (keys + BLOCK_N - 1) / BLOCK_N;
   if (tid == 0) {
-    for (int i = 0; i < K_STAGES; ++i) {
-      mbar_init(full_k + 8 * i, 1);
-      mbar_init(empty_k + 8 * i, 256);
-    }
     for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full_k + 8 * i, 1);
       mbar_init(full_v + 8 * i, 1);
+      mbar_init(empty_k + 8 * i, 256);
       mbar_init(empty_v + 8 * i, 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -306,11 +299,10 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (t == 0 || t == 32) {
       const bool is_k = t == 0;
-      const int ring = is_k ? K_STAGES : STAGES;
       for (int j = 0; j < n_blocks; ++j) {
-        int st = j % ring;
-        u32 ph = (u32)(j / ring) & 1;
-        if (DIAG == 1 && j >= ring) {  // timing only: the slot keeps its old tile
+        int st = j % STAGES;
+        u32 ph = (u32)(j / STAGES) & 1;
+        if (DIAG == 1 && j >= STAGES) {  // timing only: the slot keeps its old tile
           mbar_wait((is_k ? empty_k : empty_v) + 8 * st, ph ^ 1);
           mbar_arrive((is_k ? full_k : full_v) + 8 * st);
         } else if (is_k) {
@@ -373,10 +365,10 @@ __device__ __forceinline__ void consume(
   pack_p(s, pa);
   if (PINGPONG && wg == 2 && n_blocks > 1) named_arrive(3, 256);
   for (int j = 1; j < n_blocks; ++j) {
-    const int st = KSLOT(j), pst = (j - 1) % STAGES;
+    const int st = j % STAGES, pst = (j - 1) % STAGES;
     const float ks = ks_ptr[j];
     if (PRELOAD) preload_scores(s);
-    mbar_wait(full_k + 8 * st, KPHASE(j));
+    mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
 #if Q_REGS
     issue_scores_rs(s, qa, desc_sw128(k_ring + st * K_BYTES));
@@ -438,21 +430,18 @@ __device__ __forceinline__ void consume(
 """
 
 
-def shared_bytes(stages: int, pv_int8: bool = False, k_extra: int = K_EXTRA) -> int:
-    """Dynamic shared memory of a launch: the K / V rings (K with `k_extra` more slots), the
-    INT8 query tiles, their scales, the barriers, and 1 KB to align the base for the 128-byte
-    swizzle."""
+def shared_bytes(stages: int, pv_int8: bool = False) -> int:
+    """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales,
+    the barriers, and 1 KB to align the base for the 128-byte swizzle."""
     tile = BLOCK_N * HEAD_DIM
     ring = stages * (2 * tile if pv_int8 else 3 * tile + 2048)
-    barriers = 16 * (2 * stages + k_extra)
-    return ring + k_extra * tile + BLOCK_M * HEAD_DIM + BLOCK_M * 4 + barriers + 1024
+    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 4 + 32 * stages + 1024
 
 
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
-           pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
-           k_extra: int = K_EXTRA) -> str:
+           pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
     options (defaults as shipped; bench/attention.py --diagnose times each one off):
@@ -474,7 +463,6 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
                f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
                f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
-               f"#define K_STAGES {stages + int(k_extra)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
