@@ -266,6 +266,8 @@ def diagnose(tokens: int, args) -> dict:
 
 
 CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms", 2, {}),
+              ("paired_ms", 0, {"multicast": True}), ("unpaired_ms", 0, {"multicast": False}),
+              ("unpaired_no_kv_loads_ms", 1, {"multicast": False}),
               ("no_pingpong_ms", 0, {"pingpong": False}),
               ("max_first_ms", 0, {"lazy_max": False}), ("q_from_smem_ms", 0, {"q_regs": False}),
               ("eighth_session_ms", 0, {"lazy_max": False, "q_regs": False}),

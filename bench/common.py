@@ -104,11 +104,22 @@ def emit(result: dict, out: str | None) -> None:
 @contextlib.contextmanager
 def attention_spec(spec: str):
     """An attention backend name for model.set_attention; "int8@N" is the 8-bit backend with
-    attention_int8.SWEEP[N] as its launch settings instead of the device default, so one run
-    can time the default kernel and a candidate side by side."""
+    attention_int8.SWEEP[N] as its launch settings instead of the device default, and
+    "int8@unpaired" the default with the CUDA kernel's CTA pairs off (no K/V multicast at any
+    length), so one run can time the default kernel and a candidate side by side."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
+        return
+    if index == "unpaired":
+        from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+        threshold = attention_int8_cuda.MULTICAST_MIN_KEYS
+        attention_int8_cuda.MULTICAST_MIN_KEYS = float("inf")
+        try:
+            yield name
+        finally:
+            attention_int8_cuda.MULTICAST_MIN_KEYS = threshold
         return
     chosen = dict(attention_int8.SWEEP[int(index)])
     original = attention_int8.default_config

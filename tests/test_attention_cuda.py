@@ -12,11 +12,13 @@ from wanvideo_infinitetalk.wanvideo import attention_int8_cuda_source as source
 from wanvideo_infinitetalk.wanvideo import cuda_runtime
 
 
-def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bool = True):
+def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bool = True,
+             multicast: bool = False):
     try:
         return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong,
                                                         pv_int8=pv_int8, lazy_max=lazy,
-                                                        q_regs=lazy), "attention_int8.cu",
+                                                        q_regs=lazy, multicast=multicast),
+                                          "attention_int8.cu",
                                           options=("--ptxas-options=-v",))
     except cuda_runtime.CudaRuntimeError as exc:
         if "not found" in str(exc):
@@ -24,12 +26,13 @@ def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bo
         raise
 
 
-@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy", [
-    (2, True, False, True), (3, True, False, True), (2, False, False, True), (3, True, True, True),
-    (3, True, False, False)])
+@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy,multicast", [
+    (2, True, False, True, False), (3, True, False, True, False), (2, False, False, True, False),
+    (3, True, True, True, False), (3, True, False, False, False), (3, True, False, True, True),
+    (2, True, False, True, True)])
 def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8,
-                                                                      lazy):
-    cubin, log = _compile(stages, pingpong, pv_int8, lazy)
+                                                                      lazy, multicast):
+    cubin, log = _compile(stages, pingpong, pv_int8, lazy, multicast)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -68,3 +71,14 @@ def test_lazy_maximum_and_register_queries_need_the_preset_scores():
     text = source.source(3, preload=False, lazy_max=False, q_regs=False)
     assert "#define LAZY_MAX 0" in text and "#define Q_REGS 0" in text
     assert "#define LAZY_MAX 1" in source.source(3) and "#define Q_REGS 1" in source.source(3)
+
+
+def test_paired_ctas_are_a_compile_time_cluster_with_multicast_loads():
+    """The pair is declared in the kernel (__cluster_dims__, so a plain cuLaunchKernel forms
+    it), loads half tiles with multicast and releases slots on both CTAs; the unpaired kernel
+    has none of it."""
+    paired, single = source.source(3, multicast=True), source.source(3)
+    assert "#define MULTICAST 1" in paired and "#define MULTICAST 0" in single
+    for text in ("__cluster_dims__(2, 1, 1)", ".multicast::cluster", "mapa.shared::cluster"):
+        assert text in paired   # compiled in only under #if MULTICAST
+    assert source.source(3, pv_int8=True, multicast=True) == source.source(3, pv_int8=True)

@@ -19,6 +19,10 @@ from . import attention_int8_cuda_source as source
 from . import cuda_runtime
 
 STAGES = (2, 3)
+# From this many keys, CTAs of neighbouring query tiles work in pairs that share every K/V tile
+# by TMA multicast (attention_int8_cuda_cluster): H200, 32,760 keys 1-1.5% faster, 8,100 keys
+# 4-7% slower (the pair waits for its slower CTA), bit-identical output (docs/ATTENTION_8BIT.md)
+MULTICAST_MIN_KEYS = 16384
 
 
 def unsupported(q: torch.Tensor, out: torch.Tensor | None = None) -> str | None:
@@ -68,7 +72,8 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
               v_scale: torch.Tensor | None = None, **options) -> cuda_runtime.Kernel:
     """out [B, Lq, H, 128] = attention of q over quantize_kv's INT8 K and V^T for `keys` real
     keys: bf16 V^T, or with `v_scale` (fp32 [B*H, 128]) INT8 V^T in the Gluon key order (INT8
-    P.V). Returns the launched kernel. `diag` and `options`: see cubin."""
+    P.V). Returns the launched kernel. `diag` and `options`: see cubin; `multicast` defaults to
+    keys >= MULTICAST_MIN_KEYS (bf16 P.V)."""
     if stages not in STAGES:
         raise ValueError(f"stages {stages} not in {STAGES}")
     bh, padded, d = k_int.shape
@@ -80,8 +85,11 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
     b, n_q, heads, _ = q.shape
     if int8:
         options["pv_int8"] = True
+    else:
+        options.setdefault("multicast", keys >= MULTICAST_MIN_KEYS)
     kernel = _kernel(q.device.index, stages, int(diag), tuple(sorted(options.items())))
-    k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N, d, 1)
+    pair = options.get("multicast", False) and not int8   # a CTA loads half of each K tile
+    k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N // (1 + pair), d, 1)
     v_map = (cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, source.BLOCK_N, 1) if int8 else
              cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, 64, 2))
     ll, ptr = ctypes.c_longlong, ctypes.c_void_p
@@ -90,5 +98,6 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
             ctypes.c_int(n_q), ctypes.c_int(keys), ctypes.c_int(padded), ctypes.c_int(heads),
             ctypes.c_float(factor), ll(q.stride(0)), ll(q.stride(1)), ll(q.stride(2)),
             ll(out.stride(0)), ll(out.stride(1)), ll(out.stride(2))]
-    kernel.launch((math.ceil(n_q / source.BLOCK_M), bh, 1), source.THREADS, args)
+    tiles = math.ceil(n_q / source.BLOCK_M)
+    kernel.launch((tiles + (tiles % 2 if pair else 0), bh, 1), source.THREADS, args)
     return kernel

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+from . import attention_int8_cuda_cluster as cluster
 from . import attention_int8_cuda_ptx as ptx
 from . import attention_int8_cuda_lazy as lazy
 from . import attention_int8_cuda_pv8 as pv8
@@ -34,7 +35,7 @@ BLOCK_N = 128
 HEAD_DIM = 128
 
 
-_HELPERS = r"""
+_LAYOUT = r"""
 #define K_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 K tile
 #if PV_INT8
 #define V_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 V^T tile
@@ -51,7 +52,9 @@ _HELPERS = r"""
 #define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
 #define BAR_OFF (QS_OFF + BLOCK_M * 4)
 #define NEG_INF __int_as_float(0xff800000)
+"""
 
+_HELPERS = r"""
 __device__ __forceinline__ void quantize_queries(
     const u16* __restrict__ Q, u32 q_smem, float* qscale, int wg, int t, int q0, int n_q,
     long long base, long long s_ql, float factor) {
@@ -238,7 +241,7 @@ __device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, const 
   wg_wait0();
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_r(s[i]);
-  mbar_arrive(empty_k);
+  release(empty_k);
 }
 
 __device__ __forceinline__ void wg_wait1() {
@@ -260,7 +263,7 @@ __device__ __forceinline__ void scale_rows(float* acc, float a0, float a1) {
 """
 
 _ENTRY = r"""
-extern "C" __global__ void __launch_bounds__(384, 1)
+extern "C" __global__ void __launch_bounds__(384, 1) CLUSTER_DIMS
 attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
                   const u16* __restrict__ Q, const float* __restrict__ k_scale,
                   const float* __restrict__ v_scale, u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
@@ -293,12 +296,13 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
-  __syncthreads();
+  cluster_sync();
 
   if (wg == 0) {  // producer: thread 0 streams K tiles, thread 32 V^T tiles
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (t == 0 || t == 32) {
       const bool is_k = t == 0;
+      const u32 rank = cta_rank();
       for (int j = 0; j < n_blocks; ++j) {
         int st = j % STAGES;
         u32 ph = (u32)(j / STAGES) & 1;
@@ -308,14 +312,15 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
         } else if (is_k) {
           mbar_wait(empty_k + 8 * st, ph ^ 1);
           mbar_expect(full_k + 8 * st, K_BYTES);
-          tma_2d(k_ring + st * K_BYTES, &k_map, 0, bh * padded + j * BLOCK_N, full_k + 8 * st);
+          load_k(k_ring + st * K_BYTES, &k_map, bh * padded + j * BLOCK_N, full_k + 8 * st, rank);
         } else {
           mbar_wait(empty_v + 8 * st, ph ^ 1);
           mbar_expect(full_v + 8 * st, V_BYTES);
           u32 dst = v_ring + st * V_SLOT;
-          tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
-          if (!PV_INT8)
-            tma_2d(dst + V_HALF, &v_map, j * BLOCK_N + 64, bh * HEAD_DIM, full_v + 8 * st);
+          if (PV_INT8)
+            tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
+          else
+            load_v(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st, rank);
         }
       }
     }
@@ -335,6 +340,9 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, q_smem, qs0, qs1,
           ks_ptr, v_scale + (long long)bh * HEAD_DIM, n_blocks, keys, wg, warp, g, tq,
           q0 + warp * 16 + g, n_q, O + (long long)b * s_ob + (long long)h * s_oh, s_ol);
+#if MULTICAST
+  cluster_sync();   // the peer may still arrive on this CTA's empty barriers until here
+#endif
 }
 """
 
@@ -390,9 +398,9 @@ __device__ __forceinline__ void consume(
     else
       softmax_lazy<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys,
                           q_tile, k_tile, warp, g);
-    mbar_arrive(empty_k + 8 * st);
+    release(empty_k + 8 * st);
 #else
-    mbar_arrive(empty_k + 8 * st);
+    release(empty_k + 8 * st);
     if (j == n_blocks - 1)
       softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
     else
@@ -403,7 +411,7 @@ __device__ __forceinline__ void consume(
     for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
 #pragma unroll
     for (int i = 0; i < 32; ++i) fence_u(pa[i]);
-    mbar_arrive(empty_v + 8 * pst);
+    release(empty_v + 8 * pst);
     pack_p(s, pa);
   }
   {
@@ -416,7 +424,7 @@ __device__ __forceinline__ void consume(
     for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
 #pragma unroll
     for (int i = 0; i < 32; ++i) fence_u(pa[i]);
-    mbar_arrive(empty_v + 8 * st);
+    release(empty_v + 8 * st);
   }
   if (ROWSUM_MMA) {  // every extra column holds the sum of the row's bf16 P
     l0 = acc[64];
@@ -441,7 +449,8 @@ def shared_bytes(stages: int, pv_int8: bool = False) -> int:
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
-           pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True) -> str:
+           pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
+           multicast: bool = False) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
     options (defaults as shipped; bench/attention.py --diagnose times each one off):
@@ -454,18 +463,22 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
     P.V[j-1] (FA3's order; ptxas spills 64 bytes)."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
+    multicast = multicast and not pv_int8
     if (lazy_max or q_regs) and not preload:
         raise ValueError("lazy_max and q_regs start the scores from preload_scores' value")
     defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
                f"#define PRELOAD {int(preload)}\n"
                f"#define SKIP_ONES {int(skip_ones)}\n#define ROWSUM_MMA {int(rowsum_mma)}\n"
+
                f"#define THREADS {THREADS}\n#define BLOCK_M {BLOCK_M}\n#define BLOCK_N {BLOCK_N}\n"
                f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
                f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
+               f"#define MULTICAST {int(multicast)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
                 + ptx.wgmma_int8(a_in_registers=True))
     consume = pv8.CONSUME_INT8 if pv_int8 else _CONSUME_BF16
-    return defines + ptx.PRELUDE + products + _HELPERS + lazy.LAZY + consume + _ENTRY
+    return (defines + ptx.PRELUDE + products + _LAYOUT + cluster.CLUSTER + _HELPERS + lazy.LAZY
+            + consume + _ENTRY)
