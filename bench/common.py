@@ -104,22 +104,18 @@ def emit(result: dict, out: str | None) -> None:
 @contextlib.contextmanager
 def attention_spec(spec: str):
     """An attention backend name for model.set_attention; "int8@N" is the 8-bit backend with
-    attention_int8.SWEEP[N] as its launch settings instead of the device default, and
+    attention_int8.SWEEP[N] as its launch settings instead of the device default,
     "int8@unpaired" the default with the CUDA kernel's CTA pairs off (no K/V multicast at any
-    length), so one run can time the default kernel and a candidate side by side."""
+    length), "<name>@tensorwise" the fp8 layers' inputs all scaled per tensor (no per-row
+    inputs written by the norms or the GELU quantization) and "<name>@norms-tensorwise" only
+    the norms' outputs so, so one run can time the default and a candidate side by side."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
         return
-    if index == "unpaired":
-        from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
-
-        threshold = attention_int8_cuda.MULTICAST_MIN_KEYS
-        attention_int8_cuda.MULTICAST_MIN_KEYS = float("inf")
-        try:
+    if index in ("unpaired", "tensorwise", "norms-tensorwise"):
+        with _switched(index):
             yield name
-        finally:
-            attention_int8_cuda.MULTICAST_MIN_KEYS = threshold
         return
     chosen = dict(attention_int8.SWEEP[int(index)])
     original = attention_int8.default_config
@@ -128,3 +124,24 @@ def attention_spec(spec: str):
         yield name
     finally:
         attention_int8.default_config = original
+
+
+@contextlib.contextmanager
+def _switched(what: str):
+    """Module constants patched for attention_spec's "unpaired" and "tensorwise"."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda, model, quant_kernels
+
+    if what == "unpaired":
+        saved = [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
+    else:
+        saved = [(model, "fp8_rows_input", lambda layers, x: False)]
+        if what == "tensorwise":
+            saved.append((quant_kernels, "ROWS_MAX_K", 0))
+    saved = [(mod, key, getattr(mod, key), value) for mod, key, value in saved]
+    for mod, key, _, value in saved:
+        setattr(mod, key, value)
+    try:
+        yield
+    finally:
+        for mod, key, old, _ in saved:
+            setattr(mod, key, old)

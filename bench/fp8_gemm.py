@@ -4,8 +4,8 @@
     python bench/fp8_gemm.py --json [--tokens 32760]
 
 For the three linear shapes of a 14B block: bf16 F.linear; `_scaled_mm` with tensor-wise scales
-(fp32 accumulation and fast accumulation) and row-wise scales (GEMM only); the pack's per-tensor
-activation quantization alone. Errors are relative to the exact fp32 product of the same fp8
+(fp32 accumulation and fast accumulation) and row-wise scales (GEMM only, both accumulations);
+the pack's per-tensor activation quantization (reduction + cast) and its one-pass per-row one. Errors are relative to the exact fp32 product of the same fp8
 operands, so they measure the GEMM's accumulation and bf16 output rounding only.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from common import cuda_ms, emit  # noqa: E402  (also loads the pack)
 
-from wanvideo_infinitetalk.wanvideo.quant_kernels import quantize_tensor_triton  # noqa: E402
+from wanvideo_infinitetalk.wanvideo.quant_kernels import (  # noqa: E402
+    quantize_rows_triton, quantize_tensor_triton)
 
 SHAPES = {"qkvo 5120->5120": (5120, 5120), "ffn.0 5120->13824": (5120, 13824),
           "ffn.2 13824->5120": (13824, 5120)}
@@ -58,7 +59,12 @@ def main(argv=None):
             "scaled_mm_tensorwise_fast_accum_ms": cuda_ms(tensorwise(True)),
             "scaled_mm_rowwise_ms": cuda_ms(lambda: torch._scaled_mm(
                 xq_row, wq.t(), scale_a=sx_row, scale_b=sw_row, bias=b, out_dtype=torch.bfloat16)),
+            # what the pack runs for inputs written per row (quant_linear.fp8_rows_input)
+            "scaled_mm_rowwise_fast_accum_ms": cuda_ms(lambda: torch._scaled_mm(
+                xq_row, wq.t(), scale_a=sx_row, scale_b=sw_row, bias=b, out_dtype=torch.bfloat16,
+                use_fast_accum=True)),
             "quantize_tensor_ms": cuda_ms(lambda: quantize_tensor_triton(x, None)),
+            "quantize_rows_ms": cuda_ms(lambda: quantize_rows_triton(x)),
         }
         exact = (xq.float() * sx) @ wq.float().t()
         r["error_fp32_accum"] = _errors(tensorwise(False)(), exact)

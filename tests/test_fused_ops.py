@@ -52,6 +52,58 @@ def _check_amax(make_h, device):
     assert torch.equal(acc, _fp8_scale(h)), (acc, _fp8_scale(h))
 
 
+def _row_quant_ref(h, gelu=False):
+    """Per-row fp8 of h as quant_kernels.quantize_rows_triton defines it, in torch."""
+    v = F.gelu(h, approximate="tanh") if gelu else h
+    s = (v.float().abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12)
+    return (v.float() * (1.0 / s)).clamp(-448, 448).to(torch.float8_e4m3fn), s
+
+
+def _same_fp8(a, b, share):
+    """Mostly the same fp8 codes, the rest one step apart. Triton's interpreter (not the GPU:
+    tests/test_quant_gpu.py holds the GPU to bit equality) also casts a value that rounds up
+    into the next binade to the bottom of its own (31.3 -> 16 instead of 32): allowed where b
+    is a power of two and a is half of it."""
+    a, b = a.float(), b.float()
+    carry = (a * 2 == b) & (torch.frexp(b)[0].abs() == 0.5)
+    a = torch.where(carry, b, a)
+    torch.testing.assert_close(a, b, rtol=0.13, atol=2 ** -9)
+    return (a == b).float().mean().item() >= share
+
+
+def _check_rows(device):
+    """fp8_rows: a norm pass writes its rows as fp8 with per-row scales, as quantizing the
+    bf16 output it would otherwise write; quantize_rows_triton likewise (also with GELU)."""
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    _, w, _, x, mod = _case(2, GRIDS[0], torch.bfloat16, device)
+    y = (2 * x).bfloat16()
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    h = fused_ops.modulated_layer_norm(x, shift, scale, torch.bfloat16, 1e-6)
+    q, s = fused_ops.modulated_layer_norm(x, shift, scale, torch.bfloat16, 1e-6, fp8_rows=True)
+    q_ref, s_ref = _row_quant_ref(h.reshape(-1, DIM))
+    assert q.shape == x.shape and s.shape == (x.shape[0] * x.shape[1], 1)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert _same_fp8(q.reshape(-1, DIM), q_ref, 0.95)
+    new, h = fused_ops.residual_layer_norm(x, y, gate, torch.bfloat16, 1e-6, w, None,
+                                           inplace=False)
+    new_q, (q, s) = fused_ops.residual_layer_norm(x, y, gate, torch.bfloat16, 1e-6, w, None,
+                                                  inplace=False, fp8_rows=True)
+    q_ref, s_ref = _row_quant_ref(h.reshape(-1, DIM))
+    assert torch.equal(new_q, new)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert _same_fp8(q.reshape(-1, DIM), q_ref, 0.95)
+    for gelu in (False, True):
+        q, s = qk.quantize_rows_triton(h.reshape(-1, DIM), gelu=gelu)
+        q_ref, s_ref = _row_quant_ref(h.reshape(-1, DIM), gelu)
+        # GELU's bf16 rounding: the interpreter truncates (one bf16 step, 2^-7, on the scale)
+        torch.testing.assert_close(s, s_ref, rtol=8e-3 if gelu else 1e-6, atol=0)
+        if gelu:   # the codes against the kernel's own scales
+            g = F.gelu(h.reshape(-1, DIM), approximate="tanh").float()
+            q_ref = (g * (1.0 / s)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert _same_fp8(q, q_ref, 0.95)
+
+
 def _check_ops(batch, grid, dtype, device):
     x, w, rot, resid, mod = _case(batch, grid, dtype, device)
     cos, sin = cos_sin(rot)
@@ -256,4 +308,5 @@ def test_kernels_under_triton_interpreter():
     triton_interpreter.run("import test_fused_ops as t\n"
                            "t._check_ops(2, t.GRIDS[0], torch.float32, 'cpu')\n"
                            "t._check_ops(1, (1, 3, 5), torch.bfloat16, 'cpu')\n"
-                           "t._check_residual(2, t.GRIDS[0], 'cpu')\n")
+                           "t._check_residual(2, t.GRIDS[0], 'cpu')\n"
+                           "t._check_rows('cpu')\n")

@@ -206,6 +206,7 @@ def test_fused_gelu_quantization_matches_torch(static):
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
+    from wanvideo_infinitetalk.wanvideo import model as model_mod
     from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
 
     monkeypatch.setenv("WANVIDEO_FUSED", fused)
@@ -213,8 +214,9 @@ def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
     dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
     layers = [m for m in mm.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.path == "scaled_mm" for m in layers)
-    counts = {"plain": 0, "gelu": 0, "cast_only": 0}
-    plain, gelu = qk.quantize_tensor_triton, qk.quantize_gelu_tanh_triton
+    counts = {"plain": 0, "gelu": 0, "gelu_rows": 0, "rows": 0, "cast_only": 0}
+    plain, gelu, rows = (qk.quantize_tensor_triton, qk.quantize_gelu_tanh_triton,
+                         qk.quantize_rows_triton)
 
     def spy(name, fn):
         def wrapped(x2, scale):
@@ -222,8 +224,13 @@ def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
             counts["cast_only"] += scale is not None
             return fn(x2, scale)
         return wrapped
+
+    def spy_rows(x2, gelu=False):
+        counts["gelu_rows" if gelu else "rows"] += 1
+        return rows(x2, gelu)
     monkeypatch.setattr(qk, "quantize_tensor_triton", spy("plain", plain))
     monkeypatch.setattr(qk, "quantize_gelu_tanh_triton", spy("gelu", gelu))
+    monkeypatch.setattr(qk, "quantize_rows_triton", spy_rows)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
     ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
@@ -233,14 +240,95 @@ def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
     n_blocks = len(mm.blocks)
     calls = sum(m.scaled_mm_calls for m in layers)
     assert calls == 10 * n_blocks  # every block linear went through _scaled_mm once
-    assert counts["gelu"] == n_blocks
-    assert counts["plain"] == calls - 2 * n_blocks - n_blocks  # q,k,v share one; ffn.2 fused
-    # fused: the norms feeding q/k/v, cross-attention q and ffn.0 fold the scale, those only cast
-    assert counts["cast_only"] == (3 * n_blocks if fused == "1" else 0)
+    # ffn.2's input: gelu(ffn.0(x)) quantized per row in one pass, fused or not
+    assert counts["gelu_rows"] == n_blocks and counts["gelu"] == 0 and counts["rows"] == 0
+    if fused == "1":
+        # the norms write q/k/v's and cross-attention q's inputs as fp8 rows (no quantizer
+        # call), ffn.0's norm folds its per-tensor scale (cast only)
+        assert counts["plain"] == calls - 5 * n_blocks
+        assert counts["cast_only"] == n_blocks
+    else:
+        assert counts["plain"] == calls - 2 * n_blocks - n_blocks  # q, k, v share one
+        assert counts["cast_only"] == 0
     assert cosine(y_mm, y_dq) >= 0.999
     assert cosine(y_mm, y_ref) >= 0.99
-    if fused == "1":  # folding the scale in the norm changes no bit of the result
-        from wanvideo_infinitetalk.wanvideo import model as model_mod
+    if fused == "1":  # per-tensor instead of per-row inputs: quantization noise apart
+        monkeypatch.setattr(model_mod, "fp8_rows_input", lambda layers, x: False)
+        with torch.no_grad():
+            y_tensor = mm(x, t, ctx)
+        assert cosine(y_tensor, y_mm) >= 0.999
+        # and folding the per-tensor scale in the norm changes no bit of that result
         monkeypatch.setattr(model_mod, "fp8_scale_slot", lambda layers, x: None)
         with torch.no_grad():
-            assert torch.equal(mm(x, t, ctx), y_mm)
+            assert torch.equal(mm(x, t, ctx), y_tensor)
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_row_quantization_matches_torch(gelu):
+    import torch.nn.functional as F
+
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    base = (torch.randn(41, 13824, device="cuda", generator=g) * 3).bfloat16()
+    base[5] = 0   # an all-zero row: the floor scale, zeros out
+    base[6, 7] = 900.0   # one large value sets its row's scale only
+    for h in (base, base[:, 100:5220]):   # strided rows
+        v = F.gelu(h, approximate="tanh") if gelu else h
+        want = (v.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
+        q, s = qk.quantize_rows_triton(h, gelu=gelu)
+        assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and s.shape == (h.shape[0], 1)
+        torch.testing.assert_close(s, want, rtol=1e-6, atol=0)
+        ref = (v.float() * (1.0 / want)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        same = (q.view(torch.uint8) == ref.view(torch.uint8)).float().mean().item()
+        assert same >= (0.995 if gelu else 0.999)   # tanh / division rounding, now and then
+        assert not q[5].float().any() and s[5].item() == pytest.approx(1e-12)
+    with pytest.raises(ValueError, match="rows of at most 16384"):
+        qk.quantize_rows_triton(torch.zeros(2, 16385, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+def test_norm_written_fp8_rows_equal_the_norm_then_row_quantization():
+    """fused_ops' fp8_rows: the LayerNorm pass writes exactly what writing h and quantizing its
+    rows would give, for the modulated and the residual + affine norms."""
+    from wanvideo_infinitetalk.wanvideo import fused_ops, quant_kernels as qk
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 300, 1024, device="cuda", generator=g) * 2 + 0.5
+    y = torch.randn(2, 300, 1024, device="cuda", generator=g).bfloat16()
+    mod = torch.randn(2, 6, 1024, device="cuda", generator=g)
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    w, bias = 1 + 0.1 * mod[0, 3], 0.1 * mod[0, 4]
+    for dtype in (torch.bfloat16, torch.float16):
+        h = fused_ops.modulated_layer_norm(x, shift, scale, dtype, 1e-6)
+        q, s = fused_ops.modulated_layer_norm(x, shift, scale, dtype, 1e-6, fp8_rows=True)
+        q_ref, s_ref = qk.quantize_rows_triton(h.reshape(-1, 1024))
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8).reshape(-1, 1024),
+                                                     q_ref.view(torch.uint8))
+        new, h = fused_ops.residual_layer_norm(x, y, gate, dtype, 1e-6, w, bias, inplace=False)
+        new_q, (q, s) = fused_ops.residual_layer_norm(x, y, gate, dtype, 1e-6, w, bias,
+                                                      inplace=False, fp8_rows=True)
+        q_ref, s_ref = qk.quantize_rows_triton(h.reshape(-1, 1024))
+        assert torch.equal(new_q, new) and torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8).reshape(-1, 1024), q_ref.view(torch.uint8))
+    with pytest.raises(ValueError, match="fp8_rows needs norm=True"):
+        fused_ops.modulated_layer_norm(x, shift, scale, torch.float32, 1e-6, fp8_rows=True)
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+def test_scaled_mm_with_row_scales_matches_the_dequantized_product():
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    model, _ = _tiny_wan_fp8()
+    lin = model.blocks[0].self_attn.q
+    x = (torch.randn(1, 77, 256, device="cuda") * torch.linspace(0.1, 30, 77, device="cuda")
+         [None, :, None]).bfloat16()   # rows of very different ranges
+    q, s = qk.quantize_rows_triton(x.reshape(-1, 256))
+    with torch.no_grad():
+        out = lin(q.view(1, 77, 256), quantized=lin.quantize_input(q.view(1, 77, 256), s))
+        want = (q.float() * s) @ lin.dequantized_weight(torch.float32).t() + lin.bias.float()
+    torch.testing.assert_close(out.float().reshape(77, -1), want, rtol=2e-2,
+                               atol=2e-2 * want.abs().max().item())
+    with pytest.raises(ValueError, match="needs its row scales"):
+        lin.quantize_input(q.view(1, 77, 256), None)

@@ -19,6 +19,10 @@ the next GEMM wants (measured: bench/fused_ops.py, bench/results/fused_ops_h100.
 - `amax_to` (LayerNorm outputs that feed fp8 `_scaled_mm` layers): the same pass also folds
   max|h| / 448 into a per-tensor fp8 scale (see quant_kernels.scale_accumulator), so the layer
   only casts h instead of first re-reading all of it for the scale.
+- `fp8_rows` (the same layers, where per-row activation scales are used): the pass writes h
+  only as fp8 with one scale per row (max|row| / 448 of the values rounded to `out_dtype`, the
+  scale scaled_mm's row-wise mode takes), equal to writing h and quantize_rows_triton on it; the
+  layer then reads 1 byte per value once instead of 2 bytes twice.
 
 `enabled(x)` decides with cheap checks (device, the env switch WANVIDEO_FUSED=0, a cached triton
 import test); callers keep the torch code as the reference and the path for CPU / no triton.
@@ -87,7 +91,7 @@ def _layer_norm_kernel():
                    stride_ab, stride_bb, stride_r, stride_g, eps, RESIDUAL: tl.constexpr,
                    GATE: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, AMAX: tl.constexpr,
-                   FMAX: tl.constexpr, BLOCK: tl.constexpr):
+                   FMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < C
@@ -113,10 +117,20 @@ def _layer_norm_kernel():
                     y = y * tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_B:
                     y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = y.to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + row * C + offs, y, mask=mask)
-            if AMAX:  # of the stored (rounded) values, which the fp8 cast will read
-                tl.atomic_max(s_ptr, tl.max(tl.abs(y.to(tl.float32)), axis=0) / FMAX)
+            if ROWS:  # fp8 with the row's scale, from the values rounded to the compute dtype
+                if ROWS == 1:
+                    y = y.to(tl.bfloat16).to(tl.float32)
+                else:
+                    y = y.to(tl.float16).to(tl.float32)
+                sc = tl.maximum(tl.max(tl.abs(y), axis=0) / FMAX, 1e-12)
+                q = tl.minimum(tl.maximum(y * (1.0 / sc), -FMAX), FMAX)
+                tl.store(y_ptr + row * C + offs, q.to(tl.float8e4nv), mask=mask)
+                tl.store(s_ptr + row, sc)
+            else:
+                y = y.to(y_ptr.dtype.element_ty)
+                tl.store(y_ptr + row * C + offs, y, mask=mask)
+                if AMAX:  # of the stored (rounded) values, which the fp8 cast will read
+                    tl.atomic_max(s_ptr, tl.max(tl.abs(y.to(tl.float32)), axis=0) / FMAX)
 
     return layer_norm
 
@@ -169,17 +183,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=1,
-               residual=None, gate=None, x_out=None, norm=True, amax_to=None):
+               residual=None, gate=None, x_out=None, norm=True, amax_to=None, fp8_rows=False):
     """One row per program: [x_out = x + residual (* gate)], then [LayerNorm -> y in out_dtype,
-    max|y| / 448 folded into amax_to]. Returns y (None when norm is False)."""
+    max|y| / 448 folded into amax_to]. Returns y (None when norm is False); with `fp8_rows`
+    (y_fp8 [..., C], fp32 scales [rows, 1]) instead, see the module docstring."""
     if amax_to is not None and (not norm or amax_to.dtype != torch.float32 or amax_to.numel() != 1
                                 or amax_to.device != x.device):
         raise ValueError("amax_to must be a one-element fp32 tensor on x's device, with norm=True")
+    if fp8_rows and (not norm or amax_to is not None
+                     or out_dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("fp8_rows needs norm=True, no amax_to and a bf16 or fp16 out_dtype, "
+                         f"got out_dtype {out_dtype}")
     c = x.shape[-1]
     x2 = _rows(x)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device) if norm else None
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8_rows else out_dtype,
+                    device=x.device) if norm else None
+    if fp8_rows:
+        amax_to = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
-        return y
+        return (y, amax_to) if fp8_rows else y
     block = _block(c)
     dummy = x2
     r2 = dummy if residual is None else _rows(residual)
@@ -194,8 +216,9 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
                                   GATE=gate is not None, NORM=norm, MODULATE=modulate,
                                   HAS_W=a is not None, HAS_B=b is not None,
                                   AMAX=amax_to is not None, FMAX=FP8_E4M3_MAX,
+                                  ROWS=(1 if out_dtype == torch.bfloat16 else 2) if fp8_rows else 0,
                                   BLOCK=block, num_warps=_warps(block))
-    return y
+    return (y, amax_to) if fp8_rows else y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -206,12 +229,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                          out_dtype: torch.dtype, eps: float,
-                         amax_to: torch.Tensor | None = None) -> torch.Tensor:
+                         amax_to: torch.Tensor | None = None, fp8_rows: bool = False):
     """x [B, L, C] -> LayerNorm(x) (no affine, fp32) * (1 + scale) + shift in out_dtype, with
     shift/scale [B, 1, C] (views into the modulation tensor are fine: unit last stride).
-    `amax_to`: see the module docstring."""
+    `amax_to`, `fp8_rows`: see the module docstring."""
     shift, scale, hb, sb = _broadcast_rows(x, shift, scale)
-    return _launch_ln(x, out_dtype, eps, scale, shift, True, sb, hb, x.shape[1], amax_to=amax_to)
+    return _launch_ln(x, out_dtype, eps, scale, shift, True, sb, hb, x.shape[1], amax_to=amax_to,
+                      fp8_rows=fp8_rows)
 
 
 def _broadcast_rows(x, *ts):
@@ -242,12 +266,12 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                         shift: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                         inplace: bool = True, norm: bool = True,
-                        amax_to: torch.Tensor | None = None):
+                        amax_to: torch.Tensor | None = None, fp8_rows: bool = False):
     """The residual update of `gated_residual_` and the LayerNorm of its result in one pass:
     returns (x_new, h) with x_new = x + y [* gate] (x itself when inplace, else a new contiguous
     tensor, x untouched) and h = LayerNorm(x_new) in out_dtype, either affine (weight/bias) or
-    modulated (`* (1 + scale) + shift`, [B, 1, C], as `modulated_layer_norm`). `amax_to`: see the
-    module docstring."""
+    modulated (`* (1 + scale) + shift`, [B, 1, C], as `modulated_layer_norm`). `amax_to`,
+    `fp8_rows` (h is then (fp8, row scales)): see the module docstring."""
     if x.dtype != torch.float32 or y.shape != x.shape:
         raise ValueError(f"x must be fp32 and y of its shape: {x.dtype} {tuple(x.shape)}, "
                          f"{tuple(y.shape)}")
@@ -265,5 +289,5 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
         a, b, sb, hb = weight, bias, 0, 0
     h = _launch_ln(x, out_dtype, eps, a, b, modulate, sb, hb, x.shape[1] if x.dim() == 3 else 1,
                    residual=y, gate=gate_args[0] if gate_args else None,
-                   x_out=x_out, norm=norm, amax_to=amax_to)
+                   x_out=x_out, norm=norm, amax_to=amax_to, fp8_rows=fp8_rows)
     return x_out, h

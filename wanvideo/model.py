@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_ops, placement
-from .quant_linear import ffn_forward, fp8_scale_slot, shared_input_quantization
+from .quant_linear import ffn_forward, fp8_rows_input, fp8_scale_slot, shared_input_quantization
 from .attention import attention, sdpa_for
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
@@ -77,7 +77,8 @@ class _Attention(nn.Module):
 class SelfAttention(_Attention):
 
     def forward(self, x, rope, return_qk: bool = False, x_scale=None, shard=None):
-        """`x_scale`: x's fp8 scale when the kernel that wrote x folded it (fp8_scale_slot).
+        """`x_scale`: x's fp8 scale when the kernel that wrote x folded it (fp8_scale_slot),
+        or x's per-row scales [rows, 1] when that kernel wrote x itself as fp8 (fp8_rows_input).
         `shard`: a sequence_parallel.TokenShard when x holds only this rank's tokens."""
         b, seq, _ = x.shape
         shape = (b, seq, self.num_heads, -1)
@@ -186,13 +187,20 @@ class WanBlock(nn.Module):
         # The same steps through fused_ops: each residual update also writes the next norm's input
         # in one pass; the first writes a new x (the caller's stays untouched, as with addcmul).
         # A norm feeding fp8 scaled_mm layers also folds its output's fp8 scale (s) in that pass.
+        # The norms feeding q/k/v and cross-attention q write fp8 with per-row scales for them
+        # (rows: h is then (fp8, scales)).
         sa, ca, n3, n2 = self.self_attn, self.cross_attn, self.norm3, self.norm2
-        s = fp8_scale_slot((sa.q, sa.k, sa.v), x)
-        h = fused_ops.modulated_layer_norm(x, shift0, scale0, dtype, self.norm1.eps, amax_to=s)
+        rows = fp8_rows_input((sa.q, sa.k, sa.v), x)
+        s = None if rows else fp8_scale_slot((sa.q, sa.k, sa.v), x)
+        h = fused_ops.modulated_layer_norm(x, shift0, scale0, dtype, self.norm1.eps, amax_to=s,
+                                           fp8_rows=rows)
+        h, s = h if rows else (h, s)
         y, qk = sa(h, rope, need_qk, x_scale=s, shard=shard)
-        s = fp8_scale_slot((ca.q,), x)
+        rows = fp8_rows_input((ca.q,), x)
+        s = None if rows else fp8_scale_slot((ca.q,), x)
         x, h = fused_ops.residual_layer_norm(x, y, gate0, dtype, n3.eps, n3.weight, n3.bias,
-                                             inplace=False, amax_to=s)
+                                             inplace=False, amax_to=s, fp8_rows=rows)
+        h, s = h if rows else (h, s)
         y = ca(h, context, image_tokens, x_scale=s)
         if audio_ctx is not None and self.audio_cross_attn is not None:
             nx = self.norm_x

@@ -60,7 +60,23 @@ def _kernels():
             q = tl.minimum(tl.maximum(v * inv, -FMAX), FMAX)
             tl.store(q_row + offs, q.to(tl.float8e4nv), mask=offs < K)
 
-    return amax_scale, scale_cast_rows
+    @triton.jit
+    def quantize_rows(x_ptr, q_ptr, s_ptr, K, stride_x, FMAX: tl.constexpr, GELU: tl.constexpr,
+                      FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+        # one row in one pass (the whole row in registers): its max |x| (or |gelu(x)|), the
+        # row's scale clamp_min(amax / FMAX, FLOOR) and the fp8 cast against it
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if GELU:
+            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+            v = (v / (1.0 + tl.exp(-2.0 * u))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        s = tl.maximum(tl.max(tl.abs(v), axis=0) / FMAX, FLOOR)
+        q = tl.minimum(tl.maximum(v * (1.0 / s), -FMAX), FMAX)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=offs < K)
+        tl.store(s_ptr + row, s)
+
+    return amax_scale, scale_cast_rows, quantize_rows
 
 
 _AMAX_ROWS = 8
@@ -79,7 +95,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _quantize(x2: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool):
-    amax_k, cast_k = _kernels()
+    amax_k, cast_k, _ = _kernels()
     m, k = x2.shape
     block = 1024 if k >= 1024 else max(16, 1 << (k - 1).bit_length())
     if static_scale is None:
@@ -111,6 +127,28 @@ def quantize_gelu_tanh_triton(h2: torch.Tensor, static_scale: torch.Tensor | Non
     Same return as quantize_tensor_triton; equals quantizing F.gelu(h2, approximate="tanh") up to
     tanh rounding differences (~1 ulp in fp32)."""
     return _quantize(h2, static_scale, gelu=True)
+
+
+ROWS_MAX_K = 16384   # quantize_rows holds a whole row in registers
+
+
+def quantize_rows_triton(x2: torch.Tensor, gelu: bool = False):
+    """x2 [M, K] (unit last stride, K <= ROWS_MAX_K) -> (fp8 [M, K] contiguous, fp32 [M, 1]
+    per-row scales clamp_min(max|row| / 448, 1e-12)), in one pass over x2 (no per-tensor
+    reduction first, no agreement between ranks of a split forward: a token's scale is its own).
+    `gelu`: of gelu_tanh(x2) (rounded to x2's dtype, as torch writes it), as
+    quantize_gelu_tanh_triton."""
+    m, k = x2.shape
+    if k > ROWS_MAX_K or x2.stride(-1) != 1:
+        raise ValueError(f"rows of at most {ROWS_MAX_K} contiguous values, got {tuple(x2.shape)} "
+                         f"with strides {x2.stride()}")
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x2.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
+    if m:
+        block = max(16, 1 << (k - 1).bit_length())
+        _kernels()[2][(m,)](x2, q, scale, k, x2.stride(0), FMAX=FP8_E4M3_MAX, GELU=gelu,
+                            FLOOR=SCALE_FLOOR, BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+    return q, scale
 
 
 def _quantize_torch(x2: torch.Tensor, static_scale: torch.Tensor | None):

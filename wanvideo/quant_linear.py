@@ -103,8 +103,11 @@ class QuantLinear(nn.Module):
         scaling, quantizer = "none", "none"
         if path == "scaled_mm":
             from . import quant_kernels
-            # Per-tensor, not per-row: on an H100 (torch 2.11) the row-wise _scaled_mm kernel ran
-            # 1.3-1.7x slower than the tensor-wise one and erased the fp8 gain (bench/fp8_gemm.py).
+            # Dynamic inputs are scaled per tensor, except where the kernel writing the input
+            # can scale each row in the same pass (fp8_rows_input, the GELU quantization of
+            # ffn.2's input): an H100 ran row-wise _scaled_mm 1.3-1.7x slower with fp32
+            # accumulation (bench/fp8_gemm.py); an H200 with fast accumulation and bias within
+            # 1% for 5,120-wide inputs and 2.5% for ffn.2, 6.5% for ffn.0 (kept per tensor).
             scaling = "static" if input_scale is not None else "tensor"
             quantizer = "triton" if quant_kernels.triton_available() else "compiled"
         layer = cls(k, n, fmt, path, compute_dtype, scaling, quantizer, fast_accum)
@@ -173,6 +176,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        if x2.dtype == torch.float8_e4m3fn:   # written quantized (fused_ops' fp8_rows)
+            if scale is None or scale.shape != (x2.shape[0], 1):
+                raise ValueError(f"an fp8 input {tuple(x.shape)} needs its row scales "
+                                 f"[{x2.shape[0]}, 1], got "
+                                 f"{None if scale is None else tuple(scale.shape)}")
+            return x2, scale
         return self._quantize_input(x2, scale)
 
     def _quantize_input(self, x2: torch.Tensor, scale: torch.Tensor | None = None):
@@ -186,6 +195,8 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         xq, sx = self.quantize_input(x) if quantized is None else quantized
         sw = self.weight_scale
+        if sx.dim() == 2:   # row-wise activation scales: scaled_mm wants a [1, N] weight scale
+            sw = sw.reshape(1, 1).expand(1, self.out_features).contiguous()
         self.scaled_mm_calls += 1
         out = torch._scaled_mm(
             placement.kernel_ready(xq), placement.kernel_ready(self.weight).t(),
@@ -199,8 +210,15 @@ class QuantLinear(nn.Module):
         from . import quant_kernels
         h = up(x) if x_scale is None else up(x, quantized=up.quantize_input(x, x_scale))
         h2 = h.reshape(-1, self.in_features)
-        static = self.input_scale if self.input_scaling == "static" else None
-        quantized = quant_kernels.quantize_gelu_tanh_triton(h2, static)
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        if self.input_scaling == "static":
+            quantized = quant_kernels.quantize_gelu_tanh_triton(h2, self.input_scale)
+        elif self.in_features <= quant_kernels.ROWS_MAX_K:
+            # one pass, per-row scales: no second read of h for a per-tensor maximum
+            quantized = quant_kernels.quantize_rows_triton(h2, gelu=True)
+        else:
+            quantized = quant_kernels.quantize_gelu_tanh_triton(h2, None)
         return self(h, quantized=quantized)
 
     def _forward_nvfp4_native(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +272,15 @@ def fp8_scale_slot(layers, x: torch.Tensor) -> torch.Tensor | None:
         return None
     from .quant_kernels import scale_accumulator
     return scale_accumulator(x.device)
+
+
+def fp8_rows_input(layers, x: torch.Tensor) -> bool:
+    """True when the kernel about to write the input of `layers` should write it as fp8 with
+    per-row scales (fused_ops' `fp8_rows`) for them to read as is: the conditions of
+    fp8_scale_slot. Row-wise _scaled_mm runs as fast as tensor-wise for the 5,120-wide
+    projections on an H200 (docs/BENCHMARKS.md), and the norm then writes 1 byte per value
+    instead of 2 that the layer re-reads twice (amax, then cast)."""
+    return _share_dynamic_scaling(layers, x) and layers[0].quantizer == "triton"
 
 
 def gelu_ffn_fusable(ffn) -> bool:
