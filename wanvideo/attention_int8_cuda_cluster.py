@@ -78,7 +78,8 @@ __device__ __forceinline__ void release(u32 bar) {
 }
 
 __device__ __forceinline__ void cluster_sync() {
-  // all non-exited threads of the pair (with the barrier inits made visible); else the CTA's
+  // MULTICAST: every non-exited thread of both CTAs (this also publishes the barrier inits to
+  // the peer); otherwise the CTA's own barrier
 #if MULTICAST
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 #else

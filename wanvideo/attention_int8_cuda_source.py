@@ -460,7 +460,8 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
     softmax); `lazy_max` and `q_regs` (bf16 P.V; lazy_max needs preload), see
     attention_int8_cuda_lazy. `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its own exact
     shortcuts, neither lazy_max nor q_regs), with `pv8_overlap` the softmax of block j under
-    P.V[j-1] (FA3's order; ptxas spills 64 bytes)."""
+    P.V[j-1] (FA3's order; ptxas spills 64 bytes). `multicast` (bf16 P.V): CTA pairs share the
+    K/V tiles (attention_int8_cuda_cluster; the launcher's default from MULTICAST_MIN_KEYS)."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
     multicast = multicast and not pv_int8
@@ -469,7 +470,6 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
     defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
                f"#define PRELOAD {int(preload)}\n"
                f"#define SKIP_ONES {int(skip_ones)}\n#define ROWSUM_MMA {int(rowsum_mma)}\n"
-
                f"#define THREADS {THREADS}\n#define BLOCK_M {BLOCK_M}\n#define BLOCK_N {BLOCK_N}\n"
                f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
                f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"

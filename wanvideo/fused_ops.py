@@ -215,7 +215,7 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
                                   stride_g, float(eps), RESIDUAL=residual is not None,
                                   GATE=gate is not None, NORM=norm, MODULATE=modulate,
                                   HAS_W=a is not None, HAS_B=b is not None,
-                                  AMAX=amax_to is not None, FMAX=FP8_E4M3_MAX,
+                                  AMAX=amax_to is not None and not fp8_rows, FMAX=FP8_E4M3_MAX,
                                   ROWS=(1 if out_dtype == torch.bfloat16 else 2) if fp8_rows else 0,
                                   BLOCK=block, num_warps=_warps(block))
     return (y, amax_to) if fp8_rows else y

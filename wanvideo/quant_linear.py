@@ -106,8 +106,9 @@ class QuantLinear(nn.Module):
             # Dynamic inputs are scaled per tensor, except where the kernel writing the input
             # can scale each row in the same pass (fp8_rows_input, the GELU quantization of
             # ffn.2's input): an H100 ran row-wise _scaled_mm 1.3-1.7x slower with fp32
-            # accumulation (bench/fp8_gemm.py); an H200 with fast accumulation and bias within
-            # 1% for 5,120-wide inputs and 2.5% for ffn.2, 6.5% for ffn.0 (kept per tensor).
+            # accumulation (bench/fp8_gemm.py); on an H200 with fast accumulation it ran from 6%
+            # faster (ffn.2) to 5% slower (5,120 x 5,120) and the forward gained overall
+            # (docs/BENCHMARKS.md, tenth session).
             scaling = "static" if input_scale is not None else "tensor"
             quantizer = "triton" if quant_kernels.triton_available() else "compiled"
         layer = cls(k, n, fmt, path, compute_dtype, scaling, quantizer, fast_accum)
@@ -277,9 +278,10 @@ def fp8_scale_slot(layers, x: torch.Tensor) -> torch.Tensor | None:
 def fp8_rows_input(layers, x: torch.Tensor) -> bool:
     """True when the kernel about to write the input of `layers` should write it as fp8 with
     per-row scales (fused_ops' `fp8_rows`) for them to read as is: the conditions of
-    fp8_scale_slot. Row-wise _scaled_mm runs as fast as tensor-wise for the 5,120-wide
-    projections on an H200 (docs/BENCHMARKS.md), and the norm then writes 1 byte per value
-    instead of 2 that the layer re-reads twice (amax, then cast)."""
+    fp8_scale_slot. The norm then writes 1 byte per value instead of 2 that the layer would
+    read again to cast them; row-wise _scaled_mm costs up to ~5% more for these 5,120-wide
+    projections on an H200, and the forward gains a little overall (docs/BENCHMARKS.md, tenth
+    session). Per-row scales are also finer than one per tensor."""
     return _share_dynamic_scaling(layers, x) and layers[0].quantizer == "triton"
 
 
