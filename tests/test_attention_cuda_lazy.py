@@ -5,33 +5,20 @@ a lot (the warp moves its running value and rescales P) and far enough that exp2
 (the warp recomputes its scores with mma.sync)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from wanvideo_infinitetalk.wanvideo import attention_int8 as ai
-from wanvideo_infinitetalk.wanvideo.attention_8bit import INT8_MAX, LOG2E
 
 from test_attention_8bit import errors
-from test_attention_int8 import cuda_inputs, gpu_test
+from test_attention_int8 import cuda_inputs, cuda_kernel_out, gpu_test
 
 MAX_FIRST = {"lazy_max": False, "q_regs": False}   # the eighth session's default
 
 
 def _run(q, k, v, stages=3, **options):
-    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
-
-    reason = ac.unsupported(q)
-    if reason:
-        pytest.skip(reason)
-    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, ai.HOPPER_CUDA)
-    out = torch.full_like(q, float("nan"))
-    factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
-    ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], factor, stages, 0, **options)
-    assert torch.isfinite(out).all()   # every element written, nothing overflowed
-    return out.float()
+    return cuda_kernel_out(q, k, v, stages, **options).float()
 
 
 def _fp32(q, k, v):

@@ -5,30 +5,13 @@ last pair a CTA without query rows), the batch, the strides or the ring size; an
 pairs CTAs exactly from attention_int8_cuda.MULTICAST_MIN_KEYS keys."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from wanvideo_infinitetalk.wanvideo import attention_int8 as ai
 from wanvideo_infinitetalk.wanvideo.attention_8bit import INT8_MAX, LOG2E
 
-from test_attention_int8 import cuda_inputs, gpu_test
-
-
-def _run(q, k, v, stages=3, **options):
-    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
-
-    reason = ac.unsupported(q)
-    if reason:
-        pytest.skip(reason)
-    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, ai.HOPPER_CUDA)
-    out = torch.full_like(q, float("nan"))
-    factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
-    ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], factor, stages, 0, **options)
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all()   # every element written
-    return out
+from test_attention_int8 import cuda_inputs, cuda_kernel_out, gpu_test
 
 
 @gpu_test
@@ -40,8 +23,8 @@ def _run(q, k, v, stages=3, **options):
                                            (1, 16500, 16500, 2)])
 def test_paired_ctas_give_the_unpaired_output_bit_for_bit(b, lq, lk, heads, stages):
     q, k, v = cuda_inputs(b, lq, lk, heads, 128, torch.bfloat16)
-    paired = _run(q, k, v, stages, multicast=True)
-    single = _run(q, k, v, stages, multicast=False)
+    paired = cuda_kernel_out(q, k, v, stages, multicast=True)
+    single = cuda_kernel_out(q, k, v, stages, multicast=False)
     assert torch.equal(paired, single)
 
 
@@ -61,7 +44,7 @@ def test_paired_ctas_read_strided_queries_and_write_strided_outputs():
     factor = LOG2E / (128 ** 0.5 * INT8_MAX)
     ac.attention(wide[:, :, :, 1], k_int, k_scale, v_t, out_wide[:, :, :, 2], 777, factor, 3, 0,
                  multicast=True)
-    assert torch.equal(out_wide[:, :, :, 2], _run(q, k, v, multicast=False))
+    assert torch.equal(out_wide[:, :, :, 2], cuda_kernel_out(q, k, v, multicast=False))
     assert torch.isnan(out_wide[:, :, :, :2]).all()   # nothing written outside the view
 
 
@@ -81,6 +64,6 @@ def test_the_default_pairs_ctas_from_the_threshold(monkeypatch, threshold, paire
 
     monkeypatch.setattr(ac, "MULTICAST_MIN_KEYS", threshold)
     monkeypatch.setattr(ac, "_kernel", spy)
-    out = _run(q, k, v)
+    out = cuda_kernel_out(q, k, v)
     assert [o["multicast"] for o in launched] == [paired]
-    assert torch.equal(out, _run(q, k, v, multicast=not paired))
+    assert torch.equal(out, cuda_kernel_out(q, k, v, multicast=not paired))

@@ -435,6 +435,24 @@ def gpu_test(fn):
                                               reason="needs CUDA sm_89+ and triton")(fn))
 
 
+def cuda_kernel_out(q, k, v, stages=3, **options):
+    """The CUDA kernel's output (q's dtype) for q, k, v through quantize_for, launched with
+    `options` (attention_int8_cuda_source.source's); skips where the kernel does not run.
+    Every element written and finite."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
+
+    reason = ac.unsupported(q)
+    if reason:
+        pytest.skip(reason)
+    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, ai.HOPPER_CUDA)
+    out = torch.full_like(q, float("nan"))
+    factor = a8.LOG2E / (q.shape[-1] ** 0.5 * a8.INT8_MAX)
+    ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], factor, stages, 0, **options)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    return out
+
+
 def cuda_inputs(b, lq, lk, heads, head_dim, dtype, seed=0):
     """DiT-like [B, L, H, D] inputs (the K bias and outlier channels of dit_like), different in
     every batch entry and head pair, so a kernel mixing them up shows."""
