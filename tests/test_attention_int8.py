@@ -435,17 +435,17 @@ def gpu_test(fn):
                                               reason="needs CUDA sm_89+ and triton")(fn))
 
 
-def cuda_kernel_out(q, k, v, stages=3, **options):
+def cuda_kernel_out(q, k, v, stages=3, out=None, **options):
     """The CUDA kernel's output (q's dtype) for q, k, v through quantize_for, launched with
-    `options` (attention_int8_cuda_source.source's); skips where the kernel does not run.
-    Every element written and finite."""
+    `options` (attention_int8_cuda_source.source's), written into `out` when given (else a new
+    tensor); skips where the kernel does not run. Every element written and finite."""
     from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
 
     reason = ac.unsupported(q)
     if reason:
         pytest.skip(reason)
     k_int, k_scale, v_t, _ = ai.quantize_for(k, v, ai.HOPPER_CUDA)
-    out = torch.full_like(q, float("nan"))
+    out = torch.full_like(q, float("nan")) if out is None else out
     factor = a8.LOG2E / (q.shape[-1] ** 0.5 * a8.INT8_MAX)
     ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], factor, stages, 0, **options)
     torch.cuda.synchronize()

@@ -198,10 +198,10 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8_rows else out_dtype,
                     device=x.device) if norm else None
-    if fp8_rows:
-        amax_to = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+    scales = (torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device) if fp8_rows
+              else amax_to)   # the kernel's s_ptr: the row scales, or the per-tensor slot
     if x2.shape[0] == 0:
-        return (y, amax_to) if fp8_rows else y
+        return (y, scales) if fp8_rows else y
     block = _block(c)
     dummy = x2
     r2 = dummy if residual is None else _rows(residual)
@@ -210,15 +210,15 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
     _layer_norm_kernel()[(x2.shape[0],)](x2, dummy if y is None else y, dummy if a is None else a,
                                   dummy if b is None else b, r2, g2,
                                   dummy if x_out is None else x_out,
-                                  dummy if amax_to is None else amax_to,
+                                  dummy if scales is None else scales,
                                   c, seq, x2.stride(0), stride_ab, stride_bb, r2.stride(0),
                                   stride_g, float(eps), RESIDUAL=residual is not None,
                                   GATE=gate is not None, NORM=norm, MODULATE=modulate,
                                   HAS_W=a is not None, HAS_B=b is not None,
-                                  AMAX=amax_to is not None and not fp8_rows, FMAX=FP8_E4M3_MAX,
+                                  AMAX=amax_to is not None, FMAX=FP8_E4M3_MAX,
                                   ROWS=(1 if out_dtype == torch.bfloat16 else 2) if fp8_rows else 0,
                                   BLOCK=block, num_warps=_warps(block))
-    return (y, amax_to) if fp8_rows else y
+    return (y, scales) if fp8_rows else y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

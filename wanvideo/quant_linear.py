@@ -211,8 +211,6 @@ class QuantLinear(nn.Module):
         from . import quant_kernels
         h = up(x) if x_scale is None else up(x, quantized=up.quantize_input(x, x_scale))
         h2 = h.reshape(-1, self.in_features)
-        if h2.stride(-1) != 1:
-            h2 = h2.contiguous()
         if self.input_scaling == "static":
             quantized = quant_kernels.quantize_gelu_tanh_triton(h2, self.input_scale)
         elif self.in_features <= quant_kernels.ROWS_MAX_K:
