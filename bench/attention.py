@@ -273,7 +273,11 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("eighth_session_ms", 0, {"lazy_max": False, "q_regs": False}),
               ("no_preload_ms", 0, {"preload": False, "lazy_max": False, "q_regs": False}),
               ("no_skip_ones_ms", 0, {"skip_ones": False}),
-              ("fp32_row_sums_ms", 0, {"rowsum_mma": False}))
+              ("fp32_row_sums_ms", 0, {"rowsum_mma": False}),
+              ("lazy_tests_ms", 0, {"static_max": False}),
+              ("lazy_no_preset_no_test_ms", 3, {"static_max": False}),
+              ("lazy_no_test_ms", 4, {"static_max": False}),
+              ("static_forced_ms", 5, {}))
 
 
 def diagnose_cuda(tokens: int, args) -> dict:
@@ -287,13 +291,17 @@ def diagnose_cuda(tokens: int, args) -> dict:
     if reason or args.head_dim != 128:
         return {"config": config, "skipped": reason or "head dim 128 only"}
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
-    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, config)
+    k_int, k_scale, v_t, k_bound = ai.quantize_for(k, v, config)
     out = torch.empty_like(q)
     result = {"config": config}
     for name, diag, options in CUDA_PARTS:
         result[name] = median_ms(lambda: attention_int8_cuda.attention(
-            q, k_int, k_scale, v_t, out, tokens, 0.01, config["num_stages"], diag, **options),
-            args.reps)
+            q, k_int, k_scale, v_t, out, tokens, ai.softmax_factor(q.shape[-1]), config["num_stages"],
+            diag, k_bound=k_bound, **options), args.reps)
+    attention_int8_cuda.attention(q, k_int, k_scale, v_t, out, tokens,
+                                  ai.softmax_factor(q.shape[-1]), config["num_stages"], 6,
+                                  k_bound=k_bound)
+    result["static_loop_share"] = out.float().mean().item()  # of query rows (diag 6)
     return result
 
 

@@ -13,11 +13,12 @@ from wanvideo_infinitetalk.wanvideo import cuda_runtime
 
 
 def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bool = True,
-             multicast: bool = False):
+             multicast: bool = False, static_max: bool = True):
     try:
         return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong,
                                                         pv_int8=pv_int8, lazy_max=lazy,
-                                                        q_regs=lazy, multicast=multicast),
+                                                        q_regs=lazy, multicast=multicast,
+                                                        static_max=static_max),
                                           "attention_int8.cu",
                                           options=("--ptxas-options=-v",))
     except cuda_runtime.CudaRuntimeError as exc:
@@ -26,13 +27,16 @@ def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bo
         raise
 
 
-@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy,multicast", [
-    (2, True, False, True, False), (3, True, False, True, False), (2, False, False, True, False),
-    (3, True, True, True, False), (3, True, False, False, False), (3, True, False, True, True),
-    (2, True, False, True, True)])
+@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy,multicast,static_max", [
+    (2, True, False, True, False, True), (3, True, False, True, False, True),
+    (2, False, False, True, False, True), (3, True, True, True, False, True),
+    (3, True, False, False, False, True), (3, True, False, True, True, True),
+    (2, True, False, True, True, True), (3, True, False, True, False, False),
+    (3, True, False, True, True, False)])
 def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8,
-                                                                      lazy, multicast):
-    cubin, log = _compile(stages, pingpong, pv_int8, lazy, multicast)
+                                                                      lazy, multicast,
+                                                                      static_max):
+    cubin, log = _compile(stages, pingpong, pv_int8, lazy, multicast, static_max)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -82,3 +86,26 @@ def test_paired_ctas_are_a_compile_time_cluster_with_multicast_loads():
     for text in ("__cluster_dims__(2, 1, 1)", ".multicast::cluster", "mapa.shared::cluster"):
         assert text in paired   # compiled in only under #if MULTICAST
     assert source.source(3, pv_int8=True, multicast=True) == source.source(3, pv_int8=True)
+
+
+def test_the_static_maximum_is_a_compile_time_switch_that_needs_the_key_bounds():
+    """The default builds the loop without per-block tests next to the lazy one (chosen per
+    warpgroup at run time); a launch asking for it without quantize_kv's key bounds is refused
+    before anything runs."""
+    import torch
+
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+    assert "#define STATIC_MAX 1" in source.source(3)
+    assert "#define STATIC_MAX 0" in source.source(3, static_max=False)
+    # it relies on the lazy loop as its fallback and on the ones columns for the row sums
+    assert "#define STATIC_MAX 0" in source.source(3, lazy_max=False, q_regs=False)
+    assert "#define STATIC_MAX 0" in source.source(3, rowsum_mma=False)
+    q = torch.zeros(1, 100, 2, 128, dtype=torch.bfloat16)
+    k_int = torch.zeros(2, 128, 128, dtype=torch.int8)
+    v_t = torch.zeros(2, 128, 128, dtype=torch.bfloat16)
+    k_scale = torch.ones(2, 1)
+    for bound in (None, torch.ones(3), torch.ones(2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="static_max needs the key bounds"):
+            attention_int8_cuda.attention(q, k_int, k_scale, v_t, torch.empty_like(q), 100, 0.1,
+                                          k_bound=bound, static_max=True)

@@ -230,6 +230,9 @@ GLUON_LAYOUTS = textwrap.dedent("""
     plain = ai.quantize_kv(k, v, 128, "int8")
     swizzled = ai.quantize_kv(k, v, 128, "int8", gluon=True)
     copied = ai.quantize_kv(k, v, 128, "bf16", gluon=True)
+    cuda = ai.quantize_kv(k, v, 128, "bf16", cuda=True)
+    ints = cuda[0].float().reshape(6, 3, 128, 64)
+    norms = ints.square().sum(-1).sqrt().amax(-1) * cuda[1]   # [B*H, blocks]
     c = torch.arange(plain[2].shape[-1])
     order = (c & ~15) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 1)
     moved = torch.empty_like(plain[2])
@@ -240,7 +243,10 @@ GLUON_LAYOUTS = textwrap.dedent("""
                       "v_swizzled": bool(torch.equal(swizzled[2], moved)),
                       "v_not_plain": not torch.equal(swizzled[2], plain[2]),
                       "bf16_copy": bool(torch.equal(copied[2], ref_v)),
-                      "bf16_no_scales": copied[3] is None}))
+                      "bf16_no_scales": copied[3] is None,
+                      "cuda_v_t": bool(torch.equal(cuda[2], ref_v.transpose(1, 2))),
+                      "key_bound": (cuda[3] - norms.amax(-1)).abs().max().item(),
+                      "key_bound_size": cuda[3].abs().max().item()}))
 """)
 
 
@@ -249,7 +255,8 @@ def test_gluon_operand_orders_under_triton_interpreter():
     with each 16-key group's keys in the order the P.V operand's registers hold P's columns
     (key 8i + 2t + e at 4t + 2i + e, the inverse of attention_int8_gluon._as_operand's
     reshape and permute), K unchanged; for bf16 P.V a zero-padded bf16 copy of V laid out
-    like K. The kernels themselves need sm_90 (GPU tests: equal to the Triton kernel)."""
+    like K; for the CUDA kernel V^T and the largest key norm per (batch, head). The kernels
+    themselves need sm_90 (GPU tests: equal to the Triton kernel)."""
     triton = pytest.importorskip("triton")
     if _triton_version(triton) < (3, 2):
         pytest.skip(f"Triton {triton.__version__}'s interpreter differs in the K/V pass")
@@ -257,6 +264,9 @@ def test_gluon_operand_orders_under_triton_interpreter():
                           text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
+    # the CUDA layout's key bound: each (batch, head)'s largest |int8 key row| * block scale
+    bound_error, bound_size = facts.pop("key_bound"), facts.pop("key_bound_size")
+    assert bound_size > 1 and bound_error <= 1e-5 * bound_size, (bound_error, bound_size)
     assert all(facts.values()), facts
     import torch as _torch
     cols = _torch.arange(128).reshape(8, 2, 4, 2).permute(0, 2, 1, 3).reshape(128)
@@ -444,10 +454,10 @@ def cuda_kernel_out(q, k, v, stages=3, out=None, **options):
     reason = ac.unsupported(q)
     if reason:
         pytest.skip(reason)
-    k_int, k_scale, v_t, _ = ai.quantize_for(k, v, ai.HOPPER_CUDA)
+    k_int, k_scale, v_t, k_bound = ai.quantize_for(k, v, ai.HOPPER_CUDA)
     out = torch.full_like(q, float("nan")) if out is None else out
-    factor = a8.LOG2E / (q.shape[-1] ** 0.5 * a8.INT8_MAX)
-    ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], factor, stages, 0, **options)
+    ac.attention(q, k_int, k_scale, v_t, out, k.shape[1], ai.softmax_factor(q.shape[-1]), stages,
+                 0, k_bound=k_bound, **options)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
     return out

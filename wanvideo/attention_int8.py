@@ -296,7 +296,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     pv="int8" V is INT8 transposed [B*H, D, Lk_pad] with fp32 scales [B*H, D]; for pv="bf16" V is
     the input itself and the scales None. `gluon`: what the Gluon kernels read instead, V^T's
     keys in their operand order (int8) or V as a zero-padded bf16 [B*H, Lk_pad, D] (bf16);
-    `cuda` (bf16 only): V^T as a zero-padded bf16 [B*H, D, Lk_pad], the CUDA kernel's operand.
+    `cuda` with pv="bf16": V^T as a zero-padded bf16 [B*H, D, Lk_pad], the CUDA kernel's
+    operand, and in place of V's scales the largest key norm of each (batch, head), fp32 [B*H]
+    (|K int8 row| * its block's scale: with the query's norm it bounds every score,
+    attention_int8_cuda_static).
     The K mean and V's per-channel amax are single torch
     reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
     b, keys, h, d = k.shape
@@ -314,9 +317,13 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
         v_t = torch.empty(b * h, d, padded, dtype=torch.int8, device=k.device)
     k_int = torch.empty(b * h, padded, d, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(b * h, padded // block_n, dtype=torch.float32, device=k.device)
+    k_norm = torch.empty_like(k_scale) if cuda and pv == "bf16" else None
     with _on(k.device):
         _kernels().quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n,
-                               gluon and pv == "int8", transpose_v=cuda and pv == "bf16")
+                               gluon and pv == "int8", transpose_v=cuda and pv == "bf16",
+                               k_norm=k_norm)
+    if k_norm is not None:
+        v_scale = k_norm.amax(dim=1)
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
 
 
@@ -351,21 +358,30 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def softmax_factor(head_dim: int) -> float:
+    """What turns an exact INT8 score times the query's and key block's amax into the
+    softmax's log2 domain: log2(e) / (sqrt(head_dim) * 127)."""
+    return LOG2E / (math.sqrt(head_dim) * INT8_MAX)
+
+
 def attend_quantized(q: torch.Tensor, kv: tuple, keys: int, config: dict,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """The attention kernel alone on quantize_kv's output for `keys` real keys, written into
     `out` (q's shape and dtype) when given."""
     k_int, k_scale, v, v_scale = kv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    factor = LOG2E / (math.sqrt(q.shape[-1]) * INT8_MAX)
+    factor = softmax_factor(q.shape[-1])
     if config.get("cuda"):
         from . import attention_int8_cuda
 
         reason = attention_int8_cuda.unsupported(q, out)
         if reason:
             raise ValueError(reason)
-        _LAST_LAUNCH[0] = attention_int8_cuda.attention(q, k_int, k_scale, v, out, keys, factor,
-                                                        config["num_stages"], v_scale=v_scale)
+        # the fourth part of kv: V's scales for INT8 P.V, the key norms for bf16
+        int8 = config["pv"] == "int8"
+        _LAST_LAUNCH[0] = attention_int8_cuda.attention(
+            q, k_int, k_scale, v, out, keys, factor, config["num_stages"],
+            v_scale=v_scale if int8 else None, k_bound=None if int8 else v_scale)
         return out
     kernels = _gluon_kernels() if config.get("gluon") else _kernels()
     with _on(q.device):

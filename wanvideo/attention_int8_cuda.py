@@ -69,11 +69,14 @@ def _kernel(device_index: int, stages: int, diag: int, options: tuple) -> cuda_r
 
 def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: torch.Tensor,
               out: torch.Tensor, keys: int, factor: float, stages: int = 3, diag: int = 0,
-              v_scale: torch.Tensor | None = None, **options) -> cuda_runtime.Kernel:
+              v_scale: torch.Tensor | None = None, k_bound: torch.Tensor | None = None,
+              **options) -> cuda_runtime.Kernel:
     """out [B, Lq, H, 128] = attention of q over quantize_kv's INT8 K and V^T for `keys` real
     keys: bf16 V^T, or with `v_scale` (fp32 [B*H, 128]) INT8 V^T in the Gluon key order (INT8
     P.V). Returns the launched kernel. `diag` and `options`: see cubin; `multicast` defaults to
-    keys >= MULTICAST_MIN_KEYS (bf16 P.V)."""
+    keys >= MULTICAST_MIN_KEYS (bf16 P.V); `static_max` (bf16 P.V) defaults to whether
+    `k_bound`, quantize_kv's largest key norm per (batch, head) (fp32 [B*H]), is given, and
+    needs it."""
     if stages not in STAGES:
         raise ValueError(f"stages {stages} not in {STAGES}")
     bh, padded, d = k_int.shape
@@ -87,6 +90,11 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
         options["pv_int8"] = True
     else:
         options.setdefault("multicast", keys >= MULTICAST_MIN_KEYS)
+        options.setdefault("static_max", k_bound is not None)
+        if options["static_max"] and (k_bound is None or k_bound.shape != (bh,)
+                                      or k_bound.dtype != torch.float32):
+            raise ValueError(f"static_max needs the key bounds, fp32 [{bh}], got "
+                             f"{None if k_bound is None else (k_bound.dtype, tuple(k_bound.shape))}")
     kernel = _kernel(q.device.index, stages, int(diag), tuple(sorted(options.items())))
     pair = options.get("multicast", False) and not int8   # a CTA loads half of each K tile
     k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N // (1 + pair), d, 1)
@@ -94,7 +102,8 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
              cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, 64, 2))
     ll, ptr = ctypes.c_longlong, ctypes.c_void_p
     args = [k_map, v_map, ptr(q.data_ptr()), ptr(k_scale.data_ptr()),
-            ptr((v_scale if int8 else k_scale).data_ptr()), ptr(out.data_ptr()),
+            ptr((v_scale if int8 else k_scale).data_ptr()),
+            ptr((k_scale if k_bound is None else k_bound).data_ptr()), ptr(out.data_ptr()),
             ctypes.c_int(n_q), ctypes.c_int(keys), ctypes.c_int(padded), ctypes.c_int(heads),
             ctypes.c_float(factor), ll(q.stride(0)), ll(q.stride(1)), ll(q.stride(2)),
             ll(out.stride(0)), ll(out.stride(1)), ll(out.stride(2))]

@@ -12,11 +12,13 @@ def _regs(first: int, count: int) -> str:
 def wgmma_int8(a_in_registers: bool = False) -> str:
     """acc[64] int32 (+)= A . B (desc, K-major), m64n128k32, s8 x s8: A from shared memory
     (desc; `wgmma_s8`, scale_d 0 starts from zero) or from 4 registers of 4 int8
-    (`wgmma_s8_rs`, always accumulating)."""
+    (`wgmma_s8_rs`, accumulating unless scale_d is 0)."""
     outs = ", ".join(f'"+r"(d[{i}])' for i in range(64))
     if a_in_registers:
-        name, params, a_operand = "wgmma_s8_rs", "const u32* a, u64 db", "{%64, %65, %66, %67}"
-        ins, pred = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)', "1"
+        name, params = "wgmma_s8_rs", "const u32* a, u64 db, int scale_d"
+        a_operand = "{%64, %65, %66, %67}"
+        ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d)'
+        pred = "%69"
         b_operand = "%68"
     else:
         name, params, a_operand = "wgmma_s8", "u64 da, u64 db, int scale_d", "%64"

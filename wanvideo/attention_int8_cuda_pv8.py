@@ -21,7 +21,8 @@ __device__ __forceinline__ void softmax_int8(
   // fma(exp2(score - block max), 127, 1.5 * 2^23) out, whose low byte is P in int8
   float mx0, mx1;
   block_max<MASKED>(s, true, col0, tq, keys, mx0, mx1);
-  const float mb0 = raise_max(mx0, c0, m0, al0), mb1 = raise_max(mx1, c1, m1, al1);
+  const float mb0 = raise_max(mx0, c0, m0, al0, NEG_INF);
+  const float mb1 = raise_max(mx1, c1, m1, al1, NEG_INF);
   ps0 = ex2(mb0 - m0);   // the block's weight against the running maximum
   ps1 = ex2(mb1 - m1);
   const float off0 = -(mx0 * c0), off1 = -(mx1 * c1);
@@ -65,7 +66,7 @@ __device__ __forceinline__ void issue_pv8(int* pv, const u32* pa, u32 vt) {
   for (int i = 0; i < 64; ++i) pv[i] = MAGIC_BITS;
   wg_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_s8_rs(pv, pa + 4 * kk, desc_sw128(vt) + 2 * kk);
+  for (int kk = 0; kk < 4; ++kk) wgmma_s8_rs(pv, pa + 4 * kk, desc_sw128(vt) + 2 * kk, 1);
   wg_commit();
 }
 
@@ -84,8 +85,10 @@ __device__ __forceinline__ void fold(float* acc, const int* pv, float a0, float 
 
 __device__ __forceinline__ void consume(
     u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u32 q_tile,
-    float qs0, float qs1, const float* ks_ptr, const float* vs_ptr, int n_blocks, int keys,
-    int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base, long long s_ol) {
+    float qs0, float qs1, float bound0, float bound1, const float* ks_ptr, const float* vs_ptr,
+    int n_blocks, int keys, int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base,
+    long long s_ol) {
+  // (the bounds are the bf16 loop's: not used here)
   const u64 dq = desc_sw128(q_tile);
   // FA3's order as in the bf16 loop: Q.K^T[j] and P.V[j-1] in flight, softmax j under P.V[j-1],
   // then P.V[j-1] folded with block j-1's weights

@@ -8,10 +8,12 @@ docs/ATTENTION_8BIT.md). Here a CTA holds a producer warpgroup (one thread issue
 TMA copies, registers given back by setmaxnreg) and two consumer warpgroups of 64 query rows
 each, so one warpgroup's softmax runs while the other's products occupy the tensor cores.
 
-The PTX building blocks are in attention_int8_cuda_ptx, the INT8 P.V consumer loop (sweep 33,
-not the default) in attention_int8_cuda_pv8, the lazy maximum and the register-held queries
-(default) in attention_int8_cuda_lazy. Numerics are those of the Gluon bf16 kernel
-(attention_8bit.kernel_reference, pv="bf16") up to the lazy maximum's bf16 rounding of P:
+The PTX building blocks are in attention_int8_cuda_ptx, the bf16 P.V consumer loop (default)
+in attention_int8_cuda_loop, the INT8 P.V one (sweep 33, not the default) in
+attention_int8_cuda_pv8, the lazy maximum and the register-held queries in
+attention_int8_cuda_lazy, the static maximum in attention_int8_cuda_static. Numerics are those
+of the Gluon bf16 kernel (attention_8bit.kernel_reference, pv="bf16") up to the bf16 rounding
+of P at another power of two per row (lazy and static maxima):
 INT8 Q per row (quantized here, written into shared memory in the wgmma layout), INT8 K per
 128-key block (quantize_kv), Q.K^T exact in int32, softmax in fp32 (exp2, log2 domain), P and V
 in bf16, P.V accumulated in fp32 by the wgmma. Head dim 128, 128-key blocks, bf16 in and out.
@@ -26,7 +28,9 @@ import functools
 from . import attention_int8_cuda_cluster as cluster
 from . import attention_int8_cuda_ptx as ptx
 from . import attention_int8_cuda_lazy as lazy
+from . import attention_int8_cuda_loop as loop
 from . import attention_int8_cuda_pv8 as pv8
+from . import attention_int8_cuda_static as static
 
 KERNEL_NAME = "attn_int8_bf16_ws"
 THREADS = 384          # producer warpgroup + two consumer warpgroups
@@ -50,16 +54,18 @@ _LAYOUT = r"""
 #define NACC (64 + 4 * ROWSUM_MMA)
 #define Q_OFF (STAGES * (K_BYTES + V_SLOT))
 #define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
-#define BAR_OFF (QS_OFF + BLOCK_M * 4)
+#define QB_OFF (QS_OFF + BLOCK_M * 4)             // |q int8 row| * qscale (static_max's bound)
+#define BAR_OFF (QB_OFF + BLOCK_M * 4)
 #define NEG_INF __int_as_float(0xff800000)
 """
 
 _HELPERS = r"""
 __device__ __forceinline__ void quantize_queries(
-    const u16* __restrict__ Q, u32 q_smem, float* qscale, int wg, int t, int q0, int n_q,
-    long long base, long long s_ql, float factor) {
+    const u16* __restrict__ Q, u32 q_smem, float* qscale, float* qbound, int wg, int t, int q0,
+    int n_q, long long base, long long s_ql, float factor) {
   // two threads per row, 64 channels each: INT8 per row (amax / 127, half to even), stored in
-  // the wgmma operand layout (128-byte rows, 16-byte chunks swizzled by row % 8)
+  // the wgmma operand layout (128-byte rows, 16-byte chunks swizzled by row % 8); the row's
+  // |int8 row| * scale into qbound (exact sum of squares)
   int row = t >> 1, half = t & 1, qr = q0 + row;
   float v[64];
   float amax = 0.f;
@@ -83,6 +89,7 @@ __device__ __forceinline__ void quantize_queries(
   for (int i = 0; i < 64; ++i) amax = fmaxf(amax, fabsf(v[i]));
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
   float scale = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+  float squares = 0.f;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     u32 w[4];
@@ -91,8 +98,9 @@ __device__ __forceinline__ void quantize_queries(
       u32 word = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        u32 bits = (u32)__float_as_int(fmaf(v[16 * c + 4 * e + k], scale, MAGIC));
-        word |= (bits & 0xff) << (8 * k);
+        const float f = fmaf(v[16 * c + 4 * e + k], scale, MAGIC), n = f - MAGIC;
+        squares = fmaf(n, n, squares);
+        word |= ((u32)__float_as_int(f) & 0xff) << (8 * k);
       }
       w[e] = word;
     }
@@ -101,7 +109,11 @@ __device__ __forceinline__ void quantize_queries(
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};"
                  :: "r"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
   }
-  if (half == 0) qscale[row] = amax * factor;
+  squares += __shfl_xor_sync(0xffffffff, squares, 1);
+  if (half == 0) {
+    qscale[row] = amax * factor;
+    qbound[row] = sqrtf(squares) * (amax * factor);
+  }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   named_sync(wg, 128);
 }
@@ -150,25 +162,26 @@ __device__ __forceinline__ void block_max(int* s, bool preset, int col0, int tq,
   mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
 }
 
-__device__ __forceinline__ float raise_max(float mx, float c, float& m, float& al) {
+__device__ __forceinline__ float raise_max(float mx, float c, float& m, float& al,
+                                           float floor) {
   // a row's block maximum (1.5 * 2^23 + max score) in the log2 domain, returned; the running
-  // value m raised to it (plus HEADROOM with the lazy maximum: attention_int8_cuda_lazy), and
-  // al = exp2(old m - new m), the accumulator's factor
+  // value m raised to it (plus HEADROOM with the lazy maximum: attention_int8_cuda_lazy) and
+  // to `floor`, and al = exp2(old m - new m), the accumulator's factor
   const float mb = (mx - MAGIC) * c;
-  const float mn = fmaxf(m, mb + HEADROOM);
+  const float mn = fmaxf(fmaxf(m, mb + HEADROOM), floor);
   al = ex2(m - mn);
   m = mn;
   return mb;
 }
 
 template <bool MASKED>
-__device__ __forceinline__ void softmax_block(
-    int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
-    float c0, float c1, int col0, int tq, int keys) {
-  // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
-  float mx0, mx1;
-  block_max<MASKED>(s, PRELOAD, col0, tq, keys, mx0, mx1);
-  const float mb0 = raise_max(mx0, c0, m0, al0), mb1 = raise_max(mx1, c1, m1, al1);
+__device__ __forceinline__ void softmax_after_max(
+    int* s, float mx0, float mx1, float& m0, float& m1, float& l0, float& l1, float& al0,
+    float& al1, float c0, float c1, int col0, int tq, int keys, float floor0, float floor1) {
+  // s: block_max's output in, its fp32 P = exp2(score - new m) out (as bits); m is raised to
+  // at least `floor` (static_max)
+  const float mb0 = raise_max(mx0, c0, m0, al0, floor0);
+  const float mb1 = raise_max(mx1, c1, m1, al1, floor1);
   const float off0 = (mb0 - m0) - mx0 * c0, off1 = (mb1 - m1) - mx1 * c1;
   float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
@@ -186,6 +199,17 @@ __device__ __forceinline__ void softmax_block(
     l0 = l0 * al0 + sum0;
     l1 = l1 * al1 + sum1;
   }
+}
+
+template <bool MASKED>
+__device__ __forceinline__ void softmax_block(
+    int* s, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1,
+    float c0, float c1, int col0, int tq, int keys) {
+  // s: the block's exact int32 scores in, its fp32 P = exp2(score - new max) out (as bits)
+  float mx0, mx1;
+  block_max<MASKED>(s, PRELOAD, col0, tq, keys, mx0, mx1);
+  softmax_after_max<MASKED>(s, mx0, mx1, m0, m1, l0, l1, al0, al1, c0, c1, col0, tq, keys,
+                            NEG_INF, NEG_INF);
 }
 
 __device__ __forceinline__ void pack_p(const int* s, u32* pa) {
@@ -221,10 +245,11 @@ __device__ __forceinline__ void issue_pv(float* acc, const u32* pa, u32 vt) {
 }
 
 __device__ __forceinline__ void issue_scores_rs(int* s, const u32* qa, u64 dk) {
-  // the query operand from registers (Q_REGS, load_q_fragments), onto the preset s
+  // the query operand from registers (Q_REGS, load_q_fragments), onto the preset s (DIAG 3:
+  // from zero, no preset)
   wg_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_s8_rs(s, qa + 4 * kk, dk + 2 * kk);
+  for (int kk = 0; kk < 4; ++kk) wgmma_s8_rs(s, qa + 4 * kk, dk + 2 * kk, DIAG != 3 || kk > 0);
   wg_commit();
 }
 
@@ -266,7 +291,8 @@ _ENTRY = r"""
 extern "C" __global__ void __launch_bounds__(384, 1) CLUSTER_DIMS
 attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,
                   const u16* __restrict__ Q, const float* __restrict__ k_scale,
-                  const float* __restrict__ v_scale, u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
+                  const float* __restrict__ v_scale, const float* __restrict__ k_bound,
+                  u16* __restrict__ O, int n_q, int keys, int padded, int heads, float factor,
                   long long s_qb, long long s_ql, long long s_qh,
                   long long s_ob, long long s_ol, long long s_oh) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -330,14 +356,17 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   const int half = wg - 1;
   const u32 q_smem = base + Q_OFF + half * (64 * HEAD_DIM);
   float* qscale = (float*)(smem + QS_OFF) + half * 64;
+  float* qbound = (float*)(smem + QB_OFF) + half * 64;
   const int q0 = blockIdx.x * BLOCK_M + half * 64;
-  quantize_queries(Q, q_smem, qscale, wg, t, q0, n_q,
+  quantize_queries(Q, q_smem, qscale, qbound, wg, t, q0, n_q,
                    (long long)b * s_qb + (long long)h * s_qh, s_ql, factor);
 
   const int warp = t >> 5, lane = t & 31, g = lane >> 2, tq = lane & 3;
   const float qs0 = qscale[warp * 16 + g], qs1 = qscale[warp * 16 + g + 8];
+  const float kb = STATIC_MAX ? k_bound[bh] : 0.f;
+  const float bound0 = qbound[warp * 16 + g] * kb, bound1 = qbound[warp * 16 + g + 8] * kb;
   const float* ks_ptr = k_scale + (long long)bh * (padded / BLOCK_N);
-  consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, q_smem, qs0, qs1,
+  consume(k_ring, v_ring, full_k, empty_k, full_v, empty_v, q_smem, qs0, qs1, bound0, bound1,
           ks_ptr, v_scale + (long long)bh * HEAD_DIM, n_blocks, keys, wg, warp, g, tq,
           q0 + warp * 16 + g, n_q, O + (long long)b * s_ob + (long long)h * s_oh, s_ol);
 #if MULTICAST
@@ -346,125 +375,41 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
 }
 """
 
-_CONSUME_BF16 = r"""
-__device__ __forceinline__ void consume(
-    u32 k_ring, u32 v_ring, u32 full_k, u32 empty_k, u32 full_v, u32 empty_v, u32 q_tile,
-    float qs0, float qs1, const float* ks_ptr, const float* vs_ptr, int n_blocks, int keys,
-    int wg, int warp, int g, int tq, int row0, int n_q, u16* o_base, long long s_ol) {
-  const u64 dq = desc_sw128(q_tile);
-  u32 qa[Q_REGS ? 16 : 1];
-  if (Q_REGS) load_q_fragments(qa, q_tile, warp, g, tq);
-  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-  float acc[NACC];
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-  // FA3's order: Q.K^T[j] and P.V[j-1] in flight together, the softmax of block j under
-  // P.V[j-1]; with PINGPONG the two warpgroups also take turns issuing their products
-  // (named barriers 3 and 4), so one's softmax runs while the other's products run.
-  const u32 my_turn = 2 + wg, their_turn = 5 - wg;
-  int s[64];
-  u32 pa[32];
-  float al0, al1;
-  first_scores(s, PRELOAD, dq, qa, k_ring, full_k, empty_k);
-  if (n_blocks == 1)
-    softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
-  else
-    softmax_block<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks_ptr[0], qs1 * ks_ptr[0], 0, tq, keys);
-  pack_p(s, pa);
-  if (PINGPONG && wg == 2 && n_blocks > 1) named_arrive(3, 256);
-  for (int j = 1; j < n_blocks; ++j) {
-    const int st = j % STAGES, pst = (j - 1) % STAGES;
-    const float ks = ks_ptr[j];
-    if (PRELOAD) preload_scores(s);
-    mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
-    if (PINGPONG) named_sync(my_turn, 256);
-#if Q_REGS
-    issue_scores_rs(s, qa, desc_sw128(k_ring + st * K_BYTES));
-#else
-    issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), PRELOAD);
-#endif
-    scale_rows(acc, al0, al1);
-    mbar_wait(full_v + 8 * pst, (u32)((j - 1) / STAGES) & 1);
-    issue_pv(acc, pa, v_ring + pst * V_SLOT);
-    if (PINGPONG && !(wg == 2 && j == n_blocks - 1)) named_arrive(their_turn, 256);
-    wg_wait1();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) fence_r(s[i]);
-#if LAZY_MAX   // the K tile stays until softmax_lazy knows it needs no rescue
-    const u32 k_tile = k_ring + st * K_BYTES;
-    if (j == n_blocks - 1)
-      softmax_lazy<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys,
-                         q_tile, k_tile, warp, g);
-    else
-      softmax_lazy<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys,
-                          q_tile, k_tile, warp, g);
-    release(empty_k + 8 * st);
-#else
-    release(empty_k + 8 * st);
-    if (j == n_blocks - 1)
-      softmax_block<true>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
-    else
-      softmax_block<false>(s, m0, m1, l0, l1, al0, al1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
-#endif
-    wg_wait0();
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) fence_u(pa[i]);
-    release(empty_v + 8 * pst);
-    pack_p(s, pa);
-  }
-  {
-    const int last = n_blocks - 1, st = last % STAGES;
-    scale_rows(acc, al0, al1);
-    mbar_wait(full_v + 8 * st, (u32)(last / STAGES) & 1);
-    issue_pv(acc, pa, v_ring + st * V_SLOT);
-    wg_wait0();
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) fence_f(acc[i]);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) fence_u(pa[i]);
-    release(empty_v + 8 * st);
-  }
-  if (ROWSUM_MMA) {  // every extra column holds the sum of the row's bf16 P
-    l0 = acc[64];
-    l1 = acc[66];
-  } else {
-    quad_sum(l0);
-    quad_sum(l1);
-  }
-  store_tile<false>(acc, l0, l1, vs_ptr, row0, n_q, o_base, s_ol, tq);
-}
-"""
-
 
 def shared_bytes(stages: int, pv_int8: bool = False) -> int:
-    """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales,
-    the barriers, and 1 KB to align the base for the 128-byte swizzle."""
+    """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales
+    and bounds, the barriers, and 1 KB to align the base for the 128-byte swizzle."""
     tile = BLOCK_N * HEAD_DIM
     ring = stages * (2 * tile if pv_int8 else 3 * tile + 2048)
-    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 4 + 32 * stages + 1024
+    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 8 + 32 * stages + 1024
 
 
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
            pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
-           multicast: bool = False) -> str:
+           multicast: bool = False, static_max: bool = True) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
-    wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2. The
-    options (defaults as shipped; bench/attention.py --diagnose times each one off):
-    `pingpong`, the two consumer warpgroups take turns issuing their products; `preload` and
-    `skip_ones` (exact), see preload_scores and scale_rows; `rowsum_mma`, the row sums come
-    from P.V with 8 columns of ones (the sums of the bf16 P the products use; no adds in the
-    softmax); `lazy_max` and `q_regs` (bf16 P.V; lazy_max needs preload), see
-    attention_int8_cuda_lazy. `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its own exact
-    shortcuts, neither lazy_max nor q_regs), with `pv8_overlap` the softmax of block j under
-    P.V[j-1] (FA3's order; ptxas spills 64 bytes). `multicast` (bf16 P.V): CTA pairs share the
-    K/V tiles (attention_int8_cuda_cluster; the launcher's default from MULTICAST_MIN_KEYS)."""
+    wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2, 3
+    starts the scores from zero instead of the preset and skips the lazy maximum's test, 4 skips
+    that test only (3 and 4 with lazy_max and q_regs), 5 takes the static loop whatever the
+    bound; 6 (static_max, tests) writes 1 where a warpgroup took the static loop, 0 where the
+    lazy one, into every output element. The options (defaults as shipped; bench/attention.py
+    --diagnose times each one off): `pingpong`, the two consumer warpgroups take turns issuing
+    their products; `preload` and `skip_ones` (exact), see preload_scores and scale_rows;
+    `rowsum_mma`, the row sums come from P.V with 8 columns of ones (the sums of the bf16 P the
+    products use; no adds in the softmax); `lazy_max` and `q_regs` (bf16 P.V; lazy_max needs
+    preload), see attention_int8_cuda_lazy. `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its
+    own exact shortcuts, neither lazy_max nor q_regs), with `pv8_overlap` the softmax of block j
+    under P.V[j-1] (FA3's order; ptxas spills 64 bytes). `multicast` (bf16 P.V): CTA pairs share
+    the K/V tiles (attention_int8_cuda_cluster; the launcher's default from MULTICAST_MIN_KEYS).
+    `static_max` (bf16 P.V, with lazy_max and rowsum_mma; the launch then passes the key
+    bounds): m fixed after block 0 from a bound on the scores, no per-block test
+    (attention_int8_cuda_static)."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
     multicast = multicast and not pv_int8
+    static_max = static_max and lazy_max and rowsum_mma
     if (lazy_max or q_regs) and not preload:
         raise ValueError("lazy_max and q_regs start the scores from preload_scores' value")
     defines = (f"#define STAGES {stages}\n#define PINGPONG {int(pingpong)}\n#define DIAG {diag}\n"
@@ -474,11 +419,11 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
                f"#define HEAD_DIM {HEAD_DIM}\n#define PV_INT8 {int(pv_int8)}\n"
                f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
-               f"#define MULTICAST {int(multicast)}\n"
+               f"#define MULTICAST {int(multicast)}\n#define STATIC_MAX {int(static_max)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
                 + ptx.wgmma_int8(a_in_registers=True))
-    consume = pv8.CONSUME_INT8 if pv_int8 else _CONSUME_BF16
+    consume = pv8.CONSUME_INT8 if pv_int8 else loop.CONSUME_BF16
     return (defines + ptx.PRELUDE + products + _LAYOUT + cluster.CLUSTER + _HELPERS + lazy.LAZY
-            + consume + _ENTRY)
+            + static.STATIC + consume + _ENTRY)

@@ -86,17 +86,18 @@ def _to_int8(x, scale):
 
 
 @triton.jit
-def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, heads,
+def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, K_NORM, keys, padded, heads,
                      s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_V: tl.constexpr,
                      SWIZZLE_KEYS: tl.constexpr = False, COPY_V: tl.constexpr = False,
-                     TRANSPOSE_V: tl.constexpr = False):
+                     TRANSPOSE_V: tl.constexpr = False, NORMS: tl.constexpr = False):
     """One block of BLOCK_N keys of one (batch, head): K - mean -> int8 with one scale, and
     (QUANT_V) V * (127 / amax per channel) -> int8 stored transposed (keys contiguous).
     SWIZZLE_KEYS: V^T's keys in the Gluon kernel's operand order (attention_int8_gluon:
     key 16g + 8i + 2t + e of a block at column 16g + 4t + 2i + e). COPY_V (not QUANT_V): V
     copied as bf16 into V_T laid out like K (the Gluon kernel's bf16 P.V reads it by TMA), or
-    with TRANSPOSE_V as bf16 V^T [B*H, D, padded] (the CUDA kernel's K-major P.V operand)."""
+    with TRANSPOSE_V as bf16 V^T [B*H, D, padded] (the CUDA kernel's K-major P.V operand).
+    NORMS: the block's largest |int8 key row| * scale into K_NORM (exact squares in fp32)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
@@ -112,8 +113,13 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
     amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
     inv = tl.where(amax > 0, tl.math.div_rn(127.0, amax), 0.0)
     base = bh.to(tl.int64) * padded * D
-    tl.store(K_INT + base + rows[:, None] * D + d[None, :], _to_int8(k, inv))
-    tl.store(K_SCALE + bh * (padded // BLOCK_N) + blk, tl.math.div_rn(amax, 127.0))
+    k_int, k_scale = _to_int8(k, inv), tl.math.div_rn(amax, 127.0)
+    tl.store(K_INT + base + rows[:, None] * D + d[None, :], k_int)
+    tl.store(K_SCALE + bh * (padded // BLOCK_N) + blk, k_scale)
+    if NORMS:
+        kf = k_int.to(tl.float32)
+        norm = tl.sqrt(tl.max(tl.sum(kf * kf, axis=1), axis=0))
+        tl.store(K_NORM + bh * (padded // BLOCK_N) + blk, norm * k_scale)
     if QUANT_V:
         v = tl.load(V + b * s_vb + h * s_vh + rows64 * s_vl + d[None, :], mask=valid, other=0.0)
         v_int = _to_int8(v.to(tl.float32), tl.load(V_INV + bh * D + d)[None, :])
@@ -130,22 +136,23 @@ def _quant_kv_kernel(K, V, K_MEAN, V_INV, K_INT, K_SCALE, V_T, keys, padded, hea
 
 
 def quantize_kv(k, v, k_mean, v_inv, k_int, k_scale, v_t, block_n: int,
-                swizzle_keys: bool = False, transpose_v: bool = False) -> None:
+                swizzle_keys: bool = False, transpose_v: bool = False, k_norm=None) -> None:
     """`v_t` None: K only (the bf16 P.V variant reads V as it is). `swizzle_keys`: V^T in the
     Gluon kernel's key order. A bf16 `v_t` shaped like `k_int`: V copied there (Gluon, bf16);
-    with `transpose_v` a bf16 `v_t` [B*H, D, padded]: V^T (the CUDA kernel)."""
+    with `transpose_v` a bf16 `v_t` [B*H, D, padded]: V^T (the CUDA kernel). `k_norm` (fp32,
+    shaped like `k_scale`): each block's largest key norm, |K int8 row| * scale."""
     b, keys, h, d = k.shape
     padded = k_int.shape[1]
     grid = (padded // block_n, b * h)
     copy_v = v_t is not None and v_t.dtype != k_int.dtype
     quant_v = v_t is not None and not copy_v
     _quant_kv_kernel[grid](k, v, k_mean, v_inv if quant_v else k_mean, k_int, k_scale,
-                           k_int if v_t is None else v_t, keys, padded, h,
-                           k.stride(0), k.stride(1), k.stride(2),
-                           v.stride(0), v.stride(1), v.stride(2),
+                           k_int if v_t is None else v_t, k_scale if k_norm is None else k_norm,
+                           keys, padded, h, *k.stride()[:3], *v.stride()[:3],
                            D=d, BLOCK_N=block_n, QUANT_V=quant_v,
                            SWIZZLE_KEYS=bool(swizzle_keys), COPY_V=copy_v,
-                           TRANSPOSE_V=copy_v and transpose_v, num_warps=4)
+                           TRANSPOSE_V=copy_v and transpose_v, NORMS=k_norm is not None,
+                           num_warps=4)
 
 
 @triton.jit
@@ -425,8 +432,8 @@ def _set_scratch_allocator() -> None:
 def _signatures(pv: str, dtype: str) -> tuple[dict, dict]:
     """The runtime arguments of _quant_kv_kernel and _attn_kernel as triton.compile types."""
     quant = {"K": f"*{dtype}", "V": f"*{dtype}", "K_MEAN": "*fp32", "V_INV": "*fp32",
-             "K_INT": "*i8", "K_SCALE": "*fp32", "V_T": "*i8", "keys": "i32", "padded": "i32",
-             "heads": "i32"}
+             "K_INT": "*i8", "K_SCALE": "*fp32", "V_T": "*i8", "K_NORM": "*fp32",
+             "keys": "i32", "padded": "i32", "heads": "i32"}
     quant.update({f"s_{t}{s}": "i32" for t in "kv" for s in "blh"})
     attn = {"Q": f"*{dtype}", "K_INT": "*i8", "K_SCALE": "*fp32",
             "V": "*i8" if pv == "int8" else f"*{dtype}", "V_SCALE": "*fp32", "O": f"*{dtype}"}
@@ -446,11 +453,10 @@ def aot_compile(capability: int, config: dict, head_dim: int = 128, dtype: str =
         raise RuntimeError(reason)
     quant_sig, attn_sig = _signatures(config["pv"], dtype)
     gluon, cuda = bool(config.get("gluon", False)), bool(config.get("cuda", False))
-    quant_consts = {"D": head_dim, "BLOCK_N": config["block_n"],
-                    "QUANT_V": config["pv"] == "int8",
-                    "SWIZZLE_KEYS": (gluon or cuda) and config["pv"] == "int8",
-                    "COPY_V": (gluon or cuda) and config["pv"] == "bf16",
-                    "TRANSPOSE_V": cuda and config["pv"] == "bf16"}
+    int8, cuda_bf16 = config["pv"] == "int8", cuda and config["pv"] == "bf16"
+    quant_consts = {"D": head_dim, "BLOCK_N": config["block_n"], "QUANT_V": int8,
+                    "SWIZZLE_KEYS": (gluon or cuda) and int8, "COPY_V": (gluon or cuda) and not int8,
+                    "TRANSPOSE_V": cuda_bf16, "NORMS": cuda_bf16}
     if (gluon or cuda) and config["pv"] == "bf16":
         quant_sig["V_T"] = "*bf16"
     quant = _compile(_quant_kv_kernel, quant_sig, quant_consts, capability, {"num_warps": 4})
