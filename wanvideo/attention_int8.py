@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from .attention_8bit import INT8_MAX, KERNEL_BLOCK_N, LOG2E, int8_inverse, int8_scale
+from .attention_8bit import (INT8_MAX, KERNEL_BLOCK_N, LOG2E, int8_inverse, int8_scale,
+                             mean_stride)
 
 log = logging.getLogger(__name__)
 # devices where the Gluon default failed to build or launch (device -> error): the Triton kernel
@@ -300,11 +301,11 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     operand, and in place of V's scales the largest key norm of each (batch, head), fp32 [B*H]
     (|K int8 row| * its block's scale: with the query's norm it bounds every score,
     attention_int8_cuda_static).
-    The K mean and V's per-channel amax are single torch
-    reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
+    The K mean (over attention_8bit.mean_stride's subsample) and V's per-channel amax are single
+    torch reductions (no temporaries: the fp32 sum reads bf16 directly, aminmax reads V once)."""
     b, keys, h, d = k.shape
     padded = -(-keys // block_n) * block_n
-    k_mean = k.mean(dim=1, dtype=torch.float32).reshape(b * h, d).contiguous()
+    k_mean = k[:, ::mean_stride(keys)].mean(dim=1, dtype=torch.float32).reshape(b * h, d)
     v_t = v_inv = v_scale = None
     if pv == "bf16" and (gluon or cuda):
         shape = (b * h, d, padded) if cuda else (b * h, padded, d)
