@@ -1,6 +1,7 @@
 """Two parts of the CUDA attention kernel's bf16 loop (attention_int8_cuda_source), on by default:
 the query operand in registers (`q_regs`) and the softmax that does not wait for a block's
-maximum (`lazy_max`, blocks after the first).
+maximum (`lazy_max`, blocks after the first). The static maximum (attention_int8_cuda_static)
+needs no test at all; the lazy loop runs where its bound is too loose.
 
 Query operand: each thread loads its INT8 A fragments of Q once (16 registers); every Q.K^T
 wgmma then reads only K from shared memory (the tiles' bandwidth is shared with the P.V
