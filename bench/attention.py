@@ -277,7 +277,7 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("lazy_tests_ms", 0, {"static_max": False}),
               ("lazy_no_preset_no_test_ms", 3, {"static_max": False}),
               ("lazy_no_test_ms", 4, {"static_max": False}),
-              ("static_forced_ms", 5, {}),
+              ("static_forced_ms", 5, {}), ("preset_lds_ms", 0, {"preset_lds": True}),
               ("as_shipped_again_ms", 0, {}))   # the first timing of a run tends to be slower
 
 

@@ -109,3 +109,50 @@ def test_the_static_maximum_is_a_compile_time_switch_that_needs_the_key_bounds()
         with pytest.raises(ValueError, match="static_max needs the key bounds"):
             attention_int8_cuda.attention(q, k_int, k_scale, v_t, torch.empty_like(q), 100, 0.1,
                                           k_bound=bound, static_max=True)
+
+
+def _sass(cubin: bytes, tmp_path) -> str:
+    """The cubin disassembled by the cuobjdump that ships inside Triton's wheel (skip without)."""
+    import os
+    import subprocess
+
+    triton = pytest.importorskip("triton")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("no cuobjdump in this Triton wheel")
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_preset_from_shared_memory_sits_before_the_turn_barrier(tmp_path):
+    """`preset_lds`: the score preset is 16 LDS.128 of distinct addresses issued before a
+    warpgroup's turn barrier, and no register move of 1.5 * 2^23 is left between that barrier
+    and the Q.K^T (the default's 64 moves sit there: docs/ATTENTION_8BIT.md, eleventh session).
+    Fails if ptxas merges the loads again or sinks the preset past the barrier."""
+    default = _sass(_compile_options(preset_lds=False), tmp_path)
+    moved = _sass(_compile_options(preset_lds=True), tmp_path)
+    assert default.count("0x4b400000") >= 64
+    lines = [line for line in moved.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    turns = [i for i, line in enumerate(lines) if "BAR.SYNC" in line and "0x100" in line]
+    assert turns
+    for turn in turns:   # the block's turn barrier: 16 loads before it, no preset move after it
+        before = lines[max(0, turn - 60):turn]
+        after = []
+        for line in lines[turn + 1:]:
+            if "IGMMA" in line:
+                break
+            after.append(line)
+        loads = {line.split("[")[1].split("]")[0] for line in before if "LDS.128" in line}
+        assert len(loads) == 16, before
+        assert not any("0x4b400000" in line for line in after), after
+
+
+def _compile_options(**options) -> bytes:
+    try:
+        return cuda_runtime.compile_cubin(source.source(3, **options), "attention_int8.cu")[0]
+    except cuda_runtime.CudaRuntimeError as exc:
+        if "not found" in str(exc):
+            pytest.skip(f"no NVRTC here: {exc}")
+        raise

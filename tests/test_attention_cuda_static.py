@@ -149,3 +149,13 @@ def test_turns_between_the_warpgroups_change_no_bit(multicast):
     turns = _run(q, k, v, multicast=multicast, pingpong=True)
     free = _run(q, k, v, multicast=multicast, pingpong=False)
     assert torch.equal(turns, free)
+
+
+@gpu_test
+@pytest.mark.parametrize("options", [{}, {"multicast": True}, {"static_max": False}],
+                         ids=["static", "pairs", "lazy"])
+def test_preset_from_shared_memory_changes_no_bit(options):
+    """`preset_lds` loads the scores' start value instead of moving it into the registers: the
+    same bits, so the same output."""
+    q, k, v = cuda_inputs(1, 1500, 4100, 2, 128, torch.bfloat16)
+    assert torch.equal(_run(q, k, v, preset_lds=True, **options), _run(q, k, v, **options))

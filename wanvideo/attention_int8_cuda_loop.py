@@ -20,7 +20,7 @@ __device__ __forceinline__ void consume_blocks(
   for (int j = 1; j < n_blocks; ++j) {
     const int st = j % STAGES, pst = (j - 1) % STAGES;
     const float ks = ks_ptr[j];
-    if (PRELOAD && DIAG != 3) preload_scores(s);
+    if (PRELOAD && DIAG != 3) preload_scores(s, k_ring + MAGIC_OFF);
     mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
 #if Q_REGS

@@ -110,7 +110,7 @@ __device__ __forceinline__ void consume(
   for (int j = 1; j < n_blocks; ++j) {
     const int st = j % STAGES, pst = (j - 1) % STAGES;
     const float ks = ks_ptr[j];
-    preload_scores(s);
+    preload_scores(s, k_ring + MAGIC_OFF);
     mbar_wait(full_k + 8 * st, (u32)(j / STAGES) & 1);
     if (PINGPONG) named_sync(my_turn, 256);
     issue_scores(s, dq, desc_sw128(k_ring + st * K_BYTES), true);

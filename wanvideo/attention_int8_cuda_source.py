@@ -56,6 +56,7 @@ _LAYOUT = r"""
 #define QS_OFF (Q_OFF + BLOCK_M * HEAD_DIM)
 #define QB_OFF (QS_OFF + BLOCK_M * 4)             // |q int8 row| * qscale (static_max's bound)
 #define BAR_OFF (QB_OFF + BLOCK_M * 4)
+#define MAGIC_OFF (BAR_OFF + 32 * STAGES)         // 64 words of 1.5 * 2^23 (PRESET_LDS)
 #define NEG_INF __int_as_float(0xff800000)
 """
 
@@ -218,12 +219,23 @@ __device__ __forceinline__ void pack_p(const int* s, u32* pa) {
   for (int i = 0; i < 32; ++i) pa[i] = pack_bf16(__int_as_float(s[2 * i]), __int_as_float(s[2 * i + 1]));
 }
 
-// PRELOAD: the score accumulator starts from the bits of 1.5 * 2^23 (set while the warp waits
-// for its turn), so the exact int32 result already reads as the float 1.5 * 2^23 + score and
-// the softmax skips one integer add per score.
-__device__ __forceinline__ void preload_scores(int* s) {
+// PRELOAD: the score accumulator starts from the bits of 1.5 * 2^23, so the exact int32 result
+// already reads as the float 1.5 * 2^23 + score and the softmax skips one integer add per score.
+// ptxas places the 64 register moves after the warpgroup's turn barrier, right before its
+// Q.K^T; with PRESET_LDS 16 shared-memory loads of those bits (`magic`, MAGIC_OFF) set them
+// instead: a load cannot cross the barrier, and each reads its own 16 bytes (ptxas merges loads
+// of one address into one and copies registers after the barrier again).
+__device__ __forceinline__ void preload_scores(int* s, u32 magic) {
+#if PRESET_LDS
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(s[4 * i]), "=r"(s[4 * i + 1]), "=r"(s[4 * i + 2]), "=r"(s[4 * i + 3])
+                 : "r"(magic + 16 * i));
+#else
 #pragma unroll
   for (int i = 0; i < 64; ++i) s[i] = MAGIC_BITS;
+#endif
 }
 
 __device__ __forceinline__ void issue_scores(int* s, u64 dq, u64 dk, bool preset) {
@@ -256,7 +268,7 @@ __device__ __forceinline__ void issue_scores_rs(int* s, const u32* qa, u64 dk) {
 __device__ __forceinline__ void first_scores(int* s, bool preset, u64 dq, const u32* qa,
                                              u32 k_ring, u32 full_k, u32 empty_k) {
   // Q.K^T of key block 0, waited for; its K slot released
-  if (preset) preload_scores(s);
+  if (preset) preload_scores(s, k_ring + MAGIC_OFF);   // k_ring is the shared memory's base
   mbar_wait(full_k, 0);
 #if Q_REGS
   issue_scores_rs(s, qa, desc_sw128(k_ring));
@@ -313,6 +325,9 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
       mbar_init(empty_v + 8 * i, 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < 64; ++i)
+      asm volatile("st.shared.b32 [%0], %1;" :: "r"(base + MAGIC_OFF + 4 * i), "r"(MAGIC_BITS)
+                   : "memory");
   }
   if (ROWSUM_MMA) {  // the rows of ones after each V^T half (bf16 1.0), read by the async proxy
     for (int i = tid; i < STAGES * 2 * 256; i += THREADS) {
@@ -378,17 +393,18 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
 
 def shared_bytes(stages: int, pv_int8: bool = False) -> int:
     """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales
-    and bounds, the barriers, and 1 KB to align the base for the 128-byte swizzle."""
+    and bounds, the barriers, the preset's 256 bytes, and 1 KB to align the base for the
+    128-byte swizzle."""
     tile = BLOCK_N * HEAD_DIM
     ring = stages * (2 * tile if pv_int8 else 3 * tile + 2048)
-    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 8 + 32 * stages + 1024
+    return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 8 + 32 * stages + 256 + 1024
 
 
 @functools.lru_cache(maxsize=None)
 def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
            pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
-           multicast: bool = False, static_max: bool = True) -> str:
+           multicast: bool = False, static_max: bool = True, preset_lds: bool = False) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2, 3
     starts the scores from zero instead of the preset and skips the lazy maximum's test, 4 skips
@@ -405,7 +421,9 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
     the K/V tiles (attention_int8_cuda_cluster; the launcher's default from MULTICAST_MIN_KEYS).
     `static_max` (bf16 P.V, with lazy_max and rowsum_mma; the launch then passes the key
     bounds): m fixed after block 0 from a bound on the scores, no per-block test
-    (attention_int8_cuda_static)."""
+    (attention_int8_cuda_static). `preset_lds` (not yet timed on a GPU, off): the preset scores
+    loaded from shared memory before the turn barrier instead of set by register moves after it
+    (preload_scores)."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
     multicast = multicast and not pv_int8
@@ -420,6 +438,7 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
                f"#define PV8_OVERLAP {int(pv8_overlap)}\n#define LAZY_MAX {int(lazy_max)}\n"
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
                f"#define MULTICAST {int(multicast)}\n#define STATIC_MAX {int(static_max)}\n"
+               f"#define PRESET_LDS {int(preset_lds and preload)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
