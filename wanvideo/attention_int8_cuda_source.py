@@ -325,10 +325,10 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
       mbar_init(empty_v + 8 * i, 256);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int i = 0; i < 64; ++i)
-      asm volatile("st.shared.b32 [%0], %1;" :: "r"(base + MAGIC_OFF + 4 * i), "r"(MAGIC_BITS)
-                   : "memory");
   }
+  if (PRESET_LDS && tid < 64)   // read after the cluster barrier below
+    asm volatile("st.shared.b32 [%0], %1;" :: "r"(base + MAGIC_OFF + 4 * tid), "r"(MAGIC_BITS)
+                 : "memory");
   if (ROWSUM_MMA) {  // the rows of ones after each V^T half (bf16 1.0), read by the async proxy
     for (int i = tid; i < STAGES * 2 * 256; i += THREADS) {
       int half = i >> 8;
