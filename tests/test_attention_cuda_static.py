@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from test_attention_8bit import errors
+from test_attention_cuda_lazy import compare_variants
 from test_attention_int8 import cuda_inputs, cuda_kernel_out, gpu_test
 
 MAX_FIRST = {"lazy_max": False, "q_regs": False}   # the eighth session's kernel
@@ -37,11 +37,6 @@ def _static_rows(q, k, v, **options):
     assert ((rows == 0) | (rows == 1)).all()
     assert (rows == rows[..., :1]).all()   # one answer per row
     return rows[..., 0] == 1
-
-
-def _fp32(q, k, v):
-    return F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))
-                                          ).transpose(1, 2)
 
 
 def _gaps(q, k):
@@ -86,13 +81,9 @@ def test_static_loop_is_as_accurate_as_the_lazy_loop(b, lq, lk, heads, stages):
     gap, _ = _gaps(q, k)
     assert gap.max() < WINDOW - 16, gap.max()
     assert _static_rows(q, k, v).all()
-    ours, lazy = _run(q, k, v, stages=stages), _run(q, k, v, stages=stages, static_max=False)
-    ref = _fp32(q, k, v)
-    rel, _ = errors(ours.cpu(), lazy.cpu())
-    ours_err, _ = errors(ours.cpu(), ref.cpu())
-    lazy_err, _ = errors(lazy.cpu(), ref.cpu())
-    print(f"\nstatic vs lazy {b, lq, lk, heads} stages {stages}: {rel:.2e}; vs fp32 "
-          f"{ours_err:.4f} / {lazy_err:.4f}")
+    rel, ours_err, lazy_err = compare_variants(
+        q, k, v, {"stages": stages}, {"stages": stages, "static_max": False},
+        f"static vs lazy {b, lq, lk, heads} stages {stages}")
     assert rel <= 6e-3
     assert ours_err <= lazy_err * 1.03 + 1e-4
 
