@@ -105,7 +105,8 @@ def test_the_static_maximum_is_a_compile_time_switch_that_needs_the_key_bounds()
     k_int = torch.zeros(2, 128, 128, dtype=torch.int8)
     v_t = torch.zeros(2, 128, 128, dtype=torch.bfloat16)
     k_scale = torch.ones(2, 1)
-    for bound in (None, torch.ones(3), torch.ones(2, dtype=torch.float64)):
+    for bound in (None, torch.ones(3), torch.ones(2, dtype=torch.float64),
+                  torch.ones(2, device="meta")):
         with pytest.raises(ValueError, match="static_max needs the key bounds"):
             attention_int8_cuda.attention(q, k_int, k_scale, v_t, torch.empty_like(q), 100, 0.1,
                                           k_bound=bound, static_max=True)

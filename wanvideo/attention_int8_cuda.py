@@ -92,9 +92,12 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
         options.setdefault("multicast", keys >= MULTICAST_MIN_KEYS)
         options.setdefault("static_max", k_bound is not None)
         if options["static_max"] and (k_bound is None or k_bound.shape != (bh,)
-                                      or k_bound.dtype != torch.float32):
-            raise ValueError(f"static_max needs the key bounds, fp32 [{bh}], got "
-                             f"{None if k_bound is None else (k_bound.dtype, tuple(k_bound.shape))}")
+                                      or k_bound.dtype != torch.float32
+                                      or k_bound.device != q.device):
+            got = None if k_bound is None else (k_bound.dtype, tuple(k_bound.shape),
+                                                str(k_bound.device))
+            raise ValueError(f"static_max needs the key bounds, fp32 [{bh}] on {q.device}, "
+                             f"got {got}")
     kernel = _kernel(q.device.index, stages, int(diag), tuple(sorted(options.items())))
     pair = options.get("multicast", False) and not int8   # a CTA loads half of each K tile
     k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N // (1 + pair), d, 1)
