@@ -7,9 +7,10 @@ scales) no score exceeds B = |q| * qscale * max_j(|k_j| * kscale_j). quantize_kv
 block's largest |k_j| * kscale_j (the squares of the integers add up exactly in fp32) and the
 consumers compute |q| while quantizing their rows. With m >= B - STATIC_CAP no P = exp2(x - m)
 can exceed 2^STATIC_CAP, so nothing can overflow (the fp32 accumulator holds a million keys
-times 2^64 times any |V| below 2^40) and no block needs the lazy maximum's sign test, vote, rescale or
-the K tile for a rescue: the loop is the FMA, the exp2 and the bf16 packing per score, which is
-what the kernel's timing without those tests showed (docs/ATTENTION_8BIT.md, eleventh session).
+times 2^64 times any |V| below 2^40) and no block needs the lazy maximum's sign test, vote,
+rescale or the K tile for a rescue: the loop is the FMA, the exp2 and the bf16 packing per
+score, which is what the kernel's timing without those tests showed (docs/ATTENTION_8BIT.md,
+eleventh session).
 
 m is the first block's maximum plus the lazy headroom, raised to B - STATIC_CAP when lower. The
 largest P of the row is then at least 2^-(B - first maximum - STATIC_CAP) when m was raised, so
