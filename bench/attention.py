@@ -293,15 +293,14 @@ def diagnose_cuda(tokens: int, args) -> dict:
         return {"config": config, "skipped": reason or "head dim 128 only"}
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
     k_int, k_scale, v_t, k_bound = ai.quantize_for(k, v, config)
-    out = torch.empty_like(q)
+    out, factor = torch.empty_like(q), ai.softmax_factor(q.shape[-1])
     result = {"config": config}
     for name, diag, options in CUDA_PARTS:
         result[name] = median_ms(lambda: attention_int8_cuda.attention(
-            q, k_int, k_scale, v_t, out, tokens, ai.softmax_factor(q.shape[-1]), config["num_stages"],
-            diag, k_bound=k_bound, **options), args.reps)
-    attention_int8_cuda.attention(q, k_int, k_scale, v_t, out, tokens,
-                                  ai.softmax_factor(q.shape[-1]), config["num_stages"], 6,
-                                  k_bound=k_bound)
+            q, k_int, k_scale, v_t, out, tokens, factor, config["num_stages"], diag,
+            k_bound=k_bound, **options), args.reps)
+    attention_int8_cuda.attention(q, k_int, k_scale, v_t, out, tokens, factor,
+                                  config["num_stages"], 6, k_bound=k_bound)
     result["static_loop_share"] = out.float().mean().item()  # of query rows (diag 6)
     return result
 
