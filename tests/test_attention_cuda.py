@@ -157,3 +157,20 @@ def _compile_options(**options) -> bytes:
         if "not found" in str(exc):
             pytest.skip(f"no NVRTC here: {exc}")
         raise
+
+
+@pytest.mark.parametrize("static_max", [True, False])
+def test_products_are_issued_from_uniform_registers(static_max, tmp_path):
+    """Between a warpgroup's turn barrier and the wait for its Q.K^T, the loop moves nothing
+    from per-thread to uniform registers (R2UR): with the loop chosen by a per-thread value
+    ptxas did so before every wgmma, and the static loop ran ~10% slower (the warp vote that
+    makes the choice uniform, attention_int8_cuda_loop)."""
+    lines = [line for line in _sass(_compile_options(static_max=static_max), tmp_path)
+             .splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    turns = [i for i, line in enumerate(lines) if "BAR.SYNC" in line and "0x100" in line]
+    assert turns
+    for turn in turns:
+        for line in lines[turn + 1:]:
+            assert "R2UR" not in line, line
+            if "WARPGROUP.DEPBAR.LE" in line:
+                break
