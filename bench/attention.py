@@ -23,7 +23,8 @@ tl.range option it lacks: attention_int8.unsupported) is listed with "skipped" a
 Each timed configuration carries its speed-up over this run's cuDNN time and its error against
 fp32; "first_call_s" is its first call (compilation, when the cache misses, plus one run).
 The verdict judges the default configuration, the one the backend runs, and names the fastest
-accurate one.
+accurate one; "interleaved" times cuDNN and that configuration in alternating rounds (the
+verdict's "interleaved_speedup"), which the GPU's drift over a run cannot favour either way.
 
 Compilation dominates a full sweep (5-25 s per configuration, one CPU core each), so
 `--precompile P` (default 8) first compiles every selected configuration in P child processes
@@ -236,6 +237,10 @@ def run_size(tokens: int, args, configs: list[dict], partial=None) -> dict:
                     torch.cuda.synchronize()
                 except RuntimeError as late:  # a sticky CUDA error: later configs fail too
                     result["error"] += " | then: " + describe(late, 200)
+        if config is configs[0] and "ms" in result and cudnn_ms:
+            entry["interleaved"] = interleaved(sdpa_call(q, k, v, SDPBackend.CUDNN_ATTENTION),
+                                               lambda: ai.attention_int8(q, k, v, **config),
+                                               args.reps)
         entry["ours"].append(result)
         progress(f"{tokens} tokens #{index}: " + (
             f"{result['ms']:.3f} ms, x{result.get('speedup_vs_cudnn', 0):.3f} vs cuDNN, "
@@ -244,6 +249,18 @@ def run_size(tokens: int, args, configs: list[dict], partial=None) -> dict:
         if partial:
             partial(entry)
     return entry
+
+
+def interleaved(cudnn, ours, rounds: int) -> dict:
+    """cuDNN and the default kernel (K/V pass included) timed in alternation, one sample each
+    per round: the GPU's clock and temperature drift over a run then weigh on both alike.
+    "speedup" is the median of the rounds' ratios."""
+    for fn in (cudnn, ours):
+        median_ms(fn, 1)   # warm-up
+    pairs = [(median_ms(cudnn, 1, warmup=0), median_ms(ours, 1, warmup=0)) for _ in range(rounds)]
+    return {"rounds": rounds, "cudnn_ms": statistics.median(a for a, _ in pairs),
+            "ours_ms": statistics.median(b for _, b in pairs),
+            "speedup": statistics.median(a / b for a, b in pairs)}
 
 
 def diagnose(tokens: int, args) -> dict:
@@ -313,8 +330,12 @@ def verdict(entry: dict) -> dict:
     speedup = cudnn["ms"] / ours["ms"]
     timed = [o for o in entry["ours"] if "ms" in o and o.get("rel_l2", 1) <= REL_L2_TARGET]
     best = min(timed, key=lambda o: o["ms"]) if timed else ours
+    alternating = entry.get("interleaved", {}).get("speedup")
     return {"speedup_vs_cudnn": speedup, "speedup_target": TARGETS.get(entry["tokens"]),
             "speed_ok": speedup >= TARGETS.get(entry["tokens"], 0),
+            "interleaved_speedup": alternating,
+            "interleaved_speed_ok": (None if alternating is None
+                                     else alternating >= TARGETS.get(entry["tokens"], 0)),
             "accuracy_ok": ours["rel_l2"] <= REL_L2_TARGET and ours["cosine"] >= COSINE_TARGET,
             "best_config": best["config"], "best_sweep_index": best.get("sweep_index"),
             "best_speedup_vs_cudnn": cudnn["ms"] / best["ms"],
