@@ -107,13 +107,14 @@ def attention_spec(spec: str):
     attention_int8.SWEEP[N] as its launch settings instead of the device default,
     "int8@unpaired" the default with the CUDA kernel's CTA pairs off (no K/V multicast at any
     length), "<name>@tensorwise" the fp8 layers' inputs all scaled per tensor (no per-row
-    inputs written by the norms or the GELU quantization) and "<name>@norms-tensorwise" only
-    the norms' outputs so, so one run can time the default and a candidate side by side."""
+    inputs written by the norms or the GELU quantization), "<name>@norms-tensorwise" only
+    the norms' outputs so, and "<name>@rows" every dynamic fp8 input per row
+    (quant_linear.DYNAMIC_ROWS), so one run can time the default and a candidate side by side."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
         return
-    if index in ("unpaired", "tensorwise", "norms-tensorwise"):
+    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows"):
         with _switched(index):
             yield name
         return
@@ -128,11 +129,14 @@ def attention_spec(spec: str):
 
 @contextlib.contextmanager
 def _switched(what: str):
-    """Module constants patched for attention_spec's "unpaired" and "tensorwise"."""
-    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda, model, quant_kernels
+    """Module constants patched for attention_spec's "unpaired", "tensorwise" and "rows"."""
+    from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
+                                                quant_linear)
 
     if what == "unpaired":
         saved = [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
+    elif what == "rows":
+        saved = [(quant_linear, "DYNAMIC_ROWS", True)]
     else:
         saved = [(model, "fp8_rows_input", lambda layers, x: False)]
         if what == "tensorwise":

@@ -93,6 +93,14 @@ def _check_rows(device):
     assert torch.equal(new_q, new)
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     assert _same_fp8(q.reshape(-1, DIM), q_ref, 0.95)
+    # the modulated residual norm (ffn.0's input with quant_linear.DYNAMIC_ROWS) likewise
+    _, h_mod = fused_ops.residual_layer_norm(x, y, None, torch.bfloat16, 1e-6, shift=shift,
+                                             scale=scale, inplace=False)
+    _, (q, s) = fused_ops.residual_layer_norm(x, y, None, torch.bfloat16, 1e-6, shift=shift,
+                                              scale=scale, inplace=False, fp8_rows=True)
+    q_ref, s_ref = _row_quant_ref(h_mod.reshape(-1, DIM))
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert _same_fp8(q.reshape(-1, DIM), q_ref, 0.95)
     for gelu in (False, True):
         q, s = qk.quantize_rows_triton(h.reshape(-1, DIM), gelu=gelu)
         q_ref, s_ref = _row_quant_ref(h.reshape(-1, DIM), gelu)

@@ -264,6 +264,47 @@ def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
 
 
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_wanmodel_fp8_every_dynamic_input_per_row(monkeypatch, fused):
+    """quant_linear.DYNAMIC_ROWS: no per-tensor quantization is left (no reduction, nothing to
+    agree between ranks); the norms write q/k/v's, cross-attention q's and ffn.0's inputs as fp8
+    rows (fused), the row quantizer takes o and cross-attention k, v and o (and with the torch
+    norms every input but ffn.2's, which the GELU pass quantizes per row either way)."""
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+    from wanvideo_infinitetalk.wanvideo import quant_linear
+
+    monkeypatch.setenv("WANVIDEO_FUSED", fused)
+    mm, _ = _tiny_wan_fp8()
+    dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
+    counts = {"plain": 0, "rows": 0, "gelu_rows": 0}
+    plain, rows = qk.quantize_tensor_triton, qk.quantize_rows_triton
+
+    def spy_plain(x2, scale):
+        counts["plain"] += 1
+        return plain(x2, scale)
+
+    def spy_rows(x2, gelu=False):
+        counts["gelu_rows" if gelu else "rows"] += 1
+        return rows(x2, gelu)
+    monkeypatch.setattr(qk, "quantize_tensor_triton", spy_plain)
+    monkeypatch.setattr(qk, "quantize_rows_triton", spy_rows)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
+    ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
+    t = torch.tensor([500.0], device="cuda")
+    with torch.no_grad():
+        y_tensor = mm(x, t, ctx)
+        monkeypatch.setattr(quant_linear, "DYNAMIC_ROWS", True)
+        counts.update(plain=0, rows=0, gelu_rows=0)
+        y_rows, y_dq = mm(x, t, ctx), dq(x, t, ctx)
+    n_blocks = len(mm.blocks)
+    assert counts["plain"] == 0 and counts["gelu_rows"] == n_blocks
+    assert counts["rows"] == (4 if fused == "1" else 7) * n_blocks
+    assert cosine(y_rows, y_dq) >= 0.999
+    assert cosine(y_rows, y_tensor) >= 0.999
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
 @pytest.mark.parametrize("gelu", [False, True])
 def test_row_quantization_matches_torch(gelu):
     import torch.nn.functional as F

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused_ops, placement
-from .quant_linear import ffn_forward, fp8_rows_input, fp8_scale_slot, shared_input_quantization
+from .quant_linear import (ffn_forward, ffn_rows_input, fp8_rows_input, fp8_scale_slot,
+                           shared_input_quantization)
 from .attention import attention, sdpa_for
 from .config import WanConfig
 from .rope import angle_table, apply_rope, cos_sin, grid_angles, rotations
@@ -206,9 +207,11 @@ class WanBlock(nn.Module):
             nx = self.norm_x
             _, h = fused_ops.residual_layer_norm(x, y, None, dtype, nx.eps, nx.weight, nx.bias)
             y = self.audio_cross_attn(h, audio_ctx, grid, qk=qk, **_sharded(shard))
-        s = fp8_scale_slot((self.ffn[0],), x)
+        rows = ffn_rows_input(self.ffn, x)
+        s = None if rows else fp8_scale_slot((self.ffn[0],), x)
         _, h = fused_ops.residual_layer_norm(x, y, None, dtype, n2.eps, shift=shift1, scale=scale1,
-                                             amax_to=s)
+                                             amax_to=s, fp8_rows=rows)
+        h, s = h if rows else (h, s)
         return fused_ops.gated_residual_(x, ffn_forward(self.ffn, h, s), gate1)
 
 

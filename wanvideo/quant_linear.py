@@ -34,6 +34,12 @@ FP8_FORMATS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
 # accumulation; the default), "accurate" (fp8 GEMM, sums promoted to fp32 as cuBLAS does by
 # default), "dequantize" (weights up-cast per call, then a GEMM in the compute dtype).
 FP8_MATMUL = ("fast", "accurate", "dequantize")
+# Per-row scales for every dynamically scaled fp8 input, not only where the writing kernel folds
+# them (fp8_rows_input, the GELU quantization): o, cross-attention o and k/v, the audio layers
+# and ffn.0 (its norm then writes fp8 rows). One pass per input instead of a reduction and a
+# cast, and no scale agreement between ranks under sequence parallelism. Off until timed on a
+# GPU against the default (bench switch "@rows", bench/common.attention_spec).
+DYNAMIC_ROWS = False
 
 
 def check_fp8_matmul(value: str) -> str:
@@ -189,6 +195,8 @@ class QuantLinear(nn.Module):
         static = self.input_scale if self.input_scaling == "static" else scale
         from . import quant_kernels
         if self.quantizer == "triton":
+            if static is None and DYNAMIC_ROWS and x2.shape[1] <= quant_kernels.ROWS_MAX_K:
+                return quant_kernels.quantize_rows_triton(x2)
             return quant_kernels.quantize_tensor_triton(x2, static)
         return quant_kernels.compiled_quantizer()(x2, static)
 
@@ -281,6 +289,11 @@ def fp8_rows_input(layers, x: torch.Tensor) -> bool:
     projections on an H200, and the forward gains a little overall (docs/BENCHMARKS.md, tenth
     session). Per-row scales are also finer than one per tensor."""
     return _share_dynamic_scaling(layers, x) and layers[0].quantizer == "triton"
+
+
+def ffn_rows_input(ffn, x: torch.Tensor) -> bool:
+    """Whether ffn.0's input should be written as fp8 rows by its norm (DYNAMIC_ROWS)."""
+    return DYNAMIC_ROWS and fp8_rows_input((ffn[0],), x)
 
 
 def gelu_ffn_fusable(ffn) -> bool:
