@@ -126,6 +126,39 @@ def test_storage_on_cpu_compute_on_cuda_decides_path():
 
 
 # ---------------------------------------------------------------- shared / fused input quantization
+def _spy_quantizers(monkeypatch) -> dict:
+    """Calls of the fp8 input quantizers from now on: per tensor ("plain", "gelu"; "cast_only"
+    where the scale came folded) and per row ("rows", "gelu_rows")."""
+    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
+
+    counts = dict.fromkeys(("plain", "gelu", "gelu_rows", "rows", "cast_only"), 0)
+    plain, gelu, rows = (qk.quantize_tensor_triton, qk.quantize_gelu_tanh_triton,
+                         qk.quantize_rows_triton)
+
+    def spy(name, fn):
+        def wrapped(x2, scale):
+            counts[name] += 1
+            counts["cast_only"] += scale is not None
+            return fn(x2, scale)
+        return wrapped
+
+    def spy_rows(x2, gelu=False):
+        counts["gelu_rows" if gelu else "rows"] += 1
+        return rows(x2, gelu)
+    monkeypatch.setattr(qk, "quantize_tensor_triton", spy("plain", plain))
+    monkeypatch.setattr(qk, "quantize_gelu_tanh_triton", spy("gelu", gelu))
+    monkeypatch.setattr(qk, "quantize_rows_triton", spy_rows)
+    return counts
+
+
+def _tiny_inputs():
+    """(latents, timestep, text context) on the GPU for _tiny_wan_fp8's model."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
+    ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
+    return x, torch.tensor([500.0], device="cuda"), ctx
+
+
 def _tiny_wan_fp8(allow_scaled_mm=True):
     from wanvideo_infinitetalk.wanvideo.model import WanModel
     from wanvideo_infinitetalk.wanvideo.tiny_models import TINY_T2V, random_state_dict
@@ -207,34 +240,14 @@ def test_fused_gelu_quantization_matches_torch(static):
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
     from wanvideo_infinitetalk.wanvideo import model as model_mod
-    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
 
     monkeypatch.setenv("WANVIDEO_FUSED", fused)
     mm, ref = _tiny_wan_fp8()
     dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
     layers = [m for m in mm.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.path == "scaled_mm" for m in layers)
-    counts = {"plain": 0, "gelu": 0, "gelu_rows": 0, "rows": 0, "cast_only": 0}
-    plain, gelu, rows = (qk.quantize_tensor_triton, qk.quantize_gelu_tanh_triton,
-                         qk.quantize_rows_triton)
-
-    def spy(name, fn):
-        def wrapped(x2, scale):
-            counts[name] += 1
-            counts["cast_only"] += scale is not None
-            return fn(x2, scale)
-        return wrapped
-
-    def spy_rows(x2, gelu=False):
-        counts["gelu_rows" if gelu else "rows"] += 1
-        return rows(x2, gelu)
-    monkeypatch.setattr(qk, "quantize_tensor_triton", spy("plain", plain))
-    monkeypatch.setattr(qk, "quantize_gelu_tanh_triton", spy("gelu", gelu))
-    monkeypatch.setattr(qk, "quantize_rows_triton", spy_rows)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
-    ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
-    t = torch.tensor([500.0], device="cuda")
+    counts = _spy_quantizers(monkeypatch)
+    x, t, ctx = _tiny_inputs()
     with torch.no_grad():
         y_mm, y_dq, y_ref = mm(x, t, ctx), dq(x, t, ctx), ref(x, t, ctx)
     n_blocks = len(mm.blocks)
@@ -270,35 +283,19 @@ def test_wanmodel_fp8_every_dynamic_input_per_row(monkeypatch, fused):
     agree between ranks); the norms write q/k/v's, cross-attention q's and ffn.0's inputs as fp8
     rows (fused), the row quantizer takes o and cross-attention k, v and o (and with the torch
     norms every input but ffn.2's, which the GELU pass quantizes per row either way)."""
-    from wanvideo_infinitetalk.wanvideo import quant_kernels as qk
     from wanvideo_infinitetalk.wanvideo import quant_linear
 
     monkeypatch.setenv("WANVIDEO_FUSED", fused)
     mm, _ = _tiny_wan_fp8()
     dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
-    counts = {"plain": 0, "rows": 0, "gelu_rows": 0}
-    plain, rows = qk.quantize_tensor_triton, qk.quantize_rows_triton
-
-    def spy_plain(x2, scale):
-        counts["plain"] += 1
-        return plain(x2, scale)
-
-    def spy_rows(x2, gelu=False):
-        counts["gelu_rows" if gelu else "rows"] += 1
-        return rows(x2, gelu)
-    monkeypatch.setattr(qk, "quantize_tensor_triton", spy_plain)
-    monkeypatch.setattr(qk, "quantize_rows_triton", spy_rows)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 8, 8, generator=g).cuda()
-    ctx = torch.randn(1, 8, 4096, generator=g).to(torch.bfloat16).cuda()
-    t = torch.tensor([500.0], device="cuda")
+    x, t, ctx = _tiny_inputs()
     with torch.no_grad():
         y_tensor = mm(x, t, ctx)
+        counts = _spy_quantizers(monkeypatch)
         monkeypatch.setattr(quant_linear, "DYNAMIC_ROWS", True)
-        counts.update(plain=0, rows=0, gelu_rows=0)
         y_rows, y_dq = mm(x, t, ctx), dq(x, t, ctx)
     n_blocks = len(mm.blocks)
-    assert counts["plain"] == 0 and counts["gelu_rows"] == n_blocks
+    assert counts["plain"] == counts["gelu"] == 0 and counts["gelu_rows"] == n_blocks
     assert counts["rows"] == (4 if fused == "1" else 7) * n_blocks
     assert cosine(y_rows, y_dq) >= 0.999
     assert cosine(y_rows, y_tensor) >= 0.999
