@@ -12,15 +12,11 @@ from wanvideo_infinitetalk.wanvideo import attention_int8_cuda_source as source
 from wanvideo_infinitetalk.wanvideo import cuda_runtime
 
 
-def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bool = True,
-             multicast: bool = False, static_max: bool = True):
+def _compile(stages: int, ptxas_report: bool = True, **options):
+    """(cubin, log) of source.source(stages, **options); skips where NVRTC is missing."""
     try:
-        return cuda_runtime.compile_cubin(source.source(stages, pingpong=pingpong,
-                                                        pv_int8=pv_int8, lazy_max=lazy,
-                                                        q_regs=lazy, multicast=multicast,
-                                                        static_max=static_max),
-                                          "attention_int8.cu",
-                                          options=("--ptxas-options=-v",))
+        return cuda_runtime.compile_cubin(source.source(stages, **options), "attention_int8.cu",
+                                          options=("--ptxas-options=-v",) if ptxas_report else ())
     except cuda_runtime.CudaRuntimeError as exc:
         if "not found" in str(exc):
             pytest.skip(f"no NVRTC here: {exc}")
@@ -36,7 +32,8 @@ def _compile(stages: int, pingpong: bool = True, pv_int8: bool = False, lazy: bo
 def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8,
                                                                       lazy, multicast,
                                                                       static_max):
-    cubin, log = _compile(stages, pingpong, pv_int8, lazy, multicast, static_max)
+    cubin, log = _compile(stages, pingpong=pingpong, pv_int8=pv_int8, lazy_max=lazy, q_regs=lazy,
+                          multicast=multicast, static_max=static_max)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -112,8 +109,10 @@ def test_the_static_maximum_is_a_compile_time_switch_that_needs_the_key_bounds()
                                           k_bound=bound, static_max=True)
 
 
-def _sass(cubin: bytes, tmp_path) -> str:
-    """The cubin disassembled by the cuobjdump that ships inside Triton's wheel (skip without)."""
+def _sass(tmp_path, **options) -> tuple[list, list]:
+    """The instructions of source.source(3, **options) as disassembled by the cuobjdump that
+    ships inside Triton's wheel (skip without), and the indices of the warpgroups' turn
+    barriers among them."""
     import os
     import subprocess
 
@@ -122,9 +121,12 @@ def _sass(cubin: bytes, tmp_path) -> str:
     if not os.path.exists(tool):
         pytest.skip("no cuobjdump in this Triton wheel")
     path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
+    path.write_bytes(_compile(3, ptxas_report=False, **options)[0])
+    text = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
                           check=True).stdout
+    lines = [line for line in text.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    turns = [i for i, line in enumerate(lines) if "BAR.SYNC" in line and "0x100" in line]
+    return lines, turns
 
 
 def test_preset_from_shared_memory_sits_before_the_turn_barrier(tmp_path):
@@ -132,11 +134,9 @@ def test_preset_from_shared_memory_sits_before_the_turn_barrier(tmp_path):
     warpgroup's turn barrier, and no register move of 1.5 * 2^23 is left between that barrier
     and the Q.K^T (the default's 64 moves sit there: docs/ATTENTION_8BIT.md, eleventh session).
     Fails if ptxas merges the loads again or sinks the preset past the barrier."""
-    default = _sass(_compile_options(preset_lds=False), tmp_path)
-    moved = _sass(_compile_options(preset_lds=True), tmp_path)
-    assert default.count("0x4b400000") >= 64
-    lines = [line for line in moved.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
-    turns = [i for i, line in enumerate(lines) if "BAR.SYNC" in line and "0x100" in line]
+    default, _ = _sass(tmp_path, preset_lds=False)
+    lines, turns = _sass(tmp_path, preset_lds=True)
+    assert "\n".join(default).count("0x4b400000") >= 64
     assert turns
     for turn in turns:   # the block's turn barrier: 16 loads before it, no preset move after it
         before = lines[max(0, turn - 60):turn]
@@ -150,24 +150,13 @@ def test_preset_from_shared_memory_sits_before_the_turn_barrier(tmp_path):
         assert not any("0x4b400000" in line for line in after), after
 
 
-def _compile_options(**options) -> bytes:
-    try:
-        return cuda_runtime.compile_cubin(source.source(3, **options), "attention_int8.cu")[0]
-    except cuda_runtime.CudaRuntimeError as exc:
-        if "not found" in str(exc):
-            pytest.skip(f"no NVRTC here: {exc}")
-        raise
-
-
 @pytest.mark.parametrize("static_max", [True, False])
 def test_products_are_issued_from_uniform_registers(static_max, tmp_path):
     """Between a warpgroup's turn barrier and the wait for its Q.K^T, the loop moves nothing
     from per-thread to uniform registers (R2UR): with the loop chosen by a per-thread value
     ptxas did so before every wgmma, and the static loop ran ~10% slower (the warp vote that
     makes the choice uniform, attention_int8_cuda_loop)."""
-    lines = [line for line in _sass(_compile_options(static_max=static_max), tmp_path)
-             .splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
-    turns = [i for i, line in enumerate(lines) if "BAR.SYNC" in line and "0x100" in line]
+    lines, turns = _sass(tmp_path, static_max=static_max)
     assert turns
     for turn in turns:
         for line in lines[turn + 1:]:
