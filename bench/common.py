@@ -109,12 +109,14 @@ def attention_spec(spec: str):
     length), "<name>@tensorwise" the fp8 layers' inputs all scaled per tensor (no per-row
     inputs written by the norms or the GELU quantization), "<name>@norms-tensorwise" only
     the norms' outputs so, and "<name>@rows" every dynamic fp8 input per row
-    (quant_linear.DYNAMIC_ROWS), so one run can time the default and a candidate side by side."""
+    (quant_linear.DYNAMIC_ROWS), "<name>@preset" the CUDA kernel's score preset loaded from
+    shared memory (attention_int8_cuda.PRESET_LDS), so one run can time the default and a
+    candidate side by side."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
         return
-    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows"):
+    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows", "preset"):
         with _switched(index):
             yield name
         return
@@ -129,7 +131,8 @@ def attention_spec(spec: str):
 
 @contextlib.contextmanager
 def _switched(what: str):
-    """Module constants patched for attention_spec's "unpaired", "tensorwise" and "rows"."""
+    """Module constants patched for attention_spec's "unpaired", "tensorwise", "rows" and
+    "preset"."""
     from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
                                                 quant_linear)
 
@@ -137,6 +140,8 @@ def _switched(what: str):
         saved = [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
     elif what == "rows":
         saved = [(quant_linear, "DYNAMIC_ROWS", True)]
+    elif what == "preset":
+        saved = [(attention_int8_cuda, "PRESET_LDS", True)]
     else:
         saved = [(model, "fp8_rows_input", lambda layers, x: False)]
         if what == "tensorwise":

@@ -23,6 +23,9 @@ STAGES = (2, 3)
 # by TMA multicast (attention_int8_cuda_cluster): H200, 32,760 keys 1-1.5% faster, 8,100 keys
 # 4-7% slower (the pair waits for its slower CTA), bit-identical output (docs/ATTENTION_8BIT.md)
 MULTICAST_MIN_KEYS = 16384
+# The scores' preset loaded from shared memory (source's `preset_lds`); off until a GPU run
+# times it against the register moves (bench switch "int8@preset")
+PRESET_LDS = False
 
 
 def unsupported(q: torch.Tensor, out: torch.Tensor | None = None) -> str | None:
@@ -91,6 +94,7 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
     else:
         options.setdefault("multicast", keys >= MULTICAST_MIN_KEYS)
         options.setdefault("static_max", k_bound is not None)
+        options.setdefault("preset_lds", PRESET_LDS)
         if options["static_max"] and (k_bound is None or k_bound.shape != (bh,)
                                       or k_bound.dtype != torch.float32
                                       or k_bound.device != q.device):
