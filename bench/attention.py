@@ -285,7 +285,7 @@ def diagnose(tokens: int, args) -> dict:
 CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms", 2, {}),
               ("paired_ms", 0, {"multicast": True}), ("unpaired_ms", 0, {"multicast": False}),
               ("unpaired_no_kv_loads_ms", 1, {"multicast": False}),
-              ("no_pingpong_ms", 0, {"pingpong": False}),
+              ("pingpong_ms", 0, {"pingpong": True}),
               ("max_first_ms", 0, {"lazy_max": False}), ("q_from_smem_ms", 0, {"q_regs": False}),
               ("eighth_session_ms", 0, {"lazy_max": False, "q_regs": False}),
               ("no_preload_ms", 0, {"preload": False, "lazy_max": False, "q_regs": False}),
@@ -294,14 +294,61 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("lazy_tests_ms", 0, {"static_max": False}),
               ("lazy_no_preset_no_test_ms", 3, {"static_max": False}),
               ("lazy_no_test_ms", 4, {"static_max": False}),
-              ("static_forced_ms", 5, {}), ("preset_lds_ms", 0, {"preset_lds": True}),
+              ("static_forced_ms", 5, {}), ("preset_moves_ms", 0, {"preset_lds": False}),
+              ("eleventh_session_ms", 0, {"preset_lds": False, "pingpong": True}),
+              ("v_direct_ms", 0, {"v_direct": True}),
+              ("late_release_ms", 0, {"late_release": True}),
               ("as_shipped_again_ms", 0, {}))   # the first timing of a run tends to be slower
+# the whole call (K/V pass + kernel) with attention_int8_cuda's module switches patched
+CUDA_CALLS = (("call_ms", {}), ("call_v_direct_ms", {"V_DIRECT": True}),
+              ("call_eleventh_session_ms", {"KERNEL_OPTIONS": {"preset_lds": False,
+                                                               "pingpong": True}}),
+              ("call_again_ms", {}))
+
+
+def interleaved_ms(fns: dict, rounds: int) -> dict:
+    """{name: ms}: the median over `rounds` rounds in each of which every function is timed
+    once (median_ms's sample of 5 calls), so the GPU's drift weighs on all of them alike."""
+    for fn in fns.values():
+        median_ms(fn, 1)   # warm-up (and compilation)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(median_ms(fn, 1, warmup=0))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _cuda_part(q, k_int, k_scale, v, out, tokens, diag, k_bound, options):
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+    factor, stages = ai.softmax_factor(q.shape[-1]), ai.HOPPER_CUDA["num_stages"]
+    return lambda: attention_int8_cuda.attention(q, k_int, k_scale, v, out, tokens, factor,
+                                                 stages, diag, k_bound=k_bound, **options)
+
+
+def _patched(fn, switches: dict):
+    """fn run with attention_int8_cuda's module switches patched."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
+
+    def call():
+        saved = {key: getattr(attention_int8_cuda, key) for key in switches}
+        for key, value in switches.items():
+            setattr(attention_int8_cuda, key, value)
+        try:
+            return fn()
+        finally:
+            for key, value in saved.items():
+                setattr(attention_int8_cuda, key, value)
+    return call
 
 
 def diagnose_cuda(tokens: int, args) -> dict:
     """The CUDA kernel (Hopper, head dim 128) as shipped, with parts removed (no K/V tiles
     loaded after the ring's first fill, no exp2: wrong outputs, timing only) and with each of
-    its exact or near-exact shortcuts turned off (attention_int8_cuda_source.source)."""
+    its exact or near-exact shortcuts turned off (attention_int8_cuda_source.source); the
+    candidates `preset_lds` and `v_direct` alone and together, also as whole calls (K/V pass
+    included, CUDA_CALLS), and whether V read directly changes any output bit. All timed in
+    interleaved rounds (interleaved_ms)."""
     from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
 
     config = ai.HOPPER_CUDA
@@ -311,11 +358,20 @@ def diagnose_cuda(tokens: int, args) -> dict:
     q, k, v = dit_inputs(tokens, args.heads, args.head_dim, seed=tokens)
     k_int, k_scale, v_t, k_bound = ai.quantize_for(k, v, config)
     out, factor = torch.empty_like(q), ai.softmax_factor(q.shape[-1])
-    result = {"config": config}
-    for name, diag, options in CUDA_PARTS:
-        result[name] = median_ms(lambda: attention_int8_cuda.attention(
-            q, k_int, k_scale, v_t, out, tokens, factor, config["num_stages"], diag,
-            k_bound=k_bound, **options), args.reps)
+    fns = {name: _cuda_part(q, k_int, k_scale, v if options.get("v_direct") else v_t, out,
+                            tokens, diag, k_bound, options)
+           for name, diag, options in CUDA_PARTS}   # v_direct: V itself, not the V^T copy
+    # whole calls: cuda=True, so a failing variant raises instead of handing over
+    fns.update({name: _patched(lambda: ai.attention_int8(q, k, v, cuda=True), switches)
+                for name, switches in CUDA_CALLS})
+    fns["quantize_kv_ms"] = lambda: ai.quantize_for(k, v, config)
+    fns["quantize_kv_v_direct_ms"] = _patched(lambda: ai.quantize_for(k, v, config),
+                                              {"V_DIRECT": True})
+    result = {"config": config, "rounds": args.reps, **interleaved_ms(fns, args.reps)}
+    shipped = ai.attention_int8(q, k, v, cuda=True)
+    attention_int8_cuda.attention(q, k_int, k_scale, v, out, tokens, factor,
+                                  config["num_stages"], k_bound=k_bound)
+    result["v_direct_bit_equal"] = bool(torch.equal(out, shipped))
     attention_int8_cuda.attention(q, k_int, k_scale, v_t, out, tokens, factor,
                                   config["num_stages"], 6, k_bound=k_bound)
     result["static_loop_share"] = out.float().mean().item()  # of query rows (diag 6)

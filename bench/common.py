@@ -3,6 +3,7 @@ random weights (no file), made on the GPU for speed and stored where the caller 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -109,14 +110,15 @@ def attention_spec(spec: str):
     length), "<name>@tensorwise" the fp8 layers' inputs all scaled per tensor (no per-row
     inputs written by the norms or the GELU quantization), "<name>@norms-tensorwise" only
     the norms' outputs so, and "<name>@rows" every dynamic fp8 input per row
-    (quant_linear.DYNAMIC_ROWS), "<name>@preset" the CUDA kernel's score preset loaded from
-    shared memory (attention_int8_cuda.PRESET_LDS), so one run can time the default and a
-    candidate side by side."""
+    (quant_linear.DYNAMIC_ROWS), "<name>@cuda:OPTIONS" the CUDA kernel with other source
+    options (cuda_switches, e.g. "int8@cuda:preset_lds=0+pingpong=1"), so one run can time the
+    default and a candidate side by side."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
         return
-    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows", "preset"):
+    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows") \
+            or index.startswith("cuda:"):
         with _switched(index):
             yield name
         return
@@ -129,10 +131,32 @@ def attention_spec(spec: str):
         attention_int8.default_config = original
 
 
+def cuda_switches(text: str) -> list:
+    """(module, name, value) patches for "key=0|1,..." ("+" may stand for "," where a list
+    of backends is comma-separated): attention_int8_cuda_source.source
+    options every bf16 launch takes (attention_int8_cuda.KERNEL_OPTIONS), and v_direct, V read
+    as it is, without quantize_kv's V^T (attention_int8_cuda.V_DIRECT)."""
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda, attention_int8_cuda_source
+
+    allowed = set(inspect.signature(attention_int8_cuda_source.source).parameters) - {
+        "stages", "diag", "pv_int8", "pv8_overlap"}
+    options, patches = dict(attention_int8_cuda.KERNEL_OPTIONS), []
+    for part in filter(None, text.replace("+", ",").split(",")):
+        key, _, value = part.partition("=")
+        if key not in allowed | {"v_direct"} or value not in ("0", "1"):
+            raise ValueError(f"{part!r}: expected key=0 or key=1 with key in "
+                             f"{sorted(allowed | {'v_direct'})}")
+        if key == "v_direct":
+            patches.append((attention_int8_cuda, "V_DIRECT", value == "1"))
+        else:
+            options[key] = value == "1"
+    return patches + [(attention_int8_cuda, "KERNEL_OPTIONS", options)]
+
+
 @contextlib.contextmanager
 def _switched(what: str):
     """Module constants patched for attention_spec's "unpaired", "tensorwise", "rows" and
-    "preset"."""
+    "cuda:..."."""
     from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
                                                 quant_linear)
 
@@ -140,8 +164,8 @@ def _switched(what: str):
         saved = [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
     elif what == "rows":
         saved = [(quant_linear, "DYNAMIC_ROWS", True)]
-    elif what == "preset":
-        saved = [(attention_int8_cuda, "PRESET_LDS", True)]
+    elif what.startswith("cuda:"):
+        saved = cuda_switches(what[len("cuda:"):])
     else:
         saved = [(model, "fp8_rows_input", lambda layers, x: False)]
         if what == "tensorwise":

@@ -23,17 +23,18 @@ def _compile(stages: int, ptxas_report: bool = True, **options):
         raise
 
 
-@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy,multicast,static_max", [
-    (2, True, False, True, False, True), (3, True, False, True, False, True),
-    (2, False, False, True, False, True), (3, True, True, True, False, True),
-    (3, True, False, False, False, True), (3, True, False, True, True, True),
-    (2, True, False, True, True, True), (3, True, False, True, False, False),
-    (3, True, False, True, True, False)])
+@pytest.mark.parametrize("stages,pingpong,pv_int8,lazy,multicast,static_max,v_direct", [
+    (2, True, False, True, False, True, False), (3, True, False, True, False, True, False),
+    (2, False, False, True, False, True, False), (3, True, True, True, False, True, False),
+    (3, True, False, False, False, True, False), (3, True, False, True, True, True, False),
+    (2, True, False, True, True, True, False), (3, True, False, True, False, False, False),
+    (3, True, False, True, True, False, False), (3, True, False, True, False, True, True),
+    (3, True, False, True, True, True, True), (2, True, False, True, False, False, True)])
 def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pingpong, pv_int8,
                                                                       lazy, multicast,
-                                                                      static_max):
+                                                                      static_max, v_direct):
     cubin, log = _compile(stages, pingpong=pingpong, pv_int8=pv_int8, lazy_max=lazy, q_regs=lazy,
-                          multicast=multicast, static_max=static_max)
+                          multicast=multicast, static_max=static_max, v_direct=v_direct)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -43,7 +44,7 @@ def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(stages, pi
     assert registers <= 168, log
     # ptxas's C7510-C7515 advisories are the ones that say it serialized wgmma instructions
     assert not re.search(r"C751\d", log), log
-    assert source.shared_bytes(stages, pv_int8) <= 227 * 1024
+    assert source.shared_bytes(stages, pv_int8, v_direct) <= 227 * 1024
 
 
 def test_a_compile_error_names_the_program_and_the_reason():
@@ -129,13 +130,30 @@ def _sass(tmp_path, **options) -> tuple[list, list]:
     return lines, turns
 
 
+def test_v_direct_reads_v_by_4d_tma_with_transposed_products(tmp_path):
+    """`v_direct`: V's tiles come by 4-D TMA (channels, heads, keys, batch) and every P.V wgmma
+    reads them MN-major (tnspB); the V^T kernel has neither, and the ones atoms make the
+    direct kernel's ring larger (still within the 227 KB a CTA may have)."""
+    def opcodes(lines):
+        return [re.search(r"(UTMALDG\.\dD|HGMMA\.\S+ \S+ \S+ \S+)", line).group(1)
+                for line in lines if re.search(r"UTMALDG|HGMMA\.64x136", line)]
+
+    direct, plain = opcodes(_sass(tmp_path, v_direct=True)[0]), opcodes(_sass(tmp_path)[0])
+    assert "UTMALDG.4D" in direct and "UTMALDG.4D" not in plain
+    pv_direct = [op for op in direct if op.startswith("HGMMA")]
+    pv_plain = [op for op in plain if op.startswith("HGMMA")]
+    assert pv_direct and all(".tnspB" in op for op in pv_direct)
+    assert len(pv_direct) == len(pv_plain) and not any(".tnspB" in op for op in pv_plain)
+    assert source.shared_bytes(3) < source.shared_bytes(3, v_direct=True) <= 227 * 1024
+
+
 def test_preset_from_shared_memory_sits_before_the_turn_barrier(tmp_path):
     """`preset_lds`: the score preset is 16 LDS.128 of distinct addresses issued before a
     warpgroup's turn barrier, and no register move of 1.5 * 2^23 is left between that barrier
     and the Q.K^T (the default's 64 moves sit there: docs/ATTENTION_8BIT.md, eleventh session).
     Fails if ptxas merges the loads again or sinks the preset past the barrier."""
-    default, _ = _sass(tmp_path, preset_lds=False)
-    lines, turns = _sass(tmp_path, preset_lds=True)
+    default, _ = _sass(tmp_path, preset_lds=False, pingpong=True)
+    lines, turns = _sass(tmp_path, preset_lds=True, pingpong=True)
     assert "\n".join(default).count("0x4b400000") >= 64
     assert turns
     for turn in turns:   # the block's turn barrier: 16 loads before it, no preset move after it
@@ -156,7 +174,7 @@ def test_products_are_issued_from_uniform_registers(static_max, tmp_path):
     from per-thread to uniform registers (R2UR): with the loop chosen by a per-thread value
     ptxas did so before every wgmma, and the static loop ran ~10% slower (the warp vote that
     makes the choice uniform, attention_int8_cuda_loop)."""
-    lines, turns = _sass(tmp_path, static_max=static_max)
+    lines, turns = _sass(tmp_path, static_max=static_max, pingpong=True)
     assert turns
     for turn in turns:
         for line in lines[turn + 1:]:

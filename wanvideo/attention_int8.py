@@ -298,7 +298,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     the input itself and the scales None. `gluon`: what the Gluon kernels read instead, V^T's
     keys in their operand order (int8) or V as a zero-padded bf16 [B*H, Lk_pad, D] (bf16);
     `cuda` with pv="bf16": V^T as a zero-padded bf16 [B*H, D, Lk_pad], the CUDA kernel's
-    operand, and in place of V's scales the largest key norm of each (batch, head), fp32 [B*H]
+    operand (V itself where attention_int8_cuda.reads_v takes it), and in place of V's scales
+    the largest key norm of each (batch, head), fp32 [B*H]
     (|K int8 row| * its block's scale: with the query's norm it bounds every score,
     attention_int8_cuda_static).
     The K mean (over attention_8bit.mean_stride's subsample) and V's per-channel amax are single
@@ -307,7 +308,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     padded = -(-keys // block_n) * block_n
     k_mean = k[:, ::mean_stride(keys)].mean(dim=1, dtype=torch.float32).reshape(b * h, d)
     v_t = v_inv = v_scale = None
-    if pv == "bf16" and (gluon or cuda):
+    if pv == "bf16" and (gluon or (cuda and not _cuda_reads(v))):
         shape = (b * h, d, padded) if cuda else (b * h, padded, d)
         v_t = torch.empty(shape, dtype=torch.bfloat16, device=k.device)
     if pv == "int8":  # V^T in the Gluon kernels' key order for Gluon and CUDA alike
@@ -326,6 +327,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, block_n: int, pv: str = "int8"
     if k_norm is not None:
         v_scale = k_norm.amax(dim=1)
     return k_int, k_scale, (v if v_t is None else v_t), v_scale
+
+
+def _cuda_reads(v: torch.Tensor) -> bool:
+    from . import attention_int8_cuda
+
+    return attention_int8_cuda.reads_v(v)
 
 
 def quantize_for(k: torch.Tensor, v: torch.Tensor, config: dict):

@@ -23,9 +23,25 @@ STAGES = (2, 3)
 # by TMA multicast (attention_int8_cuda_cluster): H200, 32,760 keys 1-1.5% faster, 8,100 keys
 # 4-7% slower (the pair waits for its slower CTA), bit-identical output (docs/ATTENTION_8BIT.md)
 MULTICAST_MIN_KEYS = 16384
-# The scores' preset loaded from shared memory (source's `preset_lds`); off until a GPU run
-# times it against the register moves (bench switch "int8@preset")
-PRESET_LDS = False
+# attention_int8_cuda_source.source options every bf16 launch takes unless the call names them
+# (empty: the source's defaults; bench/attention_variants.py and the "int8@cuda:..." bench
+# switch time candidates by filling it)
+KERNEL_OPTIONS: dict = {}
+# V read as it is by the kernel instead of quantize_kv's V^T copy (attention_int8_cuda_vdirect);
+# off until a GPU run times it against the copy (bench switch "int8@vdirect")
+V_DIRECT = False
+
+
+def reads_v(v: torch.Tensor) -> bool:
+    """Whether the bf16 P.V kernel takes `v` [B, keys, H, 128] itself (V_DIRECT and a layout TMA
+    can read: bf16, 16-byte aligned pointer and strides, channels contiguous), so quantize_kv
+    writes no V^T."""
+    return V_DIRECT and v.dtype == torch.bfloat16 and v.dim() == 4 and _tma_readable(v)
+
+
+def _tma_readable(v: torch.Tensor) -> bool:
+    """16-byte aligned pointer and outer strides (bf16), channels contiguous."""
+    return v.stride(-1) == 1 and v.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in v.stride()[:-1])
 
 
 def unsupported(q: torch.Tensor, out: torch.Tensor | None = None) -> str | None:
@@ -65,7 +81,9 @@ def aot_compile(config: dict) -> types.SimpleNamespace:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, stages: int, diag: int, options: tuple) -> cuda_runtime.Kernel:
-    shared = source.shared_bytes(stages, dict(options).get("pv_int8", False))
+    chosen = dict(options)
+    shared = source.shared_bytes(stages, chosen.get("pv_int8", False),
+                                 chosen.get("v_direct", False))
     return cuda_runtime.Kernel(cubin(stages, diag, options), source.KERNEL_NAME,
                                torch.device("cuda", device_index), shared)
 
@@ -75,26 +93,25 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
               v_scale: torch.Tensor | None = None, k_bound: torch.Tensor | None = None,
               **options) -> cuda_runtime.Kernel:
     """out [B, Lq, H, 128] = attention of q over quantize_kv's INT8 K and V^T for `keys` real
-    keys: bf16 V^T, or with `v_scale` (fp32 [B*H, 128]) INT8 V^T in the Gluon key order (INT8
-    P.V). Returns the launched kernel. `diag` and `options`: see cubin; `multicast` defaults to
-    keys >= MULTICAST_MIN_KEYS (bf16 P.V); `static_max` (bf16 P.V) defaults to whether
-    `k_bound`, quantize_kv's largest key norm per (batch, head) (fp32 [B*H]), is given, and
-    needs it."""
+    keys: bf16 V^T, or V itself, bf16 [B, keys, H, 128] as reads_v takes it (bf16 P.V), or with
+    `v_scale` (fp32 [B*H, 128]) INT8 V^T in the Gluon key order (INT8 P.V). Returns the
+    launched kernel. `diag` and `options`: see cubin; `multicast` defaults to keys >=
+    MULTICAST_MIN_KEYS (bf16 P.V); `static_max` (bf16 P.V) defaults to whether `k_bound`,
+    quantize_kv's largest key norm per (batch, head) (fp32 [B*H]), is given, and needs it."""
     if stages not in STAGES:
         raise ValueError(f"stages {stages} not in {STAGES}")
     bh, padded, d = k_int.shape
     int8 = v_scale is not None
-    v_dtype = torch.int8 if int8 else torch.bfloat16
-    if tuple(v_t.shape) != (bh, d, padded) or v_t.dtype != v_dtype:
-        raise ValueError(f"V^T must be {v_dtype} {(bh, d, padded)}, got {v_t.dtype} "
-                         f"{tuple(v_t.shape)}")
     b, n_q, heads, _ = q.shape
+    if v_t.dim() == 4 and not int8:
+        options["v_direct"] = True
     if int8:
         options["pv_int8"] = True
     else:
         options.setdefault("multicast", keys >= MULTICAST_MIN_KEYS)
         options.setdefault("static_max", k_bound is not None)
-        options.setdefault("preset_lds", PRESET_LDS)
+        for key, value in KERNEL_OPTIONS.items():
+            options.setdefault(key, value)
         if options["static_max"] and (k_bound is None or k_bound.shape != (bh,)
                                       or k_bound.dtype != torch.float32
                                       or k_bound.device != q.device):
@@ -102,11 +119,10 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
                                                 str(k_bound.device))
             raise ValueError(f"static_max needs the key bounds, fp32 [{bh}] on {q.device}, "
                              f"got {got}")
+    v_map = _v_map(v_t, int8, (b, keys, heads, d), padded)
     kernel = _kernel(q.device.index, stages, int(diag), tuple(sorted(options.items())))
     pair = options.get("multicast", False) and not int8   # a CTA loads half of each K tile
     k_map = cuda_runtime.tensor_map_2d(k_int, bh * padded, d, source.BLOCK_N // (1 + pair), d, 1)
-    v_map = (cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, source.BLOCK_N, 1) if int8 else
-             cuda_runtime.tensor_map_2d(v_t, bh * d, padded, d, 64, 2))
     ll, ptr = ctypes.c_longlong, ctypes.c_void_p
     args = [k_map, v_map, ptr(q.data_ptr()), ptr(k_scale.data_ptr()),
             ptr((v_scale if int8 else k_scale).data_ptr()),
@@ -117,3 +133,23 @@ def attention(q: torch.Tensor, k_int: torch.Tensor, k_scale: torch.Tensor, v_t: 
     tiles = math.ceil(n_q / source.BLOCK_M)
     kernel.launch((tiles + (tiles % 2 if pair else 0), bh, 1), source.THREADS, args)
     return kernel
+
+
+def _v_map(v: torch.Tensor, int8: bool, shape: tuple, padded: int) -> cuda_runtime.TensorMapBytes:
+    """V's tensor map: V itself (4-D, bf16 P.V; channels, heads, keys, batch in boxes of 64
+    channels x 128 keys), bf16 V^T in 64-key boxes or INT8 V^T in 128-key ones; a V the kernel
+    cannot read is a ValueError."""
+    b, keys, heads, d = shape
+    dtype = torch.int8 if int8 else torch.bfloat16
+    if v.dim() == 4 and not int8:
+        if tuple(v.shape) != shape or v.dtype != dtype or not _tma_readable(v):
+            raise ValueError(f"V must be {dtype} {shape} with 16-byte aligned pointer and "
+                             f"strides, got {v.dtype} {tuple(v.shape)} strides {tuple(v.stride())}")
+        return cuda_runtime.tensor_map(v, (d, heads, keys, b),
+                                       tuple(2 * v.stride(i) for i in (2, 1, 0)),
+                                       (64, 1, source.BLOCK_N, 1), 2)
+    if tuple(v.shape) != (b * heads, d, padded) or v.dtype != dtype:
+        raise ValueError(f"V^T must be {dtype} {(b * heads, d, padded)}, got {v.dtype} "
+                         f"{tuple(v.shape)}")
+    return cuda_runtime.tensor_map_2d(v, b * heads * d, padded, d,
+                                      source.BLOCK_N if int8 else 64, 1 if int8 else 2)

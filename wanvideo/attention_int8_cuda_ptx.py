@@ -32,16 +32,18 @@ __device__ __forceinline__ void {name}(int* d, {params}) {{
 }}"""
 
 
-def wgmma_bf16(n: int) -> str:
-    """acc[n / 2] fp32 += A (4 registers of bf16 pairs) . B (desc, K-major), m64n{n}k16."""
+def wgmma_bf16(n: int, transpose_b: bool = False) -> str:
+    """acc[n / 2] fp32 += A (4 registers of bf16 pairs) . B (desc), m64n{n}k16: `wgmma_bf16`
+    with B K-major, `wgmma_bf16_t` with B MN-major (attention_int8_cuda_vdirect)."""
     regs = n // 2
+    name = "wgmma_bf16_t" if transpose_b else "wgmma_bf16"
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     a = ", ".join(f"%{regs + i}" for i in range(4))
     return f"""
-__device__ __forceinline__ void wgmma_bf16(float* d, const u32* a, u64 db) {{
+__device__ __forceinline__ void {name}(float* d, const u32* a, u64 db) {{
   asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
     "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{_regs(0, regs)}}}, "
-    "{{{a}}}, %{regs + 4}, p, 1, 1, 0;\\n}}\\n"
+    "{{{a}}}, %{regs + 4}, p, 1, 1, {int(transpose_b)};\\n}}\\n"
     : {outs} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }}"""
 

@@ -31,6 +31,7 @@ from . import attention_int8_cuda_lazy as lazy
 from . import attention_int8_cuda_loop as loop
 from . import attention_int8_cuda_pv8 as pv8
 from . import attention_int8_cuda_static as static
+from . import attention_int8_cuda_vdirect as vdirect
 
 KERNEL_NAME = "attn_int8_bf16_ws"
 THREADS = 384          # producer warpgroup + two consumer warpgroups
@@ -45,11 +46,19 @@ _LAYOUT = r"""
 #define V_BYTES (BLOCK_N * HEAD_DIM)              // one INT8 V^T tile
 #define V_HALF V_BYTES
 #define V_SLOT V_BYTES
+#define ONES_WORDS 0
+#elif V_DIRECT  // attention_int8_cuda_vdirect: V itself, two boxes of 64 channels
+#define V_BYTES (BLOCK_N * HEAD_DIM * 2)
+#define V_BOX (V_BYTES / 2)
+#define V_HALF V_BOX                              // (load_v, unused)
+#define V_SLOT ((2 + ROWSUM_MMA) * V_BOX)         // ROWSUM_MMA: an atom of ones after them
+#define ONES_WORDS (V_BOX / 4)                    // per slot
 #else
 #define V_BYTES (BLOCK_N * HEAD_DIM * 2)          // one bf16 V^T tile, two 64-key halves
 // ROWSUM_MMA: each half is followed by 8 rows of ones, so P.V's extra 8 columns are the row sums
 #define V_HALF (V_BYTES / 2 + ROWSUM_MMA * 1024)
 #define V_SLOT (2 * V_HALF)
+#define ONES_WORDS 512                            // per slot
 #endif
 #define NACC (64 + 4 * ROWSUM_MMA)
 #define Q_OFF (STAGES * (K_BYTES + V_SLOT))
@@ -252,7 +261,11 @@ __device__ __forceinline__ void issue_pv(float* acc, const u32* pa, u32 vt) {
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
+#if V_DIRECT   // 16 keys = 2 KB of 128-byte rows per step
+    wgmma_bf16_t(acc, pa + 4 * kk, desc_mn_sw128(vt) + 128 * kk);
+#else
     wgmma_bf16(acc, pa + 4 * kk, desc_sw128(vt + (kk >> 2) * V_HALF) + 2 * (kk & 3));
+#endif
   wg_commit();
 }
 
@@ -329,10 +342,14 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
   if (PRESET_LDS && tid < 64)   // read after the cluster barrier below
     asm volatile("st.shared.b32 [%0], %1;" :: "r"(base + MAGIC_OFF + 4 * tid), "r"(MAGIC_BITS)
                  : "memory");
-  if (ROWSUM_MMA) {  // the rows of ones after each V^T half (bf16 1.0), read by the async proxy
-    for (int i = tid; i < STAGES * 2 * 256; i += THREADS) {
-      int half = i >> 8;
-      u32 addr = v_ring + (half >> 1) * V_SLOT + (half & 1) * V_HALF + V_BYTES / 2 + (i & 255) * 4;
+  if (ROWSUM_MMA) {  // the ones (bf16 1.0) of each slot, read by the async proxy
+    for (int i = tid; i < STAGES * ONES_WORDS; i += THREADS) {
+      const int slot = i / ONES_WORDS, w = i % ONES_WORDS;
+#if V_DIRECT
+      u32 addr = v_ring + slot * V_SLOT + 2 * V_BOX + w * 4;
+#else   // 8 rows after each V^T half
+      u32 addr = v_ring + slot * V_SLOT + (w >> 8) * V_HALF + V_BYTES / 2 + (w & 255) * 4;
+#endif
       asm volatile("st.shared.b32 [%0], %1;" :: "r"(addr), "r"(0x3f803f80u) : "memory");
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -358,10 +375,13 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
           mbar_wait(empty_v + 8 * st, ph ^ 1);
           mbar_expect(full_v + 8 * st, V_BYTES);
           u32 dst = v_ring + st * V_SLOT;
-          if (PV_INT8)
-            tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
-          else
-            load_v(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st, rank);
+#if PV_INT8
+          tma_2d(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st);
+#elif V_DIRECT
+          load_v_direct(dst, &v_map, j * BLOCK_N, h, b, full_v + 8 * st, rank);
+#else
+          load_v(dst, &v_map, j * BLOCK_N, bh * HEAD_DIM, full_v + 8 * st, rank);
+#endif
         }
       }
     }
@@ -391,28 +411,33 @@ attn_int8_bf16_ws(const __grid_constant__ TensorMap k_map, const __grid_constant
 """
 
 
-def shared_bytes(stages: int, pv_int8: bool = False) -> int:
-    """Dynamic shared memory of a launch: the K / V rings, the INT8 query tiles, their scales
-    and bounds, the barriers, the preset's 256 bytes, and 1 KB to align the base for the
-    128-byte swizzle."""
+def shared_bytes(stages: int, pv_int8: bool = False, v_direct: bool = False) -> int:
+    """Dynamic shared memory of a launch: the K / V rings (with the ones of the row sums), the
+    INT8 query tiles, their scales and bounds, the barriers, the preset's 256 bytes, and 1 KB to
+    align the base for the 128-byte swizzle."""
     tile = BLOCK_N * HEAD_DIM
-    ring = stages * (2 * tile if pv_int8 else 3 * tile + 2048)
+    if pv_int8:
+        ring = stages * 2 * tile
+    else:
+        ring = stages * (4 * tile if v_direct else 3 * tile + 2048)
     return ring + BLOCK_M * HEAD_DIM + BLOCK_M * 8 + 32 * stages + 256 + 1024
 
 
 @functools.lru_cache(maxsize=None)
-def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = True,
+def source(stages: int, diag: int = 0, pingpong: bool = False, preload: bool = True,
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
            pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
-           multicast: bool = False, static_max: bool = True, preset_lds: bool = False) -> str:
+           multicast: bool = False, static_max: bool = True, preset_lds: bool = True,
+           v_direct: bool = False, late_release: bool = False) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2, 3
     starts the scores from zero instead of the preset and skips the lazy maximum's test, 4 skips
     that test only (3 and 4 with lazy_max and q_regs), 5 takes the static loop whatever the
     bound; 6 (static_max, tests) writes 1 where a warpgroup took the static loop, 0 where the
     lazy one, into every output element. The options (defaults as shipped; bench/attention.py
-    --diagnose times each one off): `pingpong`, the two consumer warpgroups take turns issuing
-    their products; `preload` and `skip_ones` (exact), see preload_scores and scale_rows;
+    --diagnose times each one off or on): `pingpong` (off since the twelfth session: 1.5-2.5%
+    slower with the preset loaded from shared memory), the two consumer warpgroups take turns
+    issuing their products; `preload` and `skip_ones` (exact), see preload_scores and scale_rows;
     `rowsum_mma`, the row sums come from P.V with 8 columns of ones (the sums of the bf16 P the
     products use; no adds in the softmax); `lazy_max` and `q_regs` (bf16 P.V; lazy_max needs
     preload), see attention_int8_cuda_lazy. `pv_int8`: INT8 P.V (attention_int8_cuda_pv8; its
@@ -421,12 +446,14 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
     the K/V tiles (attention_int8_cuda_cluster; the launcher's default from MULTICAST_MIN_KEYS).
     `static_max` (bf16 P.V, with lazy_max and rowsum_mma; the launch then passes the key
     bounds): m fixed after block 0 from a bound on the scores, no per-block test
-    (attention_int8_cuda_static). `preset_lds` (not yet timed on a GPU, off): the preset scores
-    loaded from shared memory before the turn barrier instead of set by register moves after it
-    (preload_scores)."""
+    (attention_int8_cuda_static). `preset_lds` (on): the preset scores loaded from shared memory
+    instead of set by 64 register moves (preload_scores). `v_direct` (bf16 P.V): V read as it is, MN-major, instead of quantize_kv's
+    V^T (attention_int8_cuda_vdirect; the launch passes V's tensor map). `late_release`
+    (timing): the static loop frees a K slot after the block's softmax, as the lazy loop does,
+    not before it."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
-    multicast = multicast and not pv_int8
+    multicast, v_direct = multicast and not pv_int8, v_direct and not pv_int8
     static_max = static_max and lazy_max and rowsum_mma
     if (lazy_max or q_regs) and not preload:
         raise ValueError("lazy_max and q_regs start the scores from preload_scores' value")
@@ -439,10 +466,12 @@ def source(stages: int, diag: int = 0, pingpong: bool = True, preload: bool = Tr
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
                f"#define MULTICAST {int(multicast)}\n#define STATIC_MAX {int(static_max)}\n"
                f"#define PRESET_LDS {int(preset_lds and preload)}\n"
+               f"#define V_DIRECT {int(v_direct)}\n#define LATE_RELEASE {int(late_release)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
-    products = (ptx.wgmma_int8() + ptx.wgmma_bf16(136 if rowsum_mma else 128)
+    n = 136 if rowsum_mma else 128
+    products = (ptx.wgmma_int8() + ptx.wgmma_bf16(n) + ptx.wgmma_bf16(n, transpose_b=True)
                 + ptx.wgmma_int8(a_in_registers=True))
     consume = pv8.CONSUME_INT8 if pv_int8 else loop.CONSUME_BF16
-    return (defines + ptx.PRELUDE + products + _LAYOUT + cluster.CLUSTER + _HELPERS + lazy.LAZY
-            + static.STATIC + consume + _ENTRY)
+    return (defines + ptx.PRELUDE + products + _LAYOUT + cluster.CLUSTER + vdirect.VDIRECT
+            + _HELPERS + lazy.LAZY + static.STATIC + consume + _ENTRY)

@@ -157,14 +157,21 @@ def tensor_map_2d(tensor: torch.Tensor, rows: int, cols: int, box_rows: int, box
     """A TMA descriptor of `tensor`'s memory as a row-major [rows, cols] matrix (cols
     contiguous) with [box_rows, box_cols] boxes and the 128-byte swizzle (box_cols *
     element_bytes must be 128 at most)."""
+    return tensor_map(tensor, (cols, rows), (cols * element_bytes,), (box_cols, box_rows),
+                      element_bytes)
+
+
+def tensor_map(tensor: torch.Tensor, dims: tuple, strides: tuple, box: tuple,
+               element_bytes: int) -> TensorMapBytes:
+    """A TMA descriptor of `tensor`'s memory with the 128-byte swizzle: `dims` and `box` in
+    elements, innermost (contiguous) first; `strides` in bytes of the outer dimensions (len(dims)
+    - 1 of them, multiples of 16). Reads past a dimension's end fill zeros."""
+    rank = len(dims)
     desc = TensorMapBytes()
-    dims = (ctypes.c_uint64 * 2)(cols, rows)
-    strides = (ctypes.c_uint64 * 1)(cols * element_bytes)
-    box = (ctypes.c_uint32 * 2)(box_cols, box_rows)
-    unit = (ctypes.c_uint32 * 2)(1, 1)
     dtype = {1: 0, 2: 1}[element_bytes]   # CU_TENSOR_MAP_DATA_TYPE_UINT8 / UINT16: bytes moved
-    # interleave none, swizzle 128B (3), L2 promotion 128B (2), no OOB fill
-    _check(driver().cuTensorMapEncodeTiled(desc, dtype, 2, ctypes.c_void_p(tensor.data_ptr()),
-                                           dims, strides, box, unit, 0, 3, 2, 0),
-           "tensor map")
+    # interleave none, swizzle 128B (3), L2 promotion 128B (2), no OOB fill (zeros)
+    _check(driver().cuTensorMapEncodeTiled(
+        desc, dtype, rank, ctypes.c_void_p(tensor.data_ptr()), (ctypes.c_uint64 * rank)(*dims),
+        (ctypes.c_uint64 * (rank - 1))(*strides), (ctypes.c_uint32 * rank)(*box),
+        (ctypes.c_uint32 * rank)(*([1] * rank)), 0, 3, 2, 0), "tensor map")
     return desc
