@@ -181,3 +181,32 @@ def test_products_are_issued_from_uniform_registers(static_max, tmp_path):
             assert "R2UR" not in line, line
             if "WARPGROUP.DEPBAR.LE" in line:
                 break
+
+
+def test_launcher_checks_v_before_anything_runs():
+    """V itself (4-D) must be bf16 [B, keys, H, 128] with TMA-readable pointer and strides, V^T
+    (3-D) [B*H, 128, padded]: otherwise a ValueError naming what was expected, before any tensor
+    map or compilation (no GPU needed). reads_v says whether quantize_kv may skip the V^T copy."""
+    import torch
+
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
+
+    q = torch.zeros(1, 100, 2, 128, dtype=torch.bfloat16)
+    k_int, k_scale = torch.zeros(2, 128, 128, dtype=torch.int8), torch.ones(2, 1)
+    bound = torch.ones(2)
+    odd = torch.zeros(1 * 100 * 2 * 128 + 4, dtype=torch.bfloat16)[4:].view(1, 100, 2, 128)
+    for v, message in ((torch.zeros(1, 99, 2, 128, dtype=torch.bfloat16), "V must be"),
+                       (torch.zeros(1, 100, 2, 128, dtype=torch.float16), "V must be"),
+                       (odd, "V must be"),
+                       (torch.zeros(2, 128, 100, dtype=torch.bfloat16), "V\\^T must be")):
+        with pytest.raises(ValueError, match=message):
+            ac.attention(q, k_int, k_scale, v, torch.empty_like(q), 100, 0.1, k_bound=bound)
+    saved, ac.V_DIRECT = ac.V_DIRECT, True
+    try:
+        assert ac.reads_v(torch.zeros(1, 100, 2, 128, dtype=torch.bfloat16))
+        assert ac.reads_v(torch.zeros(1, 100, 3, 2, 128, dtype=torch.bfloat16)[:, :, 2])
+        assert not ac.reads_v(odd)
+        assert not ac.reads_v(torch.zeros(1, 100, 2, 128, dtype=torch.float16))
+    finally:
+        ac.V_DIRECT = saved
+    assert not ac.reads_v(torch.zeros(1, 100, 2, 128, dtype=torch.bfloat16))   # off by default

@@ -37,3 +37,33 @@ def test_verdict_judges_both_speedups():
     older = bench.verdict(_entry(32760, 37.5, 26.0))   # a run without the interleaved rounds
     assert not older["speed_ok"] and older["interleaved_speedup"] is None
     assert older["interleaved_speed_ok"] is None
+
+
+def _common():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return importlib.import_module("common")
+    finally:
+        sys.path.pop(0)
+
+
+def test_cuda_switches_patch_the_kernel_options_and_the_v_copy():
+    """"int8@cuda:..." and bench/attention_variants.py: source options go into
+    attention_int8_cuda.KERNEL_OPTIONS (on top of what it holds), v_direct into V_DIRECT; "+"
+    separates like "," (window.py splits its backends at commas); a typo names the allowed keys;
+    attention_spec restores every constant afterwards."""
+    import pytest
+
+    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
+
+    common = _common()
+    patches = common.cuda_switches("pingpong=1+preset_lds=0,v_direct=1")
+    assert (ac, "V_DIRECT", True) in patches
+    assert (ac, "KERNEL_OPTIONS", {"pingpong": True, "preset_lds": False}) in patches
+    for bad in ("pingpong=2", "bogus=1", "diag=1", "pingpong"):
+        with pytest.raises(ValueError, match="expected key=0 or key=1"):
+            common.cuda_switches(bad)
+    before = (dict(ac.KERNEL_OPTIONS), ac.V_DIRECT)
+    with common.attention_spec("int8@cuda:late_release=1+v_direct=1") as name:
+        assert name == "int8" and ac.KERNEL_OPTIONS == {"late_release": True} and ac.V_DIRECT
+    assert (dict(ac.KERNEL_OPTIONS), ac.V_DIRECT) == before

@@ -26,9 +26,9 @@ from .placement import attention_ready
 BACKENDS = ("auto", "sdpa", "int8", "flash_attn", "sageattention")
 # Where `auto` picks the 8-bit kernel: compute capability -> the fewest keys at which
 # bench/attention.py measured it faster than cuDNN SDPA. H200 with the Hopper default (the CUDA
-# kernel, bench/results/attention_h200_static_e.json): 24.6 vs 36.9 ms at 32,760 keys (1.50x),
-# 1.76 vs 2.30 ms at 8,100 (1.24-1.31x over runs; not yet checked end to end, so 8,100 keys
-# stay in SDPA). The Gluon kernel: 1.10-1.13x and 0.99-1.07x; the Triton kernel: 1.08-1.09x
+# kernel, bench/results/attention_h200_twelfth_gpu_lead.json): 23.7 vs 36.5 ms at 32,760 keys
+# (1.54x), 1.59 vs 2.23 ms at 8,100 (1.41x; not yet checked end to end, so 8,100 keys stay in
+# SDPA). The Gluon kernel: 1.10-1.13x and 0.99-1.07x; the Triton kernel: 1.08-1.09x
 # and 0.89-0.90x. Ada and Blackwell have not been measured: SDPA there.
 AUTO_INT8_MIN_KEYS = {(9, 0): 16384}
 
