@@ -9,10 +9,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench():
+def _bench(name: str = "attention"):
+    """A module of bench/ (they import each other by bare names)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        return importlib.import_module("attention")
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
 
@@ -39,14 +40,6 @@ def test_verdict_judges_both_speedups():
     assert older["interleaved_speed_ok"] is None
 
 
-def _common():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        return importlib.import_module("common")
-    finally:
-        sys.path.pop(0)
-
-
 def test_cuda_switches_patch_the_kernel_options_and_the_v_copy():
     """"int8@cuda:..." and bench/attention_variants.py: source options go into
     attention_int8_cuda.KERNEL_OPTIONS (on top of what it holds), v_direct into V_DIRECT; "+"
@@ -56,7 +49,7 @@ def test_cuda_switches_patch_the_kernel_options_and_the_v_copy():
 
     from wanvideo_infinitetalk.wanvideo import attention_int8_cuda as ac
 
-    common = _common()
+    common = _bench("common")
     patches = common.cuda_switches("pingpong=1+preset_lds=0,v_direct=1")
     assert (ac, "V_DIRECT", True) in patches
     assert (ac, "KERNEL_OPTIONS", {"pingpong": True, "preset_lds": False}) in patches
