@@ -27,8 +27,9 @@ MULTICAST_MIN_KEYS = 16384
 # (empty: the source's defaults; bench/attention_variants.py and the "int8@cuda:..." bench
 # switch time candidates by filling it)
 KERNEL_OPTIONS: dict = {}
-# V read as it is by the kernel instead of quantize_kv's V^T copy (attention_int8_cuda_vdirect);
-# off until a GPU run times it against the copy (bench switch "int8@vdirect")
+# V read as it is by the kernel instead of quantize_kv's V^T copy (attention_int8_cuda_vdirect).
+# Off: on an H200 the kernel lost what the K/V pass saved (docs/ATTENTION_8BIT.md, twelfth
+# session); bench switch "int8@cuda:v_direct=1"
 V_DIRECT = False
 
 
@@ -41,7 +42,8 @@ def reads_v(v: torch.Tensor) -> bool:
 
 def _tma_readable(v: torch.Tensor) -> bool:
     """16-byte aligned pointer and outer strides (bf16), channels contiguous."""
-    return v.stride(-1) == 1 and v.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in v.stride()[:-1])
+    return (v.stride(-1) == 1 and v.data_ptr() % 16 == 0
+            and all(s % 8 == 0 for s in v.stride()[:-1]))
 
 
 def unsupported(q: torch.Tensor, out: torch.Tensor | None = None) -> str | None:

@@ -447,10 +447,10 @@ def source(stages: int, diag: int = 0, pingpong: bool = False, preload: bool = T
     `static_max` (bf16 P.V, with lazy_max and rowsum_mma; the launch then passes the key
     bounds): m fixed after block 0 from a bound on the scores, no per-block test
     (attention_int8_cuda_static). `preset_lds` (on): the preset scores loaded from shared memory
-    instead of set by 64 register moves (preload_scores). `v_direct` (bf16 P.V): V read as it is, MN-major, instead of quantize_kv's
-    V^T (attention_int8_cuda_vdirect; the launch passes V's tensor map). `late_release`
-    (timing): the static loop frees a K slot after the block's softmax, as the lazy loop does,
-    not before it."""
+    instead of set by 64 register moves (preload_scores). `v_direct` (bf16 P.V, off): V read as
+    it is, MN-major, instead of quantize_kv's V^T (attention_int8_cuda_vdirect; the launcher
+    sets it when handed V itself). `late_release` (off, no faster): the static loop frees a K
+    slot after the block's softmax, as the lazy loop does, not before it."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
     multicast, v_direct = multicast and not pv_int8, v_direct and not pv_int8
