@@ -10,7 +10,8 @@ Shapes are the 14B model's self-attention (batch 1, 40 heads, head dim 128, bf16
 (81 frames at 832x480) and 8,100 (33 frames at 480x480). Inputs are DiT-like: Q and V N(0, 1), K
 with a large per-head, per-channel bias (~+8) and 4 outlier channels 10-20x larger, the pattern
 the K smoothing exists for (tests/test_attention_8bit.py's dit_like). Every time is the median of
-`--reps` samples, each the mean of 5 back-to-back calls between CUDA events, after warm-up; "ms"
+`--reps` samples, each the mean of 5 back-to-back calls between CUDA events, queued behind ~1 ms
+of GPU spinning so that the CPU's launch latency is not timed (median_ms), after warm-up; "ms"
 of ours includes the K/V quantization pass, "kernel_only_ms" is the attention kernel alone on
 pre-quantized K/V and "quantize_kv_ms" the pass alone.
 Accuracy is against fp32 attention (memory-efficient SDPA on fp32 copies of the same inputs) over
