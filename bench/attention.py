@@ -310,7 +310,6 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("static_forced_ms", 5, {}), ("preset_moves_ms", 0, {"preset_lds": False}),
               ("eleventh_session_ms", 0, {"preset_lds": False, "pingpong": True}),
               ("v_direct_ms", 0, {"v_direct": True}),
-              ("late_release_ms", 0, {"late_release": True}),
               ("as_shipped_again_ms", 0, {}))   # the first timing of a run tends to be slower
 # the whole call (K/V pass + kernel) with attention_int8_cuda's module switches patched
 CUDA_CALLS = (("call_ms", {}), ("call_v_direct_ms", {"V_DIRECT": True}),

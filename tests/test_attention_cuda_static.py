@@ -151,12 +151,3 @@ def test_preset_from_shared_memory_changes_no_bit(options):
     q, k, v = cuda_inputs(1, 1500, 4100, 2, 128, torch.bfloat16)
     assert torch.equal(_run(q, k, v, preset_lds=True, **options), _run(q, k, v, **options))
 
-
-@gpu_test
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("multicast", [False, True], ids=["single", "pairs"])
-def test_releasing_k_after_the_softmax_changes_no_bit(multicast, stages):
-    """`late_release` only moves when the static loop frees a K slot for the producer."""
-    q, k, v = cuda_inputs(1, 1500, 4100, 2, 128, torch.bfloat16)
-    options = {"multicast": multicast, "stages": stages}
-    assert torch.equal(_run(q, k, v, late_release=True, **options), _run(q, k, v, **options))

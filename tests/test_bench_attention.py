@@ -57,6 +57,6 @@ def test_cuda_switches_patch_the_kernel_options_and_the_v_copy():
         with pytest.raises(ValueError, match="expected key=0 or key=1"):
             common.cuda_switches(bad)
     before = (dict(ac.KERNEL_OPTIONS), ac.V_DIRECT)
-    with common.attention_spec("int8@cuda:late_release=1+v_direct=1") as name:
-        assert name == "int8" and ac.KERNEL_OPTIONS == {"late_release": True} and ac.V_DIRECT
+    with common.attention_spec("int8@cuda:skip_ones=0+v_direct=1") as name:
+        assert name == "int8" and ac.KERNEL_OPTIONS == {"skip_ones": False} and ac.V_DIRECT
     assert (dict(ac.KERNEL_OPTIONS), ac.V_DIRECT) == before

@@ -36,12 +36,11 @@ __device__ __forceinline__ void consume_blocks(
 #pragma unroll
     for (int i = 0; i < 64; ++i) fence_r(s[i]);
     if (FIXED) {
-      if (!LATE_RELEASE) release(empty_k + 8 * st);
+      release(empty_k + 8 * st);
       if (j == n_blocks - 1)
         softmax_static<true>(s, m0, m1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
       else
         softmax_static<false>(s, m0, m1, qs0 * ks, qs1 * ks, j * BLOCK_N, tq, keys);
-      if (LATE_RELEASE) release(empty_k + 8 * st);   // where the lazy loop releases it
     } else {
 #if LAZY_MAX   // the K tile stays until softmax_lazy knows it needs no rescue
       const u32 k_tile = k_ring + st * K_BYTES;

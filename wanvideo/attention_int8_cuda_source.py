@@ -428,7 +428,7 @@ def source(stages: int, diag: int = 0, pingpong: bool = False, preload: bool = T
            skip_ones: bool = True, rowsum_mma: bool = True, pv_int8: bool = False,
            pv8_overlap: bool = False, lazy_max: bool = True, q_regs: bool = True,
            multicast: bool = False, static_max: bool = True, preset_lds: bool = True,
-           v_direct: bool = False, late_release: bool = False) -> str:
+           v_direct: bool = False) -> str:
     """The whole translation unit for a ring of `stages` K and V slots. `diag` (timing only,
     wrong results): 1 loads no K/V tile after the ring's first fill, 2 computes no exp2, 3
     starts the scores from zero instead of the preset and skips the lazy maximum's test, 4 skips
@@ -449,8 +449,7 @@ def source(stages: int, diag: int = 0, pingpong: bool = False, preload: bool = T
     (attention_int8_cuda_static). `preset_lds` (on): the preset scores loaded from shared memory
     instead of set by 64 register moves (preload_scores). `v_direct` (bf16 P.V, off): V read as
     it is, MN-major, instead of quantize_kv's V^T (attention_int8_cuda_vdirect; the launcher
-    sets it when handed V itself). `late_release` (off, no faster): the static loop frees a K
-    slot after the block's softmax, as the lazy loop does, not before it."""
+    sets it when handed V itself)."""
     rowsum_mma = rowsum_mma and not pv_int8
     lazy_max, q_regs = lazy_max and not pv_int8, q_regs and not pv_int8
     multicast, v_direct = multicast and not pv_int8, v_direct and not pv_int8
@@ -466,7 +465,7 @@ def source(stages: int, diag: int = 0, pingpong: bool = False, preload: bool = T
                f"#define Q_REGS {int(q_regs)}\n#define LAZY_SLACK 8.0f\n"
                f"#define MULTICAST {int(multicast)}\n#define STATIC_MAX {int(static_max)}\n"
                f"#define PRESET_LDS {int(preset_lds and preload)}\n"
-               f"#define V_DIRECT {int(v_direct)}\n#define LATE_RELEASE {int(late_release)}\n"
+               f"#define V_DIRECT {int(v_direct)}\n"
                f"#define HEADROOM (LAZY_MAX ? LAZY_SLACK : 0.f)\n")
     # the bf16 helpers are compiled in either way (unused inline functions cost nothing)
     n = 136 if rowsum_mma else 128
