@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import emit  # noqa: E402
+from common import emit, with_cuda_switches  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo import attention_int8 as ai  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.attention import AUTO_INT8_MIN_KEYS  # noqa: E402
@@ -268,9 +268,8 @@ def interleaved(cudnn, ours, rounds: int) -> dict:
     """cuDNN and the default kernel (K/V pass included) timed in alternation, one sample each
     per round: the GPU's clock and temperature drift over a run then weigh on both alike.
     "speedup" is the median of the rounds' ratios."""
-    for fn in (cudnn, ours):
-        median_ms(fn, 1)   # warm-up
-    pairs = [(median_ms(cudnn, 1, warmup=0), median_ms(ours, 1, warmup=0)) for _ in range(rounds)]
+    samples = round_samples({"cudnn": cudnn, "ours": ours}, rounds)
+    pairs = list(zip(samples["cudnn"], samples["ours"]))
     return {"rounds": rounds, "cudnn_ms": statistics.median(a for a, _ in pairs),
             "ours_ms": statistics.median(b for _, b in pairs),
             "speedup": statistics.median(a / b for a, b in pairs)}
@@ -311,23 +310,29 @@ CUDA_PARTS = (("as_shipped_ms", 0, {}), ("no_kv_loads_ms", 1, {}), ("no_exp2_ms"
               ("eleventh_session_ms", 0, {"preset_lds": False, "pingpong": True}),
               ("v_direct_ms", 0, {"v_direct": True}),
               ("as_shipped_again_ms", 0, {}))   # the first timing of a run tends to be slower
-# the whole call (K/V pass + kernel) with attention_int8_cuda's module switches patched
-CUDA_CALLS = (("call_ms", {}), ("call_v_direct_ms", {"V_DIRECT": True}),
-              ("call_eleventh_session_ms", {"KERNEL_OPTIONS": {"preset_lds": False,
-                                                               "pingpong": True}}),
-              ("call_again_ms", {}))
+# the whole call (K/V pass + kernel) under bench/common.cuda_switches
+CUDA_CALLS = (("call_ms", ""), ("call_v_direct_ms", "v_direct=1"),
+              ("call_eleventh_session_ms", "preset_lds=0,pingpong=1"), ("call_again_ms", ""))
 
 
-def interleaved_ms(fns: dict, rounds: int) -> dict:
-    """{name: ms}: the median over `rounds` rounds in each of which every function is timed
-    once (median_ms's sample of 5 calls), so the GPU's drift weighs on all of them alike."""
+def round_samples(fns: dict, rounds: int, sample=None) -> dict:
+    """{name: [ms, one per round]}: after a warm-up of each, `rounds` rounds in each of which
+    every function is timed once by `sample` (default median_ms's sample of 5 calls), so the
+    GPU's drift weighs on all of them alike."""
+    sample = sample or (lambda fn: median_ms(fn, 1, warmup=0))
     for fn in fns.values():
         median_ms(fn, 1)   # warm-up (and compilation)
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(median_ms(fn, 1, warmup=0))
-    return {name: statistics.median(times) for name, times in samples.items()}
+            samples[name].append(sample(fn))
+    return samples
+
+
+def interleaved_ms(fns: dict, rounds: int) -> dict:
+    """{name: ms}: the median of each function's round_samples."""
+    return {name: statistics.median(times)
+            for name, times in round_samples(fns, rounds).items()}
 
 
 def _cuda_part(q, k_int, k_scale, v, out, tokens, diag, k_bound, options):
@@ -336,22 +341,6 @@ def _cuda_part(q, k_int, k_scale, v, out, tokens, diag, k_bound, options):
     factor, stages = ai.softmax_factor(q.shape[-1]), ai.HOPPER_CUDA["num_stages"]
     return lambda: attention_int8_cuda.attention(q, k_int, k_scale, v, out, tokens, factor,
                                                  stages, diag, k_bound=k_bound, **options)
-
-
-def _patched(fn, switches: dict):
-    """fn run with attention_int8_cuda's module switches patched."""
-    from wanvideo_infinitetalk.wanvideo import attention_int8_cuda
-
-    def call():
-        saved = {key: getattr(attention_int8_cuda, key) for key in switches}
-        for key, value in switches.items():
-            setattr(attention_int8_cuda, key, value)
-        try:
-            return fn()
-        finally:
-            for key, value in saved.items():
-                setattr(attention_int8_cuda, key, value)
-    return call
 
 
 def diagnose_cuda(tokens: int, args) -> dict:
@@ -374,11 +363,11 @@ def diagnose_cuda(tokens: int, args) -> dict:
                             tokens, diag, k_bound, options)
            for name, diag, options in CUDA_PARTS}   # v_direct: V itself, not the V^T copy
     # whole calls: cuda=True, so a failing variant raises instead of handing over
-    fns.update({name: _patched(lambda: ai.attention_int8(q, k, v, cuda=True), switches)
-                for name, switches in CUDA_CALLS})
+    fns.update({name: with_cuda_switches(lambda: ai.attention_int8(q, k, v, cuda=True), text)
+                for name, text in CUDA_CALLS})
     fns["quantize_kv_ms"] = lambda: ai.quantize_for(k, v, config)
-    fns["quantize_kv_v_direct_ms"] = _patched(lambda: ai.quantize_for(k, v, config),
-                                              {"V_DIRECT": True})
+    fns["quantize_kv_v_direct_ms"] = with_cuda_switches(lambda: ai.quantize_for(k, v, config),
+                                                        "v_direct=1")
     result = {"config": config, "rounds": args.reps, **interleaved_ms(fns, args.reps)}
     shipped = ai.attention_int8(q, k, v, cuda=True)
     attention_int8_cuda.attention(q, k_int, k_scale, v, out, tokens, factor,

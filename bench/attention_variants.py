@@ -18,34 +18,18 @@ the share of rounds it was faster, and whether its output equals the default's b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 
 import torch
 
-from attention import dit_inputs, median_ms  # noqa: E402
-from common import cuda_switches, emit  # noqa: E402
+from attention import dit_inputs, round_samples  # noqa: E402
+from common import cuda_switches, emit, with_cuda_switches  # noqa: E402
 
 from wanvideo_infinitetalk.wanvideo import attention_int8 as ai  # noqa: E402
 
 
-@contextlib.contextmanager
-def _patched(text: str):
-    patches = [(mod, key, getattr(mod, key), value) for mod, key, value in cuda_switches(text)]
-    for mod, key, _, value in patches:
-        setattr(mod, key, value)
-    try:
-        yield
-    finally:
-        for mod, key, old, _ in reversed(patches):
-            setattr(mod, key, old)
-
-
 def _call(q, k, v, text: str):
-    def run():
-        with _patched(text):
-            return ai.attention_int8(q, k, v, cuda=True)
-    return run
+    return with_cuda_switches(lambda: ai.attention_int8(q, k, v, cuda=True), text)
 
 
 def cold_ms(fn, flush: torch.Tensor) -> float:
@@ -65,11 +49,8 @@ def measure(tokens: int, variants: list, rounds: int, heads: int, cold: bool = F
            "default_again": _call(q, k, v, "")}
     reference = fns["default"]()
     equal = {name: bool(torch.equal(fn(), reference)) for name, fn in fns.items()}
-    samples = {name: [] for name in fns}
     flush = torch.empty(1 << 30, dtype=torch.uint8, device="cuda") if cold else None
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(cold_ms(fn, flush) if cold else median_ms(fn, 1, warmup=0))
+    samples = round_samples(fns, rounds, (lambda fn: cold_ms(fn, flush)) if cold else None)
     base = samples["default"]
     return {"tokens": tokens, "rounds": rounds, "cold": cold, "default_ms": statistics.median(base),
             "variants": {name: {"ms": statistics.median(times),

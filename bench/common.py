@@ -119,16 +119,13 @@ def attention_spec(spec: str):
         return
     if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows") \
             or index.startswith("cuda:"):
-        with _switched(index):
+        with patched(_switches(index)):
             yield name
         return
     chosen = dict(attention_int8.SWEEP[int(index)])
-    original = attention_int8.default_config
-    attention_int8.default_config = lambda device, head_dim, cuda=True: dict(chosen)
-    try:
+    with patched([(attention_int8, "default_config",
+                   lambda device, head_dim, cuda=True: dict(chosen))]):
         yield name
-    finally:
-        attention_int8.default_config = original
 
 
 def cuda_switches(text: str) -> list:
@@ -153,28 +150,39 @@ def cuda_switches(text: str) -> list:
     return patches + [(attention_int8_cuda, "KERNEL_OPTIONS", options)]
 
 
-@contextlib.contextmanager
-def _switched(what: str):
-    """Module constants patched for attention_spec's "unpaired", "tensorwise", "rows" and
-    "cuda:..."."""
-    from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
-                                                quant_linear)
+def with_cuda_switches(fn, text: str):
+    """fn, run under cuda_switches(text) at every call."""
+    def call():
+        with patched(cuda_switches(text)):
+            return fn()
+    return call
 
-    if what == "unpaired":
-        saved = [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
-    elif what == "rows":
-        saved = [(quant_linear, "DYNAMIC_ROWS", True)]
-    elif what.startswith("cuda:"):
-        saved = cuda_switches(what[len("cuda:"):])
-    else:
-        saved = [(model, "fp8_rows_input", lambda layers, x: False)]
-        if what == "tensorwise":
-            saved.append((quant_kernels, "ROWS_MAX_K", 0))
-    saved = [(mod, key, getattr(mod, key), value) for mod, key, value in saved]
-    for mod, key, _, value in saved:
+
+@contextlib.contextmanager
+def patched(patches: list):
+    """(module, name, value) patches applied for the with-block, the old values restored."""
+    saved = [(mod, key, getattr(mod, key)) for mod, key, _ in patches]
+    for mod, key, value in patches:
         setattr(mod, key, value)
     try:
         yield
     finally:
-        for mod, key, old, _ in saved:
+        for mod, key, old in reversed(saved):
             setattr(mod, key, old)
+
+
+def _switches(what: str) -> list:
+    """The patches of attention_spec's "unpaired", "tensorwise", "rows" and "cuda:..."."""
+    from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
+                                                quant_linear)
+
+    if what == "unpaired":
+        return [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
+    if what == "rows":
+        return [(quant_linear, "DYNAMIC_ROWS", True)]
+    if what.startswith("cuda:"):
+        return cuda_switches(what[len("cuda:"):])
+    patches = [(model, "fp8_rows_input", lambda layers, x: False)]
+    if what == "tensorwise":
+        patches.append((quant_kernels, "ROWS_MAX_K", 0))
+    return patches
