@@ -4,7 +4,9 @@
 
 ops: each fused kernel against the torch chain it replaces, on one [1, tokens, 5120] activation
 (ms per call, CUDA events; the residual cases update an fp32 residual by a bf16 y, gated by an
-fp32 [1, 1, C] gate or not, and the *_layer_norm ones also write the next norm in bf16).
+fp32 [1, 1, C] gate or not, and the *_layer_norm ones also write the next norm in bf16;
+rms_norm_rope_into_exchange: q or k written into the Ulysses send buffer of 2 ranks and 2 pieces
+directly, against the token-major result packed by head_exchange.pack).
 forward: ms per full forward of a 14B-shaped WanModel (bench/common.py, weights resident) in bf16
 and fp8_e4m3fn_scaled, WANVIDEO_FUSED=0 vs 1 on the same model and input, and the cosine between
 the two outputs; "norms_only" is WANVIDEO_FUSED=1 with the residual updates back in torch (the
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from common import build, cuda_ms, emit  # noqa: E402
 from quant import LATENTS, inputs  # noqa: E402
 
-from wanvideo_infinitetalk.wanvideo import fused_ops  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import fused_ops, head_exchange  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.rope import (angle_table, apply_rope, cos_sin,  # noqa: E402
                                                  grid_angles, rotations)
 
@@ -70,6 +72,16 @@ def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict
             lambda: fused_ops.residual_layer_norm(xr, x, None, torch.bfloat16, 1e-6,
                                                   shift=shift, scale=scale)),
     })
+    # q or k of a rank under sequence parallelism (2 ranks, 2 pieces), rank 0's heads into its
+    # receive buffer: normed and rotated, then packed (the chain), or written there directly
+    buf = (2, 3, 2, 1, tokens, heads // 4, head_dim)
+    ref_bufs, fused_bufs = ([torch.zeros(buf, dtype=x.dtype, device="cuda") for _ in "ab"]
+                            for _ in "ab")
+    cases["rms_norm_rope_into_exchange"] = (
+        lambda: head_exchange.pack((fused_ops.rms_norm_rope(x, w, 1e-6, cos, sin, heads)
+                                    .view(shape),), ref_bufs[0], own=ref_bufs[1], me=0),
+        lambda: fused_ops.rms_norm_rope(x, w, 1e-6, cos, sin, heads,
+                                        exchange=(*fused_bufs, 0, 0)))
     out = {}
     for name, (ref, fused) in cases.items():
         torch_ms, fused_ms = cuda_ms(ref, iters), cuda_ms(fused, iters)
@@ -82,7 +94,7 @@ def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict
         err = max((u.flatten() - v.flatten()).abs().max().item() for u, v in zip(a, b))
         out[name] = {"torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
                      "max_abs_diff": err}
-    nbytes = {"rms_norm_rope": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6,
+    nbytes = {"rms_norm_rope": 4, "rms_norm_rope_into_exchange": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6,
               "gated_residual": 10, "residual": 10, "gated_residual_affine_layer_norm": 12,
               "residual_modulated_layer_norm": 12}
     for name, per in nbytes.items():  # one read + one write: bytes per element
@@ -95,14 +107,15 @@ class _ResidualInTorch:
 
     @staticmethod
     def residual_layer_norm(x, y, gate, out_dtype, eps=1e-6, weight=None, bias=None, shift=None,
-                            scale=None, inplace=True, norm=True):
+                            scale=None, inplace=True, norm=True, **out_kw):
         if inplace:
             x = x.addcmul_(y, gate) if gate is not None else x.add_(y)
         else:
             x = torch.addcmul(x, y, gate) if gate is not None else x + y
         if shift is not None:
-            return x, fused_ops.modulated_layer_norm(x, shift, scale, out_dtype, eps)
-        return x, fused_ops.layer_norm(x, weight, bias, eps, out_dtype)
+            return x, fused_ops.modulated_layer_norm(x, shift, scale, out_dtype, eps, **out_kw)
+        # the affine norm with amax_to / fp8_rows has no public entry of its own
+        return x, fused_ops._launch_ln(x, out_dtype, eps, weight, bias, False, **out_kw)
 
     @staticmethod
     def gated_residual_(x, y, gate=None):

@@ -85,3 +85,82 @@ def peer_verdict(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def fused_writes(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The tiny I2V + InfiniteTalk model split over the group with the fused kernels on: q and k
+    written straight into the exchange buffers by the norm + RoPE kernel, against the same
+    kernel's token-major output then packed (bit for bit), and against the unsplit forward.
+    NCCL, CUDA and bf16 when there is a GPU; else gloo, fp32 and the kernels through Triton's
+    interpreter (TRITON_INTERPRET=1 set by the caller). Rank 0 writes OUT/fused.json."""
+    from unittest import mock
+
+    import sp_worker
+    from test_pipeline import tiny_model
+
+    from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput
+    from wanvideo_infinitetalk.wanvideo import fused_ops, head_exchange
+
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, device_id=device)
+    else:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    fused = fused_ops.rms_norm_rope
+    writes = []
+
+    def packed_after(x, weight, eps, cos, sin, heads, exchange=None):
+        if exchange is None:
+            return fused(x, weight, eps, cos, sin, heads)
+        send, own, me, slot = exchange
+        writes.append(slot)
+        y = fused(x, weight, eps, cos, sin, heads).view(*x.shape[:2], heads, -1)
+        return head_exchange.pack((y,), send, own=own, me=me, slot=slot)
+
+    def always(x):
+        return True
+
+    patches = [] if cuda else [mock.patch.object(fused_ops, "enabled", always),
+                               mock.patch.object(head_exchange, "enabled", always)]
+    try:
+        for p in patches:
+            p.start()
+        model = tiny_model(sp_worker.TINY_I2V_4_HEADS)
+        if cuda:
+            model = model.to(device, torch.bfloat16)
+            model.compute_dtype = torch.bfloat16
+        result = {}
+        for speakers in (1, 2):
+            case = sp_worker.inputs(sp_worker.ODD, speakers)
+            audio = case["audio"]
+            args = dict(x=case["x"], t=torch.full((1,), 700.0), context=case["pos"],
+                        clip_fea=case["clip_fea"], y=case["y"])
+            args = {k: v.to(device) for k, v in args.items()}
+            args["audio"] = AudioInput(audio.features.to(device),
+                                       None if audio.masks is None else audio.masks.to(device))
+            with torch.no_grad():
+                model.sequence_parallel = None
+                want = model(**args).float()
+                model.sequence_parallel = SequenceParallel.from_group(pieces=2)
+                direct = model(**args).float()
+                with mock.patch.object(fused_ops, "rms_norm_rope", packed_after):
+                    packed = model(**args).float()
+                model.sequence_parallel = None
+            result[f"{speakers}spk"] = {
+                "equal": bool(torch.equal(direct, packed)),
+                "vs_unsplit": float((direct - want).norm() / want.norm()),
+                "exchange_writes": len(writes)}
+            writes.clear()
+        if rank == 0:
+            with open(os.path.join(out_dir, "fused.json"), "w") as f:
+                json.dump(result, f)
+        dist.barrier()
+    finally:
+        for p in patches:
+            p.stop()
+        dist.destroy_process_group()

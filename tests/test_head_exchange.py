@@ -107,19 +107,88 @@ def _kernel_matches_torch(device, dtype):
         assert torch.equal(out, qkv[1]), shape
 
 
+def _fused_norm_rope_writes_the_pack(device, dtype):
+    """fused_ops.rms_norm_rope with `exchange` writes what rms_norm_rope then pack write, bit
+    for bit: the other ranks' heads into send, rank `me`'s into `own` and nothing of them into
+    send (pack's torch path writes them there too; nothing reads them)."""
+    from wanvideo_infinitetalk.wanvideo import fused_ops
+
+    for shape in SHAPES + [(1, 9, 20, 128, 2, 2)]:   # the last: 14B's 1,280-wide head groups
+        b, n, h, d, world, pieces = shape
+        g = torch.Generator().manual_seed(n * h)
+        x = torch.randn(b, n, h * d, generator=g).to(device, dtype)
+        weight = (1 + 0.1 * torch.randn(h * d, generator=g)).to(device)
+        angles = torch.rand(n, d // 2, generator=g) * 6
+        cos, sin = angles.cos().to(device), angles.sin().to(device)
+        y = fused_ops.rms_norm_rope(x, weight, 1e-6, cos, sin, h).view(b, n, h, d)
+        buf = (pieces, 3, world, b, n, h // (world * pieces), d)
+        for me, slot in ((0, 0), (world - 1, 2)):
+            want_send, want_own = (torch.zeros(buf, dtype=dtype, device=device) for _ in "ab")
+            hx.pack((y,), want_send, own=want_own, me=me, slot=slot)
+            send, own = (torch.zeros(buf, dtype=dtype, device=device) for _ in "ab")
+            assert fused_ops.rms_norm_rope(x, weight, 1e-6, cos, sin, h,
+                                           exchange=(send, own, me, slot)) is send
+            others = [j for j in range(world) if j != me]
+            assert torch.equal(own, want_own), (shape, me)
+            assert torch.equal(send[:, :, others], want_send[:, :, others]), (shape, me)
+            assert not send[:, :, me].any(), (shape, me)
+    with pytest.raises(ValueError, match="do not fit x"):
+        fused_ops.rms_norm_rope(x, weight, 1e-6, cos, sin, h, exchange=(send, own, 0, 3))
+
+
 def test_kernel_under_triton_interpreter():
-    """The Triton kernel's indexing on CPU tensors (TRITON_INTERPRET=1, chosen before triton is
+    """The Triton kernels' indexing on CPU tensors (TRITON_INTERPRET=1, chosen before triton is
     first imported, hence a fresh process)."""
     triton_interpreter.run("import test_head_exchange as t\n"
                            "t._kernel_matches_torch('cpu', torch.float32)\n"
-                           "t._kernel_matches_torch('cpu', torch.bfloat16)\n")
+                           "t._kernel_matches_torch('cpu', torch.bfloat16)\n"
+                           "t._fused_norm_rope_writes_the_pack('cpu', torch.float32)\n"
+                           "t._fused_norm_rope_writes_the_pack('cpu', torch.bfloat16)\n")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_matches_torch_on_cuda(dtype):
     _kernel_matches_torch("cuda", dtype)
+    _fused_norm_rope_writes_the_pack("cuda", dtype)
     # The public entry points pick the kernel for CUDA tensors with dense rows.
     qkv, world, pieces = _inputs((1, 300, 40, 128, 2, 2), dtype, "cuda")
     assert hx._use_kernel(list(qkv), torch.empty(2, 3, 2, 1, 300, 10, 128, dtype=dtype,
                                                  device="cuda"))
+
+
+def _check_fused_writes(result: dict, blocks: int, tolerance: float) -> None:
+    assert result["1spk"]["exchange_writes"] == 2 * blocks, result   # q and k of every block
+    assert result["2spk"]["exchange_writes"] == blocks, result       # q kept for the speaker map
+    for case in result.values():
+        assert case["equal"], result
+        assert case["vs_unsplit"] < tolerance, result
+
+
+def test_split_forward_writes_q_and_k_straight_into_the_exchange(tmp_path):
+    """Two gloo ranks run the tiny model's sharded forward with the fused kernels through
+    Triton's interpreter: q and k reach the exchange from the norm + RoPE kernel, with the same
+    bits as that kernel's output packed afterwards, and the split equals one process (fp32)."""
+    import json
+
+    import sp_worker
+
+    triton_interpreter.run("import sp_worker, exchange_worker\n"
+                           "sp_worker.spawn(exchange_worker.fused_writes, 2, "
+                           f"{str(tmp_path)!r}, 300)\n")
+    _check_fused_writes(json.loads((tmp_path / "fused.json").read_text()),
+                        sp_worker.TINY_I2V_4_HEADS.num_layers, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_split_forward_writes_q_and_k_straight_into_the_exchange_on_two_gpus(tmp_path):
+    """The same on two GPUs (NCCL, bf16, the compiled kernels)."""
+    import json
+
+    import exchange_worker
+    import sp_worker
+
+    sp_worker.spawn(exchange_worker.fused_writes, 2, str(tmp_path), 300)
+    _check_fused_writes(json.loads((tmp_path / "fused.json").read_text()),
+                        sp_worker.TINY_I2V_4_HEADS.num_layers, 2e-2)   # bf16, per head piece

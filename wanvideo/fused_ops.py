@@ -59,9 +59,10 @@ def _rms_rope_kernel():
     import triton.language as tl
 
     @triton.jit
-    def rms_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, L, HALF_DIM, HALF_HEAD, stride_x,
-                 stride_cl, stride_cp, stride_sl, stride_sp, eps,
-                 ROPE: tl.constexpr, BLOCK: tl.constexpr):
+    def rms_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, own_ptr, L, HALF_DIM, HALF_HEAD,
+                 stride_x, stride_cl, stride_cp, stride_sl, stride_sp, eps, ROWS, ME, WORLD,
+                 PIECES, SLOTS, SLOT, ROPE: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr, SUB: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, 2 * BLOCK)  # contiguous channels: vector loads and stores
         mask = offs < 2 * HALF_DIM
@@ -76,7 +77,20 @@ def _rms_rope_kernel():
             c = tl.load(cos_ptr + pos * stride_cl + p * stride_cp, mask=j < HALF_DIM, other=0.0)
             s = tl.load(sin_ptr + pos * stride_sl + p * stride_sp, mask=j < HALF_DIM, other=0.0)
             y = tl.reshape(tl.join(ne * c - no * s, ne * s + no * c), (2 * BLOCK,))
-        tl.store(y_ptr + row * (2 * HALF_DIM) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if CHUNK == 0:
+            tl.store(y_ptr + row * (2 * HALF_DIM) + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        else:  # head_exchange's send layout: runs of SUB channels, each inside one head group
+            s = tl.arange(0, 2 * BLOCK // SUB)
+            first = s * SUB
+            g = first // CHUNK
+            j = g // PIECES
+            base = (((g - j * PIECES) * SLOTS + SLOT) * WORLD + j).to(tl.int64) * ROWS * CHUNK \
+                + row * CHUNK + (first - g * CHUNK)
+            cols = tl.arange(0, SUB)
+            off = base[:, None] + cols[None, :]
+            dst = tl.where((j == ME)[:, None], own_ptr + off, y_ptr + off)
+            tl.store(dst, tl.reshape(y, (2 * BLOCK // SUB, SUB)).to(y_ptr.dtype.element_ty),
+                     mask=(first[:, None] + cols[None, :]) < 2 * HALF_DIM)
 
     return rms_rope
 
@@ -141,11 +155,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch_rms(x, weight, eps, cos, sin, num_heads):
+def _launch_rms(x, weight, eps, cos, sin, num_heads, exchange=None):
     dim = x.shape[-1]
     seq = x.shape[-2] if x.dim() >= 2 else 1
     x2 = _rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if exchange is None:
+        y = own = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        layout, chunk, sub = (x2.shape[0], -1, 1, 1, 1, 0), 0, 1
+    else:
+        y, own, me, slot = exchange
+        layout, chunk, sub = _exchange_layout(x, y, own, me, slot)
     if x2.shape[0] == 0:
         return y
     half = dim // 2
@@ -160,19 +179,39 @@ def _launch_rms(x, weight, eps, cos, sin, num_heads):
                 sin.stride(0), sin.stride(1))
     else:
         args = (weight, weight, 1, half, 1, x2.stride(0), 0, 0, 0, 0)
-    _rms_rope_kernel()[(x2.shape[0],)](x2, weight, args[0], args[1], y, *args[2:], float(eps),
-                                  ROPE=rope, BLOCK=block, num_warps=_warps(2 * block))
+    _rms_rope_kernel()[(x2.shape[0],)](x2, weight, args[0], args[1], y, own, *args[2:],
+                                       float(eps), *layout, ROPE=rope, BLOCK=block, CHUNK=chunk,
+                                       SUB=sub, num_warps=_warps(2 * block))
     return y
 
 
+def _exchange_layout(x, send, own, me, slot):
+    """The kernel's (ROWS, ME, WORLD, PIECES, SLOTS, SLOT), CHUNK and SUB for writing x [B, n,
+    dim] into head_exchange's send [pieces, slots, world, B, n, hp, D], rank `me`'s heads into
+    `own` (same layout) instead."""
+    pieces, slots, world, b, n, hp, d = send.shape
+    ok = (send.is_contiguous() and own.is_contiguous() and own.shape == send.shape
+          and send.dtype == own.dtype == x.dtype and send.device == own.device == x.device
+          and (b, n, world * pieces * hp * d) == tuple(x.shape) and 0 <= slot < slots
+          and 0 <= me < world)
+    if not ok:
+        raise ValueError(f"exchange buffers {tuple(send.shape)} / {tuple(own.shape)} "
+                         f"({send.dtype}) do not fit x {tuple(x.shape)} ({x.dtype}) at slot "
+                         f"{slot}, rank {me}")
+    chunk = hp * d
+    return (b * n, me, world, pieces, slots, slot), chunk, min(256, chunk & -chunk)
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rot_cos: torch.Tensor,
-                  rot_sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+                  rot_sin: torch.Tensor, num_heads: int, exchange=None) -> torch.Tensor:
     """x [B, L, dim] -> RMSNorm(x) * weight, each head's adjacent channel pairs rotated by
     (rot_cos, rot_sin) [L, head_dim/2] fp32 (strided views are fine); same shape and dtype as x.
-    Caller checks `enabled(x)` first."""
+    `exchange` (send, own, me, slot): write the result into slot `slot` of the Ulysses send
+    buffer instead, as head_exchange.pack((result,), send, own=own, me=me, slot=slot) would
+    (returns send). Caller checks `enabled(x)` first."""
     if x.shape[-1] % 2:
         raise ValueError("dim must be even")
-    return _launch_rms(x, weight, eps, rot_cos, rot_sin, num_heads)
+    return _launch_rms(x, weight, eps, rot_cos, rot_sin, num_heads, exchange)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -93,13 +93,9 @@ class SelfAttention(_Attention):
             heads = shard.heads((b, seq, self.num_heads, x.shape[-1] // self.num_heads))
         send = heads.put if heads is not None else (lambda t: None)
         if fused_ops.enabled(x):  # RMSNorm + RoPE in one pass each
-            cos, sin, nh = *cos_sin(rope), self.num_heads
-            q = fused_ops.rms_norm_rope(self.q(x, **kw), self.norm_q.weight, self.norm_q.eps,
-                                        cos, sin, nh).view(shape)
-            send(q)
-            k = fused_ops.rms_norm_rope(self.k(x, **kw), self.norm_k.weight, self.norm_k.eps,
-                                        cos, sin, nh).view(shape)
-            send(k)
+            cos, sin = cos_sin(rope)
+            q = self._norm_rope(self.q(x, **kw), self.norm_q, cos, sin, heads, keep=return_qk)
+            k = self._norm_rope(self.k(x, **kw), self.norm_k, cos, sin, heads, keep=False)
         else:
             q = apply_rope(self.norm_q(self.q(x, **kw)).view(shape), rope)
             send(q)
@@ -120,6 +116,23 @@ class SelfAttention(_Attention):
         # reads nothing else, multitalk.audio_attention.affinity_map).
         out = self.o(out.flatten(2))
         return out, ((q, first_keys) if return_qk else None)
+
+    def _norm_rope(self, t, norm, cos, sin, heads, keep: bool):
+        """RMSNorm + RoPE of q or k [B, L, dim] in one pass -> [B, L, H, D]; under the head
+        exchange handed to it, written straight into its buffers unless `keep` (the caller
+        needs the local result) and then None."""
+        def write(send, own, me, slot):
+            fused_ops.rms_norm_rope(t, norm.weight, norm.eps, cos, sin, self.num_heads,
+                                    exchange=(send, own, me, slot))
+
+        shape = (*t.shape[:2], self.num_heads, t.shape[-1] // self.num_heads)
+        if heads is not None and not keep:
+            heads.put_written(write, t, shape)
+            return None
+        y = fused_ops.rms_norm_rope(t, norm.weight, norm.eps, cos, sin, self.num_heads)
+        if heads is not None:
+            heads.put(y.view(shape))
+        return y.view(shape)
 
 
 class CrossAttention(_Attention):

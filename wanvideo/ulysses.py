@@ -9,8 +9,9 @@ whose outputs travel while it runs for this rank's own tokens, which need no tra
 
 Buffers (peer_copy's links): send and receive [pieces, 3, world, B, n, hp, D] (piece, q/k/v,
 rank, token), output receive [pieces, world, B, n, hp, D]. This rank's own heads are packed
-straight into its receive buffer (head_exchange.pack), its own outputs copied into the output
-buffer; only the peers' parts travel.
+straight into its receive buffer (head_exchange.pack, or for q and k the kernel that norms and
+rotates them, fused_ops.rms_norm_rope), its own outputs copied into the output buffer; only the
+peers' parts travel.
 """
 from __future__ import annotations
 
@@ -43,16 +44,23 @@ class HeadExchange:
 
     def put(self, t: torch.Tensor) -> None:
         """The next of q, k, v: packed, then on its way (v's arrival is what attend waits for)."""
+        self.put_written(lambda send, own, me, slot: head_exchange.pack(
+            (t,), send, own=own, me=me, slot=slot), t, tuple(t.shape))
+
+    def put_written(self, write, like: torch.Tensor, shape=None) -> None:
+        """The next of q, k, v, written by write(send, own, me, slot) as head_exchange.pack would
+        write it (fused_ops.rms_norm_rope's `exchange`: no token-major copy to pack); `like`:
+        a tensor of its dtype and device, `shape`: its shape (default: the exchange's)."""
         i, me = self.given, self.shard.sp.rank
-        if i > 2 or tuple(t.shape) != self.shape:
-            raise ValueError(f"put #{i + 1} of shape {tuple(t.shape)}: expected q, k, v of "
-                             f"{self.shape}")
+        shape = self.shape if shape is None else tuple(shape)
+        if i > 2 or shape != self.shape:
+            raise ValueError(f"put #{i + 1} of shape {shape}: expected q, k, v of {self.shape}")
         if i == 0:
-            self._buffers(t)
-        elif t.dtype != self.send.dtype or t.device != self.send.device:
-            raise ValueError(f"put #{i + 1} is {t.dtype} on {t.device}, q was "
+            self._buffers(like)
+        elif like.dtype != self.send.dtype or like.device != self.send.device:
+            raise ValueError(f"put #{i + 1} is {like.dtype} on {like.device}, q was "
                              f"{self.send.dtype} on {self.send.device}")
-        head_exchange.pack((t,), self.send, own=self.recv, me=me, slot=i)
+        write(self.send, self.recv, me, i)
         for p in range(self.pieces):
             self.pending[p].append(self.link.start(
                 "in", self.recv, key=lambda x, p=p: (p, i, x),
