@@ -109,23 +109,31 @@ def attention_spec(spec: str):
     "int8@unpaired" the default with the CUDA kernel's CTA pairs off (no K/V multicast at any
     length), "<name>@tensorwise" the fp8 layers' inputs all scaled per tensor (no per-row
     inputs written by the norms or the GELU quantization), "<name>@norms-tensorwise" only
-    the norms' outputs so, and "<name>@rows" every dynamic fp8 input per row
-    (quant_linear.DYNAMIC_ROWS), "<name>@cuda:OPTIONS" the CUDA kernel with other source
+    the norms' outputs so, "<name>@rows" every dynamic fp8 input per row
+    (quant_linear.DYNAMIC_ROWS, the default), "<name>@dynamic-tensorwise" per tensor where no
+    writing kernel folds the rows (DYNAMIC_ROWS off), "<name>@rope-gather" the RMSNorm + RoPE
+    kernel's general rotation path and warp count (before the thirteenth session),
+    "<name>@cuda:OPTIONS" the CUDA kernel with other source
     options (cuda_switches, e.g. "int8@cuda:preset_lds=0+pingpong=1"), so one run can time the
-    default and a candidate side by side."""
+    default and a candidate side by side. Switches combine:
+    "int8@rope-gather@dynamic-tensorwise"."""
     name, _, index = spec.partition("@")
     if not index:
         yield spec
         return
-    if index in ("unpaired", "tensorwise", "norms-tensorwise", "rows") \
-            or index.startswith("cuda:"):
-        with patched(_switches(index)):
+    parts = index.split("@")   # several switches: "int8@rope-gather@dynamic-tensorwise"
+    if all(part in SWITCHES or part.startswith("cuda:") for part in parts):
+        with patched([patch for part in parts for patch in _switches(part)]):
             yield name
         return
     chosen = dict(attention_int8.SWEEP[int(index)])
     with patched([(attention_int8, "default_config",
                    lambda device, head_dim, cuda=True: dict(chosen))]):
         yield name
+
+
+SWITCHES = ("unpaired", "tensorwise", "norms-tensorwise", "rows", "dynamic-tensorwise",
+            "rope-gather")
 
 
 def cuda_switches(text: str) -> list:
@@ -172,14 +180,16 @@ def patched(patches: list):
 
 
 def _switches(what: str) -> list:
-    """The patches of attention_spec's "unpaired", "tensorwise", "rows" and "cuda:..."."""
-    from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, model, quant_kernels,
-                                                quant_linear)
+    """The patches of attention_spec's switches (its docstring)."""
+    from wanvideo_infinitetalk.wanvideo import (attention_int8_cuda, fused_ops, model,
+                                                quant_kernels, quant_linear)
 
     if what == "unpaired":
         return [(attention_int8_cuda, "MULTICAST_MIN_KEYS", float("inf"))]
-    if what == "rows":
-        return [(quant_linear, "DYNAMIC_ROWS", True)]
+    if what in ("rows", "dynamic-tensorwise"):
+        return [(quant_linear, "DYNAMIC_ROWS", what == "rows")]
+    if what == "rope-gather":
+        return [(fused_ops, "_rope_plan", lambda block, head_half: (0, fused_ops._warps(block)))]
     if what.startswith("cuda:"):
         return cuda_switches(what[len("cuda:"):])
     patches = [(model, "fp8_rows_input", lambda layers, x: False)]

@@ -2,7 +2,7 @@
 
     python bench/multigpu.py --out multigpu.json            # 2 GPUs, 14B-shaped fp8, ~4-5 min
     python bench/multigpu.py --tiny --device cpu --out x.json   # CPU smoke test (gloo, tiny)
-    python bench/multigpu.py --fp8-rows --out rows.json     # every dynamic fp8 input per row
+    python bench/multigpu.py --fp8-dynamic tensor --out t.json  # the per-tensor form (older)
 
 Each worker of multitalk.multi_gpu.WorkerPool builds the same 14B-shaped Wan2.1 I2V + InfiniteTalk
 model from random weights (bench/common.build, same seed, so every GPU holds the same weights),
@@ -41,21 +41,23 @@ from wanvideo_infinitetalk.multitalk.multi_gpu import ModelSpec, Placement, Work
 from wanvideo_infinitetalk.multitalk.window_job import WindowJob  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import quant_linear  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"one_pass_speedup": 1.85, "three_pass_speedup": 1.9, "rel_err": 2e-2}
 
 
 def worker_model(device, blocks: int, dim: int, ffn: int, quant: str, seed: int,
-                 fp8_rows: bool = False):
+                 fp8_dynamic: str | None = None):
     """The workers' factory (ModelSpec): weights stored in host RAM, placed by BlockSwap.
-    `fp8_rows`: quant_linear.DYNAMIC_ROWS in this worker (every dynamic fp8 input per row)."""
+    `fp8_dynamic`: "rows" / "tensor" sets quant_linear.DYNAMIC_ROWS in this worker (every
+    dynamic fp8 input per row, or per tensor where no kernel writes rows); None: the default."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)
-    if fp8_rows:
+    if fp8_dynamic is not None:
         from wanvideo_infinitetalk.wanvideo import quant_linear
 
-        quant_linear.DYNAMIC_ROWS = True
+        quant_linear.DYNAMIC_ROWS = fp8_dynamic == "rows"
     return build(blocks, quant, dim, ffn, device=str(device), storage="cpu", seed=seed)
 
 
@@ -215,9 +217,9 @@ def parse(argv):
                         "each timed on 2 GPUs in the same run; the first is the headline")
     p.add_argument("--no-interleave", dest="interleave", action="store_false",
                    help="all 1-GPU windows first, then the 2-GPU ones (the older protocol)")
-    p.add_argument("--fp8-rows", action="store_true",
-                   help="every dynamic fp8 input scaled per row in both pools "
-                        "(quant_linear.DYNAMIC_ROWS: no scale all-reduces under the split)")
+    p.add_argument("--fp8-dynamic", choices=("rows", "tensor"),
+                   help="dynamic fp8 inputs in both pools: per row (quant_linear.DYNAMIC_ROWS, "
+                        "the default: no scale all-reduces under the split) or per tensor")
     args = p.parse_args(argv)
     if args.tiny:
         args.blocks, args.dim, args.ffn, args.frames, args.size = 2, 256, 512, 9, "64x64"
@@ -234,7 +236,7 @@ def main(argv=None):
         [f"cuda:{int(i)}" for i in args.gpus.split(",")][:2]
     spec = ModelSpec.make("multigpu:worker_model", sys_path=(BENCH,), blocks=args.blocks,
                           dim=args.dim, ffn=args.ffn, quant=args.quant, seed=0,
-                          fp8_rows=args.fp8_rows)
+                          fp8_dynamic=args.fp8_dynamic)
     one, two, timing = start_pools(args, spec, devices)
     try:
         r1, r2 = measure_all(one, two, args, size)
@@ -247,7 +249,8 @@ def main(argv=None):
     result = {"gpu": gpu, "torch": torch.__version__, "devices": devices,
               "model": f"{args.blocks} blocks dim {args.dim} ffn {args.ffn}, {args.quant}",
               "window": f"{size[0]}x{size[1]}x{args.frames}", "tokens": f_lat * (h // 2) * (w // 2),
-              "steps": args.steps, "fp8_rows": args.fp8_rows, "targets": TARGETS, **timing,
+              "steps": args.steps, "fp8_dynamic": args.fp8_dynamic or
+              ("rows" if quant_linear.DYNAMIC_ROWS else "tensor"), "targets": TARGETS, **timing,
               "cases": summarize(r1, r2)}
     result["meets_targets"] = all(c["meets_targets"] for c in result["cases"].values())
     emit(result, args.out)

@@ -60,3 +60,23 @@ def test_cuda_switches_patch_the_kernel_options_and_the_v_copy():
     with common.attention_spec("int8@cuda:skip_ones=0+v_direct=1") as name:
         assert name == "int8" and ac.KERNEL_OPTIONS == {"skip_ones": False} and ac.V_DIRECT
     assert (dict(ac.KERNEL_OPTIONS), ac.V_DIRECT) == before
+
+
+def test_forward_switches_set_and_restore_their_constants():
+    """bench/forward_variants.py's switches: "@dynamic-tensorwise" / "@rows" set
+    quant_linear.DYNAMIC_ROWS, "@rope-gather" the RMSNorm + RoPE kernel's older plan (a table
+    lookup per channel pair, up to 16 warps); both restored after the with-block."""
+    from wanvideo_infinitetalk.wanvideo import fused_ops, quant_linear
+
+    common = _bench("common")
+    assert quant_linear.DYNAMIC_ROWS and fused_ops._rope_plan(8192, 64) == (64, 8)
+    assert fused_ops._rope_plan(8192, 48)[0] == 0   # head dim 96: the general path
+    with common.attention_spec("sdpa@dynamic-tensorwise") as name:
+        assert name == "sdpa" and not quant_linear.DYNAMIC_ROWS
+    with common.attention_spec("int8@rope-gather") as name:
+        assert name == "int8" and fused_ops._rope_plan(8192, 64) == (0, 16)
+    assert quant_linear.DYNAMIC_ROWS and fused_ops._rope_plan(8192, 64) == (64, 8)
+    with common.attention_spec("sdpa@rope-gather@dynamic-tensorwise") as name:   # combined
+        assert name == "sdpa" and not quant_linear.DYNAMIC_ROWS
+        assert fused_ops._rope_plan(8192, 64) == (0, 16)
+    assert quant_linear.DYNAMIC_ROWS and fused_ops._rope_plan(8192, 64) == (64, 8)

@@ -113,7 +113,9 @@ def _fused_norm_rope_writes_the_pack(device, dtype):
     send (pack's torch path writes them there too; nothing reads them)."""
     from wanvideo_infinitetalk.wanvideo import fused_ops
 
-    for shape in SHAPES + [(1, 9, 20, 128, 2, 2)]:   # the last: 14B's 1,280-wide head groups
+    # + 14B's 1,280-wide head groups, and a head dim that is no power of two (the rotation's
+    # general path)
+    for shape in SHAPES + [(1, 9, 20, 128, 2, 2), (1, 5, 4, 6, 2, 1)]:
         b, n, h, d, world, pieces = shape
         g = torch.Generator().manual_seed(n * h)
         x = torch.randn(b, n, h * d, generator=g).to(device, dtype)

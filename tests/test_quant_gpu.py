@@ -239,8 +239,11 @@ def test_fused_gelu_quantization_matches_torch(static):
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
+    """With quant_linear.DYNAMIC_ROWS off: per-tensor scales where no kernel writes rows."""
     from wanvideo_infinitetalk.wanvideo import model as model_mod
+    from wanvideo_infinitetalk.wanvideo import quant_linear
 
+    monkeypatch.setattr(quant_linear, "DYNAMIC_ROWS", False)
     monkeypatch.setenv("WANVIDEO_FUSED", fused)
     mm, ref = _tiny_wan_fp8()
     dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
@@ -279,20 +282,23 @@ def test_wanmodel_fp8_shared_and_gelu_fused(monkeypatch, fused):
 @pytest.mark.skipif(not _fp8_capable(), reason="fp8 tensor cores need sm_89+")
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_wanmodel_fp8_every_dynamic_input_per_row(monkeypatch, fused):
-    """quant_linear.DYNAMIC_ROWS: no per-tensor quantization is left (no reduction, nothing to
-    agree between ranks); the norms write q/k/v's, cross-attention q's and ffn.0's inputs as fp8
-    rows (fused), the row quantizer takes o and cross-attention k, v and o (and with the torch
-    norms every input but ffn.2's, which the GELU pass quantizes per row either way)."""
+    """quant_linear.DYNAMIC_ROWS (the default): no per-tensor quantization is left (no
+    reduction, nothing to agree between ranks); the norms write q/k/v's, cross-attention q's and
+    ffn.0's inputs as fp8 rows (fused), the row quantizer takes o and cross-attention k, v and o
+    (and with the torch norms every input but ffn.2's, which the GELU pass quantizes per row
+    either way)."""
     from wanvideo_infinitetalk.wanvideo import quant_linear
 
     monkeypatch.setenv("WANVIDEO_FUSED", fused)
     mm, _ = _tiny_wan_fp8()
     dq, _ = _tiny_wan_fp8(allow_scaled_mm=False)
     x, t, ctx = _tiny_inputs()
+    assert quant_linear.DYNAMIC_ROWS
     with torch.no_grad():
+        monkeypatch.setattr(quant_linear, "DYNAMIC_ROWS", False)
         y_tensor = mm(x, t, ctx)
-        counts = _spy_quantizers(monkeypatch)
         monkeypatch.setattr(quant_linear, "DYNAMIC_ROWS", True)
+        counts = _spy_quantizers(monkeypatch)
         y_rows, y_dq = mm(x, t, ctx), dq(x, t, ctx)
     n_blocks = len(mm.blocks)
     assert counts["plain"] == counts["gelu"] == 0 and counts["gelu_rows"] == n_blocks
