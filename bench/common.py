@@ -113,6 +113,8 @@ def attention_spec(spec: str):
     (quant_linear.DYNAMIC_ROWS, the default), "<name>@dynamic-tensorwise" per tensor where no
     writing kernel folds the rows (DYNAMIC_ROWS off), "<name>@rope-gather" the RMSNorm + RoPE
     kernel's general rotation path and warp count (before the thirteenth session),
+    "<name>@norm-warps16" the LayerNorm / residual kernel's older warp count (16 for 5,120
+    channels),
     "<name>@cuda:OPTIONS" the CUDA kernel with other source
     options (cuda_switches, e.g. "int8@cuda:preset_lds=0+pingpong=1"), so one run can time the
     default and a candidate side by side. Switches combine:
@@ -133,7 +135,7 @@ def attention_spec(spec: str):
 
 
 SWITCHES = ("unpaired", "tensorwise", "norms-tensorwise", "rows", "dynamic-tensorwise",
-            "rope-gather")
+            "rope-gather", "norm-warps16")
 
 
 def cuda_switches(text: str) -> list:
@@ -190,6 +192,8 @@ def _switches(what: str) -> list:
         return [(quant_linear, "DYNAMIC_ROWS", what == "rows")]
     if what == "rope-gather":
         return [(fused_ops, "_rope_plan", lambda block, head_half: (0, fused_ops._warps(block)))]
+    if what == "norm-warps16":
+        return [(fused_ops, "_norm_warps", lambda block, fp8_rows: fused_ops._warps(block))]
     if what.startswith("cuda:"):
         return cuda_switches(what[len("cuda:"):])
     patches = [(model, "fp8_rows_input", lambda layers, x: False)]

@@ -80,3 +80,7 @@ def test_forward_switches_set_and_restore_their_constants():
         assert name == "sdpa" and not quant_linear.DYNAMIC_ROWS
         assert fused_ops._rope_plan(8192, 64) == (0, 16)
     assert quant_linear.DYNAMIC_ROWS and fused_ops._rope_plan(8192, 64) == (64, 8)
+    assert fused_ops._norm_warps(8192, True) == 4 and fused_ops._norm_warps(8192, False) == 8
+    with common.attention_spec("sdpa@norm-warps16"):
+        assert fused_ops._norm_warps(8192, True) == 16
+    assert fused_ops._norm_warps(8192, True) == 4

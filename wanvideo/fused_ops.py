@@ -53,6 +53,15 @@ def _warps(block: int) -> int:
     return min(16, max(4, block // 512))
 
 
+def _norm_warps(block: int, fp8_rows: bool) -> int:
+    """Warps of the LayerNorm / residual kernel over `block` channels: 4 when it writes fp8
+    rows, else at most 8. On an H200 (32,760 x 5,120) 16 warps were the slowest of 2 / 4 / 8 / 16
+    for every variant the model runs: e.g. the modulated norm writing fp8 rows 0.438 -> 0.345 ms,
+    the gated residual + affine norm 0.652 -> 0.507 ms (docs/BENCHMARKS.md, thirteenth
+    session)."""
+    return 4 if fp8_rows else min(8, _warps(block))
+
+
 def _rope_plan(block: int, head_half: int) -> tuple[int, int]:
     """(HH, num_warps) of the RMSNorm + RoPE kernel over `block` channels: HH = head_dim / 2
     when it is a power of two dividing the block, so each row loads one table row for all heads
@@ -196,7 +205,7 @@ def _launch_rms(x, weight, eps, cos, sin, num_heads, exchange=None):
                 sin.stride(0), sin.stride(1))
     else:
         args = (weight, weight, 1, half, 1, x2.stride(0), 0, 0, 0, 0)
-    hh, warps = _rope_plan(2 * block, args[4]) if rope else (0, _warps(2 * block))
+    hh, warps = _rope_plan(2 * block, args[4]) if rope else (0, min(8, _warps(2 * block)))
     _rms_rope_kernel()[(x2.shape[0],)](x2, weight, args[0], args[1], y, own, *args[2:],
                                        float(eps), *layout, ROPE=rope, BLOCK=block, CHUNK=chunk,
                                        SUB=sub, HH=hh, num_warps=warps)
@@ -274,7 +283,7 @@ def _launch_ln(x, out_dtype, eps, a, b, modulate, stride_ab=0, stride_bb=0, seq=
                                   HAS_W=a is not None, HAS_B=b is not None,
                                   AMAX=amax_to is not None, FMAX=FP8_E4M3_MAX,
                                   ROWS=(1 if out_dtype == torch.bfloat16 else 2) if fp8_rows else 0,
-                                  BLOCK=block, num_warps=_warps(block))
+                                  BLOCK=block, num_warps=_norm_warps(block, fp8_rows))
     return (y, scales) if fp8_rows else y
 
 
