@@ -54,8 +54,8 @@ def _warps(block: int) -> int:
 
 
 def _norm_warps(block: int, fp8_rows: bool) -> int:
-    """Warps of the LayerNorm / residual kernel over `block` channels: 4 when it writes fp8
-    rows, else at most 8. On an H200 (32,760 x 5,120) 16 warps were the slowest of 2 / 4 / 8 / 16
+    """Warps of the LayerNorm / residual kernel (and the RMSNorm without rotation) over `block`
+    channels: 4 when it writes fp8 rows, else at most 8. On an H200 (32,760 x 5,120) 16 warps were the slowest of 2 / 4 / 8 / 16
     for every variant the model runs: e.g. the modulated norm writing fp8 rows 0.438 -> 0.345 ms,
     the gated residual + affine norm 0.652 -> 0.507 ms (docs/BENCHMARKS.md, thirteenth
     session)."""
@@ -205,7 +205,7 @@ def _launch_rms(x, weight, eps, cos, sin, num_heads, exchange=None):
                 sin.stride(0), sin.stride(1))
     else:
         args = (weight, weight, 1, half, 1, x2.stride(0), 0, 0, 0, 0)
-    hh, warps = _rope_plan(2 * block, args[4]) if rope else (0, min(8, _warps(2 * block)))
+    hh, warps = _rope_plan(2 * block, args[4]) if rope else (0, _norm_warps(2 * block, False))
     _rms_rope_kernel()[(x2.shape[0],)](x2, weight, args[0], args[1], y, own, *args[2:],
                                        float(eps), *layout, ROPE=rope, BLOCK=block, CHUNK=chunk,
                                        SUB=sub, HH=hh, num_warps=warps)
