@@ -114,10 +114,9 @@ def attention_spec(spec: str):
     writing kernel folds the rows (DYNAMIC_ROWS off), "<name>@rope-gather" the RMSNorm + RoPE
     kernel's general rotation path and warp count (before the thirteenth session),
     "<name>@norm-warps16" the LayerNorm / residual kernel's older warp count (16 for 5,120
-    channels),
-    "<name>@cuda:OPTIONS" the CUDA kernel with other source
-    options (cuda_switches, e.g. "int8@cuda:preset_lds=0+pingpong=1"), so one run can time the
-    default and a candidate side by side. Switches combine:
+    channels), "<name>@cuda:OPTIONS" the CUDA kernel with other source options
+    (cuda_switches, e.g. "int8@cuda:preset_lds=0+pingpong=1"), so one run can time the default
+    and a candidate side by side. Switches combine:
     "int8@rope-gather@dynamic-tensorwise"."""
     name, _, index = spec.partition("@")
     if not index:

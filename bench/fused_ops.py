@@ -94,8 +94,8 @@ def bench_ops(tokens: int, iters: int, dim: int = 5120, heads: int = 40) -> dict
         err = max((u.flatten() - v.flatten()).abs().max().item() for u, v in zip(a, b))
         out[name] = {"torch_ms": torch_ms, "fused_ms": fused_ms, "speedup": torch_ms / fused_ms,
                      "max_abs_diff": err}
-    nbytes = {"rms_norm_rope": 4, "rms_norm_rope_into_exchange": 4, "modulated_layer_norm": 6, "affine_layer_norm": 6,
-              "gated_residual": 10, "residual": 10, "gated_residual_affine_layer_norm": 12,
+    nbytes = {"rms_norm_rope": 4, "rms_norm_rope_into_exchange": 4, "modulated_layer_norm": 6,
+              "affine_layer_norm": 6, "gated_residual": 10, "residual": 10, "gated_residual_affine_layer_norm": 12,
               "residual_modulated_layer_norm": 12}
     for name, per in nbytes.items():  # one read + one write: bytes per element
         out[name]["fused_GBps"] = tokens * dim * per / out[name]["fused_ms"] / 1e6

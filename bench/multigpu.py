@@ -39,9 +39,9 @@ from common import build, emit, forbid_multicast  # noqa: E402  (also loads the 
 from wanvideo_infinitetalk.multitalk.audio_proj import AudioInput  # noqa: E402
 from wanvideo_infinitetalk.multitalk.multi_gpu import ModelSpec, Placement, WorkerPool  # noqa: E402
 from wanvideo_infinitetalk.multitalk.window_job import WindowJob  # noqa: E402
+from wanvideo_infinitetalk.wanvideo import quant_linear  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.sampling import SamplingCallbacks  # noqa: E402
 from wanvideo_infinitetalk.wanvideo.schedules import flow_sigmas  # noqa: E402
-from wanvideo_infinitetalk.wanvideo import quant_linear  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"one_pass_speedup": 1.85, "three_pass_speedup": 1.9, "rel_err": 2e-2}
@@ -55,8 +55,6 @@ def worker_model(device, blocks: int, dim: int, ffn: int, quant: str, seed: int,
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)
     if fp8_dynamic is not None:
-        from wanvideo_infinitetalk.wanvideo import quant_linear
-
         quant_linear.DYNAMIC_ROWS = fp8_dynamic == "rows"
     return build(blocks, quant, dim, ffn, device=str(device), storage="cpu", seed=seed)
 

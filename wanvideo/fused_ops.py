@@ -55,10 +55,10 @@ def _warps(block: int) -> int:
 
 def _norm_warps(block: int, fp8_rows: bool) -> int:
     """Warps of the LayerNorm / residual kernel (and the RMSNorm without rotation) over `block`
-    channels: 4 when it writes fp8 rows, else at most 8. On an H200 (32,760 x 5,120) 16 warps were the slowest of 2 / 4 / 8 / 16
-    for every variant the model runs: e.g. the modulated norm writing fp8 rows 0.438 -> 0.345 ms,
-    the gated residual + affine norm 0.652 -> 0.507 ms (docs/BENCHMARKS.md, thirteenth
-    session)."""
+    channels: 4 when it writes fp8 rows, else at most 8. On an H200 (32,760 x 5,120) 16 warps
+    were the slowest of 2 / 4 / 8 / 16 for every norm the model runs: e.g. the modulated norm
+    writing fp8 rows 0.436 -> 0.343 ms, the gated residual + affine norm 0.652 -> 0.506 ms
+    (bench/norm_warps.py, docs/BENCHMARKS.md, thirteenth session)."""
     return 4 if fp8_rows else min(8, _warps(block))
 
 
