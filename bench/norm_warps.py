@@ -5,8 +5,9 @@ object.
 
 Each LayerNorm / residual variant the model runs, the RMSNorm without rotation (fp32 residual of 5,120 channels, bf16 branch
 output, [1, 1, C] modulation and gate), the RMSNorm and the RMSNorm + RoPE kernel with either
-rotation path (one cos/sin row for all heads, or a lookup per channel pair), timed at 2 / 4 / 8 /
-16 warps by patching fused_ops' choice (_norm_warps, _rope_plan). Per variant and warp count:
+rotation path (one cos/sin row for all heads, or a lookup per channel pair), and the fp8 row
+quantizer, timed at 2 / 4 / 8 / 16 warps by patching the choice (fused_ops._norm_warps,
+_rope_plan, quant_kernels._rows_warps). Per variant and warp count:
 the fastest of `rounds` means of 30 calls (CUDA events), ms; "chosen" is the count the current
 rule picks.
 """
@@ -69,6 +70,26 @@ def sweep_norms(tokens: int, rounds: int) -> dict:
     return out
 
 
+def sweep_row_quantizer(tokens: int, rounds: int) -> dict:
+    """quant_kernels.quantize_rows_triton as the fp8 layers call it: o's 5,120-wide input, and
+    ffn.2's 13,824-wide one with the GELU."""
+    from wanvideo_infinitetalk.wanvideo import quant_kernels
+
+    cases = {"row_quantizer_5120": (DIM, False), "row_quantizer_gelu_13824": (13824, True)}
+    out = {}
+    for name, (width, gelu) in cases.items():
+        x = torch.randn(tokens, width, device="cuda").bfloat16()
+        times = {}
+        for _ in range(rounds):
+            for warps in WARPS:
+                with patched([(quant_kernels, "_rows_warps", lambda block, w=warps: w)]):
+                    ms = cuda_ms(lambda: quant_kernels.quantize_rows_triton(x, gelu), 30)
+                times[warps] = min(times.get(warps, ms), ms)
+        block = 1 << (width - 1).bit_length()
+        out[name] = {"ms": times, "chosen": quant_kernels._rows_warps(block)}
+    return out
+
+
 def sweep_rms(tokens: int, rounds: int) -> dict:
     head_dim = DIM // HEADS
     x = torch.randn(1, tokens, DIM, device="cuda").bfloat16()
@@ -99,7 +120,8 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU")
     emit({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
           "dim": DIM, **sweep_norms(args.tokens, args.rounds),
-          **sweep_rms(args.tokens, args.rounds)}, args.out)
+          **sweep_rms(args.tokens, args.rounds),
+          **sweep_row_quantizer(args.tokens, args.rounds)}, args.out)
 
 
 if __name__ == "__main__":
