@@ -57,17 +57,25 @@ def variants(tokens: int) -> dict:
     }
 
 
+def fastest(call, patches_for, rounds: int) -> dict:
+    """{warps: ms}: the fastest of `rounds` means of 30 calls of `call` under patches_for(warps),
+    the warp counts alternating within each round."""
+    times = {}
+    for _ in range(rounds):
+        for warps in WARPS:
+            with patched(patches_for(warps)):
+                ms = cuda_ms(call, 30)
+            times[warps] = min(times.get(warps, ms), ms)
+    return times
+
+
 def sweep_norms(tokens: int, rounds: int) -> dict:
-    out = {}
-    for name, (call, rows) in variants(tokens).items():
-        times = {}
-        for _ in range(rounds):
-            for warps in WARPS:
-                with patched([(fused_ops, "_norm_warps", lambda block, r, w=warps: w)]):
-                    ms = cuda_ms(call, 30)
-                times[warps] = min(times.get(warps, ms), ms)
-        out[name] = {"ms": times, "chosen": fused_ops._norm_warps(8192, rows)}
-    return out
+    def patches(warps):
+        return [(fused_ops, "_norm_warps", lambda block, rows: warps)]
+
+    return {name: {"ms": fastest(call, patches, rounds),
+                   "chosen": fused_ops._norm_warps(8192, rows)}
+            for name, (call, rows) in variants(tokens).items()}
 
 
 def sweep_row_quantizer(tokens: int, rounds: int) -> dict:
@@ -75,18 +83,16 @@ def sweep_row_quantizer(tokens: int, rounds: int) -> dict:
     ffn.2's 13,824-wide one with the GELU."""
     from wanvideo_infinitetalk.wanvideo import quant_kernels
 
-    cases = {"row_quantizer_5120": (DIM, False), "row_quantizer_gelu_13824": (13824, True)}
+    def patches(warps):
+        return [(quant_kernels, "_rows_warps", lambda block: warps)]
+
     out = {}
-    for name, (width, gelu) in cases.items():
+    for name, (width, gelu) in {"row_quantizer_5120": (DIM, False),
+                                "row_quantizer_gelu_13824": (13824, True)}.items():
         x = torch.randn(tokens, width, device="cuda").bfloat16()
-        times = {}
-        for _ in range(rounds):
-            for warps in WARPS:
-                with patched([(quant_kernels, "_rows_warps", lambda block, w=warps: w)]):
-                    ms = cuda_ms(lambda: quant_kernels.quantize_rows_triton(x, gelu), 30)
-                times[warps] = min(times.get(warps, ms), ms)
-        block = 1 << (width - 1).bit_length()
-        out[name] = {"ms": times, "chosen": quant_kernels._rows_warps(block)}
+        out[name] = {"ms": fastest(lambda: quant_kernels.quantize_rows_triton(x, gelu), patches,
+                                   rounds),
+                     "chosen": quant_kernels._rows_warps(1 << (width - 1).bit_length())}
     return out
 
 
@@ -96,17 +102,15 @@ def sweep_rms(tokens: int, rounds: int) -> dict:
     weight = torch.ones(DIM, device="cuda")
     cos, sin = cos_sin(rotations(grid_angles(angle_table(head_dim), (21, 30, 52), head_dim),
                                  "cuda")[:tokens])
-    plans = {"rms_norm_rope_per_head_table": head_dim // 2, "rms_norm_rope_lookup_per_pair": 0}
     out = {}
-    for name, hh in plans.items():
-        times = {}
-        for _ in range(rounds):
-            for warps in WARPS:
-                with patched([(fused_ops, "_rope_plan", lambda block, half, w=warps: (hh, w))]):
-                    ms = cuda_ms(lambda: fused_ops.rms_norm_rope(x, weight, 1e-6, cos, sin, HEADS),
-                                30)
-                times[warps] = min(times.get(warps, ms), ms)
-        out[name] = {"ms": times, "chosen": fused_ops._rope_plan(8192, head_dim // 2)}
+    for name, hh in {"rms_norm_rope_per_head_table": head_dim // 2,
+                     "rms_norm_rope_lookup_per_pair": 0}.items():
+        def patches(warps, hh=hh):
+            return [(fused_ops, "_rope_plan", lambda block, half: (hh, warps))]
+
+        out[name] = {"ms": fastest(lambda: fused_ops.rms_norm_rope(x, weight, 1e-6, cos, sin,
+                                                                   HEADS), patches, rounds),
+                     "chosen": fused_ops._rope_plan(8192, head_dim // 2)}
     return out
 
 

@@ -121,13 +121,11 @@ class SelfAttention(_Attention):
         """RMSNorm + RoPE of q or k [B, L, dim] in one pass -> [B, L, H, D]; under the head
         exchange handed to it, written straight into its buffers unless `keep` (the caller
         needs the local result) and then None."""
-        def write(send, own, me, slot):
-            fused_ops.rms_norm_rope(t, norm.weight, norm.eps, cos, sin, self.num_heads,
-                                    exchange=(send, own, me, slot))
-
         shape = (*t.shape[:2], self.num_heads, t.shape[-1] // self.num_heads)
         if heads is not None and not keep:
-            heads.put_written(write, t, shape)
+            heads.put_written(lambda send, own, me, slot: fused_ops.rms_norm_rope(
+                t, norm.weight, norm.eps, cos, sin, self.num_heads,
+                exchange=(send, own, me, slot)), t, shape)
             return None
         y = fused_ops.rms_norm_rope(t, norm.weight, norm.eps, cos, sin, self.num_heads)
         if heads is not None:
